@@ -1,0 +1,162 @@
+"""Tick batches -> tumbling 1-minute bars, in event time.
+
+Per ``ticks`` message: decode and validate (bad ticks -> dead-letter topic with a
+reason), apply the good ones to the key's open windows (:class:`WindowAggregator`),
+queue the newest price per key for Redis, publish every bar the watermark (or an
+idle check) closed to the closed-bars topic and wait for the broker's ack, and only then
+write the changed window states to the table (changelog). A crash anywhere re-runs the
+message: states carry the last applied offset, so ticks are not counted twice, and a
+bar may be published twice with identical values (idempotent upserts downstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import orjson
+from faust.types import EventT, StreamT
+
+from app import settings
+from app.errors import InvalidTick
+from app.faust_app import app
+from app.metrics import (
+    BARS_CLOSED,
+    DEAD_LETTERED,
+    DUPLICATE_TICKS,
+    LATE_TICKS,
+    TICKS_APPLIED,
+    TICKS_IN,
+    WATERMARK_MS,
+)
+from app.models import (
+    CONTROL_IDLE_CHECK,
+    Tick,
+    control_message,
+    dead_letter_message,
+    decode_ticks_payload,
+    parse_tick,
+    tick_to_json,
+)
+from app.services import latest_prices
+from app.topics import bars_topic, dead_letter_topic, ticks_topic
+from tables.aggregator import BatchResult, WindowAggregator
+from tables.bars import window_state
+
+__all__ = ["aggregate_ticks", "aggregator", "idle_check"]
+
+log = logging.getLogger(__name__)
+
+aggregator = WindowAggregator(
+    window_state,  # type: ignore[arg-type]  # a faust Table is a MutableMapping
+    grace_ms=settings.window.grace_ms,
+    idle_timeout_ms=int(settings.window.idle_timeout_s * 1000),
+    size_ms=settings.window.size_ms,
+)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def _dead_letter(
+    key: bytes | None, payload: Any, reason: str, detail: str, event: EventT, wall_ms: int
+) -> Any:
+    DEAD_LETTERED.labels(reason).inc()
+    return await dead_letter_topic.send(
+        key=key,
+        value=dead_letter_message(payload, reason, detail, event.message.partition,
+                                  event.message.offset, wall_ms),
+    )
+
+
+async def _publish_closed(res: BatchResult, trigger: str) -> list[Any]:
+    futs = []
+    for bar in res.closed:
+        key = f"{bar['exchange']}:{bar['symbol']}".encode()
+        futs.append(await bars_topic.send(key=key, value=orjson.dumps(bar)))
+    if res.closed:
+        BARS_CLOSED.labels(trigger).inc(len(res.closed))
+    return futs
+
+
+async def handle_event(event: EventT) -> None:
+    """Process one ``ticks`` message (see module docstring). Never raises on bad input."""
+    msg = event.message
+    wall_ms = _now_ms()
+    pending: list[Any] = []
+    try:
+        payload = decode_ticks_payload(event.value)
+    except InvalidTick as exc:
+        pending.append(await _dead_letter(event.key, event.value, exc.reason, exc.detail,
+                                          event, wall_ms))
+        await asyncio.gather(*pending)
+        return
+    if isinstance(payload, dict):  # control message
+        if payload.get("control") != CONTROL_IDLE_CHECK or not isinstance(
+            payload.get("wall_ms"), int
+        ):
+            pending.append(await _dead_letter(event.key, payload, "bad_control",
+                                              "unknown control object", event, wall_ms))
+            await asyncio.gather(*pending)
+            return
+        res = aggregator.process_idle(msg.partition, payload["wall_ms"])
+        trigger = "idle"
+    else:
+        TICKS_IN.inc(len(payload))
+        ticks: list[Tick] = []
+        max_future_ms = settings.window.max_future_ms
+        for obj in payload:
+            try:
+                ticks.append(parse_tick(obj, wall_ms, max_future_ms))
+            except InvalidTick as exc:
+                pending.append(await _dead_letter(event.key, obj, exc.reason, exc.detail,
+                                                  event, wall_ms))
+        res = aggregator.process_ticks(msg.partition, msg.offset, ticks, wall_ms)
+        TICKS_APPLIED.inc(res.applied)
+        if res.duplicates:
+            DUPLICATE_TICKS.inc(res.duplicates)
+        for t in res.late:
+            LATE_TICKS.inc()
+            pending.append(await _dead_letter(
+                t.key.encode(), tick_to_json(t), "late",
+                f"window {t.ts_ms - t.ts_ms % settings.window.size_ms} already closed",
+                event, wall_ms))
+        if res.latest:
+            latest_prices.update(res.latest)
+        WATERMARK_MS.labels(str(msg.partition)).set(aggregator.watermark(msg.partition))
+        trigger = "watermark"
+    pending.extend(await _publish_closed(res, trigger))
+    if pending:
+        await asyncio.gather(*pending)  # broker acks before the state moves on
+    for key in res.dirty:
+        window_state[key] = window_state[key]  # persist to the changelog
+
+
+@app.agent(ticks_topic)
+async def aggregate_ticks(stream: StreamT) -> None:
+    """Consume ``ticks`` and maintain the windows; one event per message (a tick batch)."""
+    async for event in stream.events():
+        await handle_event(event)
+
+
+@app.timer(interval=settings.window.idle_check_interval_s)
+async def idle_check() -> None:
+    """Write an idle-check control message into every ``ticks`` partition this worker
+    owns; the agent handles it in stream order (tables are only writable from there)."""
+    value = control_message(_now_ms())
+    for tp in app.assignor.assigned_actives():
+        if tp.topic == settings.topics.ticks:
+            await ticks_topic.send(value=value, partition=tp.partition)
+
+
+@app.on_partitions_revoked.connect
+async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+    aggregator.reset()
+
+
+@app.on_partitions_assigned.connect
+async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+    aggregator.reset()

@@ -1,0 +1,141 @@
+"""Closed bars -> TimescaleDB, in batches, idempotently.
+
+The agent reads the closed-bars topic with manual acks: a bar's offset becomes
+committable only after the batch holding it is upserted. Batches flush when
+``sink.batch_size`` bars are pending or ``sink.flush_interval_s`` after the oldest
+arrived. A failing database is retried with exponential backoff (capped at
+``sink.retry_max_s``) while the agent waits, which pauses consumption (back-pressure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import asyncpg
+import orjson
+from faust.types import EventT, StreamT
+
+from app import settings
+from app.db import Database
+from app.faust_app import app
+from app.metrics import BARS_WRITTEN, FLUSH_SECONDS, SINK_ERRORS, SINK_RETRIES
+from app.services import database
+from app.topics import bars_topic
+from sql.bars_1m import upsert_bars
+
+__all__ = ["BarWriter", "flush_bars", "persist_bars", "writer"]
+
+log = logging.getLogger(__name__)
+
+_REQUIRED = ("exchange", "symbol", "bucket_start_ms", "open", "high", "low", "close",
+             "volume", "trade_count", "avg_price", "vwap", "open_ts_ms", "close_ts_ms")
+
+
+class BarWriter:
+    """Buffers closed bars with their events and upserts them in batches.
+
+    Args:
+        db: the database service.
+        batch_size: flush when this many bars are pending.
+        flush_interval_s: flush when the oldest pending bar is this old (seconds).
+        retry_max_s: cap of the exponential retry delay (seconds).
+    """
+
+    def __init__(self, db: Database, batch_size: int, flush_interval_s: float,
+                 retry_max_s: float) -> None:
+        self.db = db
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.retry_max_s = retry_max_s
+        self._pending: list[tuple[dict[str, Any], EventT]] = []
+        self._oldest_s = 0.0
+        self._lock = asyncio.Lock()
+        self.stream: StreamT | None = None
+
+    async def add(self, bar: dict[str, Any], event: EventT) -> None:
+        """Queue one bar; flushes (and waits for it) when the batch is full."""
+        if not self._pending:
+            self._oldest_s = time.monotonic()
+        self._pending.append((bar, event))
+        if len(self._pending) >= self.batch_size:
+            await self.flush()
+
+    async def flush_if_due(self) -> None:
+        """Flush when the oldest pending bar waited ``flush_interval_s``."""
+        if self._pending and time.monotonic() - self._oldest_s >= self.flush_interval_s:
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Upsert everything pending, retrying until it succeeds; then ack the events.
+
+        Returns:
+            int: rows written.
+        """
+        async with self._lock:
+            if not self._pending:
+                return 0
+            batch = self._pending
+            delay = 0.2
+            while True:
+                try:
+                    pool = await self.db.pool()
+                    with FLUSH_SECONDS.time():
+                        async with pool.acquire() as conn:
+                            n = await upsert_bars(conn, (b for b, _ in batch))
+                    break
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                        asyncio.TimeoutError) as exc:
+                    SINK_ERRORS.labels("timescaledb").inc()
+                    SINK_RETRIES.labels("timescaledb").inc()
+                    log.warning("bar upsert of %d rows failed (%s); retry in %.1fs",
+                                len(batch), exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.retry_max_s)
+            self._pending = self._pending[len(batch):]
+            if self._pending:
+                self._oldest_s = time.monotonic()
+            BARS_WRITTEN.inc(n)
+            assert self.stream is not None
+            for _, event in batch:
+                await self.stream.ack(event)
+            return n
+
+
+writer = BarWriter(database, settings.sink.batch_size, settings.sink.flush_interval_s,
+                   settings.sink.retry_max_s)
+
+
+def _decode_bar(raw: Any) -> dict[str, Any] | None:
+    try:
+        bar = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(bar, dict) or any(k not in bar for k in _REQUIRED):
+        return None
+    return bar
+
+
+@app.agent(bars_topic)
+async def persist_bars(stream: StreamT) -> None:
+    """Upsert every closed bar into ``bars_1m``; acks only after the row is committed."""
+    manual = stream.noack()
+    writer.stream = manual
+    async for event in manual.events():
+        bar = _decode_bar(event.value)
+        if bar is None:
+            SINK_ERRORS.labels("bad_bar").inc()
+            log.error("skipping undecodable closed-bar message at %s[%s]@%s: %r",
+                      event.message.topic, event.message.partition, event.message.offset,
+                      event.value[:200] if event.value else event.value)
+            await manual.ack(event)
+            continue
+        await writer.add(bar, event)
+
+
+@app.timer(interval=max(0.05, settings.sink.flush_interval_s / 4))
+async def flush_bars() -> None:
+    """Flush the bar batch when it is due (a quiet stream still gets its bars written)."""
+    await writer.flush_if_due()

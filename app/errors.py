@@ -1,0 +1,37 @@
+"""The project's exception hierarchy: everything raised on purpose derives from
+:class:`MarketflowError`."""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "InvalidTick", "MarketflowError", "QueryError", "ReplayError"]
+
+
+class MarketflowError(Exception):
+    """Root of every error raised by marketflow code."""
+
+
+class ConfigError(MarketflowError):
+    """The configuration file or an environment override is invalid."""
+
+
+class InvalidTick(MarketflowError):
+    """A tick failed validation.
+
+    Attributes:
+        reason: short machine-readable reason, used as the dead-letter ``reason`` and
+            as the ``reason`` label of the dead-letter counter (e.g. ``missing_field``).
+        detail: human-readable detail.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class QueryError(MarketflowError):
+    """A malformed API query parameter (reported as HTTP 400)."""
+
+
+class ReplayError(MarketflowError):
+    """A replay input file is unreadable or not in the trades CSV format."""

@@ -1,0 +1,34 @@
+"""Prometheus metrics (served at ``GET /metrics``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = [
+    "BARS_CLOSED",
+    "BARS_WRITTEN",
+    "DEAD_LETTERED",
+    "DUPLICATE_TICKS",
+    "LATE_TICKS",
+    "SINK_ERRORS",
+    "SINK_RETRIES",
+    "TICKS_APPLIED",
+    "TICKS_IN",
+    "WATERMARK_MS",
+]
+
+TICKS_IN = Counter("marketflow_ticks_in_total", "Tick objects received on the ticks topic")
+TICKS_APPLIED = Counter("marketflow_ticks_applied_total", "Ticks counted into a window")
+DUPLICATE_TICKS = Counter(
+    "marketflow_duplicate_ticks_total", "Ticks skipped as re-deliveries of an applied offset"
+)
+LATE_TICKS = Counter("marketflow_late_ticks_total", "Ticks whose window had already closed")
+DEAD_LETTERED = Counter(
+    "marketflow_dead_lettered_ticks_total", "Ticks sent to the dead-letter topic", ["reason"]
+)
+BARS_CLOSED = Counter("marketflow_bars_closed_total", "Bars closed and published", ["trigger"])
+BARS_WRITTEN = Counter("marketflow_bars_written_total", "Bar rows upserted into TimescaleDB")
+SINK_ERRORS = Counter("marketflow_sink_errors_total", "Failed sink writes", ["sink"])
+SINK_RETRIES = Counter("marketflow_sink_retries_total", "Sink write retries", ["sink"])
+WATERMARK_MS = Gauge("marketflow_watermark_ms", "Event-time watermark per partition", ["partition"])
+FLUSH_SECONDS = Histogram("marketflow_bar_flush_seconds", "TimescaleDB batch upsert duration")

@@ -1,0 +1,248 @@
+"""Wire formats of the ``ticks``, closed-bars and dead-letter topics, and tick validation.
+
+Everything here is pure (no I/O) so it is unit-tested without a broker.
+
+``ticks`` message value (UTF-8 JSON), key ``"<exchange>:<symbol>"``:
+
+* one tick object, or a JSON array of tick objects (our producers batch ticks of one
+  key per message; Faust's per-event overhead caps an agent at ~11k events/s);
+* tick object::
+
+    {"exchange": "binance", "symbol": "BTCUSDT", "price": 61837.63, "qty": 0.02,
+     "ts_ms": 1723161255342, "trade_id": "3735683259", "source": "replay"}
+
+  ``price`` quote currency per base unit (> 0, finite); ``qty`` base units (optional,
+  ``null``/absent/0 for price-only feeds); ``ts_ms`` exchange event time, UTC epoch
+  milliseconds; ``trade_id`` optional string or integer; ``source`` one of
+  ``live``, ``test``, ``replay`` (default ``live``).
+* a control object ``{"control": "idle_check", "wall_ms": <epoch ms>}`` is written by
+  the worker itself into each partition it owns, to close windows of idle keys in
+  stream order (see :mod:`agents.bars`). Consumers of ``ticks`` other than marketflow
+  should ignore objects that carry ``control``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, NamedTuple
+
+import orjson
+
+from app.errors import InvalidTick
+
+__all__ = [
+    "CONTROL_IDLE_CHECK",
+    "MAX_MESSAGE_BYTES",
+    "MIN_TS_MS",
+    "SOURCES",
+    "Tick",
+    "control_message",
+    "dead_letter_message",
+    "decode_ticks_payload",
+    "parse_tick",
+    "tick_to_json",
+]
+
+SOURCES = frozenset({"live", "test", "replay"})
+CONTROL_IDLE_CHECK = "idle_check"
+#: Largest accepted ``ticks`` message value; larger ones are dead-lettered whole.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: 2009-01-03T00:00:00Z (the Bitcoin genesis block): anything older is not a crypto trade.
+MIN_TS_MS = 1_230_940_800_000
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/\-]{0,39}$")
+
+
+class Tick(NamedTuple):
+    """One validated trade.
+
+    Attributes:
+        exchange: exchange id, e.g. ``"binance"`` (no ``:``).
+        symbol: exchange's pair name, e.g. ``"BTCUSDT"``.
+        price: quote currency per base unit, finite and > 0.
+        qty: base units, >= 0 (0 when the feed carries no size).
+        ts_ms: exchange event time, UTC epoch milliseconds.
+        trade_id: exchange trade id, or ``None``.
+        source: ``live``, ``test`` or ``replay``.
+    """
+
+    exchange: str
+    symbol: str
+    price: float
+    qty: float
+    ts_ms: int
+    trade_id: str | None
+    source: str
+
+    @property
+    def key(self) -> str:
+        """Partition key ``"<exchange>:<symbol>"``."""
+        return f"{self.exchange}:{self.symbol}"
+
+
+def decode_ticks_payload(raw: bytes | str | None) -> dict[str, Any] | list[Any]:
+    """Decode one ``ticks`` message value.
+
+    Args:
+        raw: the message value as received.
+
+    Returns:
+        A control object (dict with ``"control"``), or a list of candidate tick objects
+        (a single tick object is wrapped in a list). Items are not validated yet.
+
+    Raises:
+        InvalidTick: ``empty`` / ``oversized`` / ``invalid_json`` / ``not_object``.
+    """
+    if raw is None or len(raw) == 0:
+        raise InvalidTick("empty", "message value is empty")
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise InvalidTick("oversized", f"{len(raw)} bytes > {MAX_MESSAGE_BYTES}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidTick("invalid_json", str(exc)) from exc
+    if isinstance(obj, dict):
+        if "control" in obj:
+            return obj
+        return [obj]
+    if isinstance(obj, list):
+        return obj
+    raise InvalidTick("not_object", f"expected a JSON object or array, got {type(obj).__name__}")
+
+
+def _name(obj: dict[str, Any], field: str) -> str:
+    v = obj.get(field)
+    if v is None:
+        raise InvalidTick("missing_field", field)
+    if not isinstance(v, str):
+        raise InvalidTick("bad_type", f"{field} must be a string")
+    if not _NAME_RE.match(v):
+        raise InvalidTick("bad_name", f"{field}={v[:60]!r}")
+    return v
+
+
+def parse_tick(obj: Any, now_ms: int, max_future_ms: int) -> Tick:
+    """Validate one decoded tick object.
+
+    Args:
+        obj: one element of :func:`decode_ticks_payload`'s list.
+        now_ms: wall-clock time, UTC epoch ms, for the far-future check.
+        max_future_ms: how far ``ts_ms`` may lie ahead of ``now_ms``.
+
+    Returns:
+        Tick: the validated tick.
+
+    Raises:
+        InvalidTick: with reason ``not_object``, ``missing_field``, ``bad_type``,
+            ``bad_name``, ``bad_price`` (not finite or <= 0), ``bad_qty`` (negative or
+            not finite), ``ts_in_future``, ``ts_too_old`` or ``bad_source``.
+    """
+    if not isinstance(obj, dict):
+        raise InvalidTick("not_object", f"tick must be a JSON object, got {type(obj).__name__}")
+    exchange = _name(obj, "exchange")
+    symbol = _name(obj, "symbol")
+    if ":" in exchange:
+        raise InvalidTick("bad_name", "exchange must not contain ':'")
+
+    price = obj.get("price")
+    if price is None:
+        raise InvalidTick("missing_field", "price")
+    if isinstance(price, bool) or not isinstance(price, (int, float)):
+        raise InvalidTick("bad_type", "price must be a number")
+    price = float(price)
+    if not math.isfinite(price) or price <= 0.0:
+        raise InvalidTick("bad_price", f"price={price!r} must be finite and > 0")
+
+    qty = obj.get("qty")
+    if qty is None:
+        qty = 0.0
+    elif isinstance(qty, bool) or not isinstance(qty, (int, float)):
+        raise InvalidTick("bad_type", "qty must be a number")
+    else:
+        qty = float(qty)
+        if not math.isfinite(qty) or qty < 0.0:
+            raise InvalidTick("bad_qty", f"qty={qty!r} must be finite and >= 0")
+
+    ts_ms = obj.get("ts_ms")
+    if ts_ms is None:
+        raise InvalidTick("missing_field", "ts_ms")
+    if isinstance(ts_ms, bool) or not isinstance(ts_ms, int):
+        if isinstance(ts_ms, float) and ts_ms.is_integer():
+            ts_ms = int(ts_ms)
+        else:
+            raise InvalidTick("bad_type", "ts_ms must be an integer (epoch milliseconds)")
+    if ts_ms < MIN_TS_MS:
+        raise InvalidTick("ts_too_old", f"ts_ms={ts_ms} is before 2009-01-03 (seconds?)")
+    if ts_ms > now_ms + max_future_ms:
+        raise InvalidTick("ts_in_future", f"ts_ms={ts_ms} is {ts_ms - now_ms} ms ahead")
+
+    trade_id = obj.get("trade_id")
+    if trade_id is not None:
+        if isinstance(trade_id, bool) or not isinstance(trade_id, (str, int)):
+            raise InvalidTick("bad_type", "trade_id must be a string or integer")
+        trade_id = str(trade_id)
+
+    source = obj.get("source", "live")
+    if source not in SOURCES:
+        raise InvalidTick("bad_source", f"source={str(source)[:20]!r}, expected {sorted(SOURCES)}")
+
+    return Tick(exchange, symbol, price, qty, ts_ms, trade_id, source)
+
+
+def tick_to_json(t: Tick) -> dict[str, Any]:
+    """The ``ticks`` wire object of a tick (inverse of :func:`parse_tick`)."""
+    d: dict[str, Any] = {
+        "exchange": t.exchange,
+        "symbol": t.symbol,
+        "price": t.price,
+        "qty": t.qty,
+        "ts_ms": t.ts_ms,
+        "source": t.source,
+    }
+    if t.trade_id is not None:
+        d["trade_id"] = t.trade_id
+    return d
+
+
+def control_message(wall_ms: int) -> bytes:
+    """The idle-check control value written by the worker into its own partitions."""
+    return orjson.dumps({"control": CONTROL_IDLE_CHECK, "wall_ms": wall_ms})
+
+
+def dead_letter_message(
+    payload: Any, reason: str, detail: str, partition: int | None, offset: int | None,
+    wall_ms: int,
+) -> bytes:
+    """Dead-letter topic value (JSON).
+
+    Schema::
+
+        {"reason": "bad_price", "detail": "price=-1.0 must be finite and > 0",
+         "payload": <the offending tick object, or the raw message text>,
+         "source_topic_partition": 0, "source_offset": 1234, "wall_ms": 1732170000000}
+
+    Args:
+        payload: the decoded offending object, or the raw bytes when undecodable
+            (then stored as text, invalid UTF-8 replaced).
+        reason: machine-readable reason (see :func:`parse_tick`, plus ``late``).
+        detail: human-readable detail.
+        partition: source partition, if known.
+        offset: source offset, if known.
+        wall_ms: when it was dead-lettered, UTC epoch ms.
+    """
+    if isinstance(payload, (bytes, bytearray)):
+        payload = bytes(payload[:65536]).decode("utf-8", errors="replace")
+    msg = {
+        "reason": reason,
+        "detail": detail,
+        "payload": payload,
+        "source_topic_partition": partition,
+        "source_offset": offset,
+        "wall_ms": wall_ms,
+    }
+    try:
+        return orjson.dumps(msg)
+    except TypeError:  # e.g. integers beyond 64 bits in the payload
+        msg["payload"] = repr(payload)[:65536]
+        return orjson.dumps(msg)

@@ -1,0 +1,243 @@
+"""Typed configuration: a TOML file plus ``MARKETFLOW_*`` environment overrides.
+
+Sources, highest priority first:
+
+1. environment variables ``MARKETFLOW_<SECTION>__<FIELD>`` (for example
+   ``MARKETFLOW_BROKER__URL=kafka://127.0.0.1:9092``,
+   ``MARKETFLOW_WINDOW__GRACE_MS=2000``);
+2. the TOML file named by ``MARKETFLOW_CONFIG`` (default ``marketflow.toml`` in the
+   working directory, when it exists);
+3. the defaults below, which are the **production** defaults (no broker workarounds).
+
+Invalid configuration raises :class:`ConfigError` with every problem listed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from app.errors import ConfigError
+
+__all__ = [
+    "AppSection",
+    "BrokerSection",
+    "DatabaseSection",
+    "RedisSection",
+    "Settings",
+    "SinkSection",
+    "TopicsSection",
+    "WebSection",
+    "WindowSection",
+    "load_settings",
+]
+
+CONFIG_ENV = "MARKETFLOW_CONFIG"
+DEFAULT_CONFIG_FILE = "marketflow.toml"
+
+
+class BrokerSection(BaseModel):
+    """Kafka-protocol broker.
+
+    ``tansu_compat`` turns on the settings the local Tansu broker needs (short
+    session/rebalance timeouts, one record per produce batch); leave it off for
+    Redpanda or Kafka.
+    """
+
+    url: str = "kafka://127.0.0.1:9092"
+    tansu_compat: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        if not v.startswith(("kafka://", "aiokafka://")):
+            raise ValueError("must look like kafka://host:port[;host:port]")
+        return v
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """``host:port`` strings for aiokafka clients."""
+        rest = self.url.split("://", 1)[1]
+        return [h.strip() for h in rest.replace(";", ",").split(",") if h.strip()]
+
+
+class TopicsSection(BaseModel):
+    """Topic names and partition counts (all topics are declared in :mod:`app.topics`)."""
+
+    ticks: str = "ticks"
+    bars: str = "bars-1m"
+    dead_letter: str = "ticks-dead-letter"
+    partitions: int = Field(4, ge=1, le=1024)
+    replication: int = Field(1, ge=1, le=16)
+
+
+class AppSection(BaseModel):
+    """Faust application identity and local state."""
+
+    id: str = "marketflow"
+    datadir: str = "var/faust"
+    log_level: str = "info"
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, v: str) -> str:
+        if not v or any(c.isspace() for c in v):
+            raise ValueError("must be a non-empty name without spaces")
+        return v
+
+
+class DatabaseSection(BaseModel):
+    """TimescaleDB (PostgreSQL) connection."""
+
+    dsn: str = "postgresql://marketflow:marketflow@127.0.0.1:5432/marketflow"
+    pool_max: int = Field(4, ge=1, le=100)
+    migrate_on_start: bool = True
+
+    @field_validator("dsn")
+    @classmethod
+    def _check_dsn(cls, v: str) -> str:
+        if not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return v
+
+
+class RedisSection(BaseModel):
+    """Redis connection and key layout (see README "Redis keys")."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "mf"
+    latest_ttl_s: int = Field(86_400, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis:// URL")
+        return v
+
+
+class WebSection(BaseModel):
+    """HTTP API bind address."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(6066, ge=1, le=65535)
+
+
+class WindowSection(BaseModel):
+    """Tumbling-window behaviour (event time).
+
+    Attributes:
+        size_ms: window length; bars are 1-minute, so only 60000 is accepted.
+        grace_ms: the watermark is ``max ts_ms seen on the partition - grace_ms``.
+        idle_timeout_s: a key with no tick for this long (wall clock) has its windows
+            closed once wall-clock time is past ``window end + grace``.
+        idle_check_interval_s: how often idle keys are checked.
+        max_future_ms: ticks stamped further than this ahead of the wall clock are
+            rejected (dead-letter reason ``ts_in_future``).
+    """
+
+    size_ms: int = 60_000
+    grace_ms: int = Field(5_000, ge=0, le=3_600_000)
+    idle_timeout_s: float = Field(10.0, gt=0, le=86_400)
+    idle_check_interval_s: float = Field(1.0, gt=0, le=3_600)
+    max_future_ms: int = Field(300_000, ge=0)
+
+    @field_validator("size_ms")
+    @classmethod
+    def _one_minute(cls, v: int) -> int:
+        if v != 60_000:
+            raise ValueError("only 1-minute bars (60000) are supported")
+        return v
+
+
+class SinkSection(BaseModel):
+    """Batching of closed bars into TimescaleDB."""
+
+    batch_size: int = Field(500, ge=1, le=100_000)
+    flush_interval_s: float = Field(1.0, gt=0, le=600)
+    retry_max_s: float = Field(30.0, gt=0, le=3_600)
+
+
+class Settings(BaseSettings):
+    """The one settings object. Sections mirror the TOML tables of ``marketflow.toml``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MARKETFLOW_",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    broker: BrokerSection = BrokerSection()
+    topics: TopicsSection = TopicsSection()
+    app: AppSection = AppSection()
+    database: DatabaseSection = DatabaseSection()
+    redis: RedisSection = RedisSection()
+    web: WebSection = WebSection()
+    window: WindowSection = WindowSection()
+    sink: SinkSection = SinkSection()
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> Settings:
+        names = [self.topics.ticks, self.topics.bars, self.topics.dead_letter]
+        if len(set(names)) != len(names):
+            raise ValueError("topics.ticks, topics.bars and topics.dead_letter must differ")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _config_path()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def _config_path() -> Path | None:
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise ConfigError(f"{CONFIG_ENV}={explicit}: no such file")
+        return p
+    p = Path(DEFAULT_CONFIG_FILE)
+    return p if p.is_file() else None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Load and validate the configuration.
+
+    Args:
+        **overrides: values that win over every other source (used by tests).
+
+    Returns:
+        Settings: the validated settings.
+
+    Raises:
+        ConfigError: the file is missing/unreadable/not TOML, or a value is invalid;
+            the message lists every offending setting.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from exc
+    except (OSError, ValueError) as exc:  # TOML decode errors are ValueError subclasses
+        raise ConfigError(f"cannot read configuration: {exc}") from exc

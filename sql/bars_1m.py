@@ -1,0 +1,87 @@
+"""Queries on the ``bars_1m`` hypertable (bind parameters only)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+__all__ = ["fetch_bars", "symbol_known", "upsert_bars"]
+
+_UPSERT = """
+INSERT INTO bars_1m (exchange, symbol, bucket_start, open, high, low, close, volume,
+                     trade_count, avg_price, vwap, open_ts_ms, close_ts_ms)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+ON CONFLICT (exchange, symbol, bucket_start) DO UPDATE SET
+    open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low,
+    close = EXCLUDED.close, volume = EXCLUDED.volume, trade_count = EXCLUDED.trade_count,
+    avg_price = EXCLUDED.avg_price, vwap = EXCLUDED.vwap,
+    open_ts_ms = EXCLUDED.open_ts_ms, close_ts_ms = EXCLUDED.close_ts_ms,
+    updated_at = now()
+"""
+
+_SELECT = """
+SELECT exchange, symbol, bucket_start, open, high, low, close, volume, trade_count,
+       avg_price, vwap
+FROM bars_1m
+WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
+  AND bucket_start >= $3 AND bucket_start < $4
+ORDER BY bucket_start, exchange
+LIMIT $5
+"""
+
+_KNOWN = """
+SELECT EXISTS (SELECT 1 FROM bars_1m WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2))
+"""
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _row(bar: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        bar["exchange"], bar["symbol"], _ts(bar["bucket_start_ms"]), bar["open"], bar["high"],
+        bar["low"], bar["close"], bar["volume"], bar["trade_count"], bar["avg_price"],
+        bar["vwap"], bar["open_ts_ms"], bar["close_ts_ms"],
+    )
+
+
+async def upsert_bars(conn: asyncpg.Connection, bars: Iterable[dict[str, Any]]) -> int:
+    """Insert or replace closed bars (idempotent on (exchange, symbol, bucket_start)).
+
+    Args:
+        conn: connection (the call runs in one transaction).
+        bars: closed-bar dicts (:func:`tables.window.finalize_bar` schema). When one batch
+            holds the same bar twice, the last one wins.
+
+    Returns:
+        int: rows written.
+
+    Raises:
+        asyncpg.PostgresError / OSError: the write failed; nothing was committed.
+    """
+    rows: dict[tuple[str, str, int], tuple[Any, ...]] = {}
+    for b in bars:
+        rows[(b["exchange"], b["symbol"], b["bucket_start_ms"])] = _row(b)
+    if not rows:
+        return 0
+    async with conn.transaction():
+        await conn.executemany(_UPSERT, list(rows.values()))
+    return len(rows)
+
+
+async def fetch_bars(
+    conn: asyncpg.Connection, symbol: str, exchange: str | None, start_ms: int, end_ms: int,
+    limit: int,
+) -> Sequence[asyncpg.Record]:
+    """1-minute bars of ``symbol`` (optionally one exchange) with start in
+    ``[start_ms, end_ms)``, oldest first, at most ``limit`` rows."""
+    return await conn.fetch(_SELECT, symbol, exchange, _ts(start_ms), _ts(end_ms), limit)
+
+
+async def symbol_known(conn: asyncpg.Connection, symbol: str, exchange: str | None) -> bool:
+    """Whether any bar exists for ``symbol`` (and ``exchange`` when given)."""
+    return bool(await conn.fetchval(_KNOWN, symbol, exchange))

@@ -1,0 +1,211 @@
+"""Applies tick batches and idle checks to per-key window state (no Faust, no I/O).
+
+:class:`WindowAggregator` works on any ``MutableMapping[str, KeyState]``: the Faust
+table of :mod:`tables.bars` in the worker, a plain ``dict`` in unit tests. The caller
+decides when to persist: it publishes the closed bars first and then writes back every
+state named in :attr:`BatchResult.dirty` (``store[key] = state``), so a crash in between
+re-emits the same bars (idempotent downstream) instead of losing them.
+
+Exactly-once state on an at-least-once broker: each key remembers the last source offset
+applied to it (``off``) in the same changelog record as its windows; a message
+re-delivered after a crash is skipped for keys that already applied it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.models import Tick
+from tables.window import (
+    WINDOW_MS,
+    KeyState,
+    apply_tick,
+    closable_by_idle,
+    closable_by_watermark,
+    finalize_bar,
+    new_key_state,
+)
+
+__all__ = ["BatchResult", "WindowAggregator"]
+
+
+@dataclass
+class BatchResult:
+    """What one message did.
+
+    Attributes:
+        applied: ticks counted into windows.
+        duplicates: ticks skipped because their key already applied this offset.
+        late: ticks whose window had already closed.
+        closed: closed bars (see :func:`tables.window.finalize_bar`), oldest first per key.
+        latest: ``key -> (price, ts_ms)``, the newest applied trade per key.
+        dirty: keys whose state changed and must be written back.
+    """
+
+    applied: int = 0
+    duplicates: int = 0
+    late: list[Tick] = field(default_factory=list)
+    closed: list[dict[str, Any]] = field(default_factory=list)
+    latest: dict[str, tuple[float, int]] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+
+
+class WindowAggregator:
+    """Event-time tumbling windows with a per-partition watermark and idle close.
+
+    Args:
+        store: ``"exchange:symbol" -> KeyState`` mapping (see :mod:`tables.window`).
+        grace_ms: watermark lag behind the highest ``ts_ms`` seen on a partition.
+        idle_timeout_ms: wall-clock idleness after which a key's finished windows close.
+        size_ms: window length (60000).
+    """
+
+    def __init__(
+        self,
+        store: MutableMapping[str, KeyState],
+        grace_ms: int,
+        idle_timeout_ms: int,
+        size_ms: int = WINDOW_MS,
+    ) -> None:
+        self.store = store
+        self.grace_ms = grace_ms
+        self.idle_timeout_ms = idle_timeout_ms
+        self.size_ms = size_ms
+        self._max_ts: dict[int, int] = {}
+        self._keys: dict[int, set[str]] = {}
+        self._scanned_bucket: dict[int, int] = {}
+
+    def reset(self) -> None:
+        """Forget cached per-partition indexes (call on every rebalance)."""
+        self._max_ts.clear()
+        self._keys.clear()
+        self._scanned_bucket.clear()
+
+    def _index(self, partition: int) -> set[str]:
+        keys = self._keys.get(partition)
+        if keys is None:
+            keys = set()
+            mx = -1
+            for k, st in self.store.items():
+                if st.get("p") == partition:
+                    keys.add(k)
+                    mx = max(mx, st.get("max_ts", -1))
+            self._keys[partition] = keys
+            self._max_ts[partition] = max(mx, self._max_ts.get(partition, -1))
+        return keys
+
+    def watermark(self, partition: int) -> int:
+        """Current watermark of ``partition`` in UTC epoch ms (``-grace-1`` if empty)."""
+        self._index(partition)
+        return self._max_ts.get(partition, -1) - self.grace_ms
+
+    def process_ticks(
+        self, partition: int, offset: int, ticks: list[Tick], wall_ms: int
+    ) -> BatchResult:
+        """Apply one message's ticks (in message order) and close what the watermark passed.
+
+        Args:
+            partition: source partition of the message.
+            offset: source offset of the message.
+            ticks: validated ticks, any keys, in arrival order.
+            wall_ms: processing wall clock, UTC epoch ms.
+
+        Returns:
+            BatchResult: counts, late ticks, closed bars, latest prices, dirty keys.
+        """
+        res = BatchResult()
+        keys = self._index(partition)
+        mx = self._max_ts.get(partition, -1)
+        grace = self.grace_ms
+        size = self.size_ms
+        states: dict[str, KeyState | None] = {}
+        for t in ticks:
+            key = f"{t.exchange}:{t.symbol}"
+            if key in states:
+                st = states[key]
+            else:
+                st = self.store.get(key)
+                if st is None:
+                    st = new_key_state(partition)
+                elif st.get("p") == partition and st["off"] >= offset:
+                    st = None  # this key already applied this message (re-delivery)
+                else:
+                    st["p"] = partition
+                states[key] = st
+            if st is None:
+                res.duplicates += 1
+                continue
+            ts = t.ts_ms
+            b = ts - ts % size
+            if b + size <= mx - grace or b <= st["closed"]:
+                res.late.append(t)
+                continue
+            apply_tick(st["bars"], t.price, t.qty, ts, wall_ms, size)
+            res.applied += 1
+            if ts > mx:
+                mx = ts
+            if ts > st["max_ts"]:
+                st["max_ts"] = ts
+            prev = res.latest.get(key)
+            if prev is None or ts >= prev[1]:
+                res.latest[key] = (t.price, ts)
+        for key, st in states.items():
+            if st is None:
+                continue
+            st["off"] = offset
+            st["seen_ms"] = wall_ms
+            if key not in self.store:
+                self.store[key] = st
+            keys.add(key)
+            res.dirty.add(key)
+        self._max_ts[partition] = mx
+        wm = mx - grace
+        wm_bucket = wm - wm % size
+        if self._scanned_bucket.get(partition) != wm_bucket:
+            self._scanned_bucket[partition] = wm_bucket
+            for key in keys:
+                st = self.store.get(key)
+                if st is not None and self._close(key, st, res, lambda b: closable_by_watermark(
+                    b, wm, size
+                )):
+                    res.dirty.add(key)
+        return res
+
+    def process_idle(self, partition: int, now_wall_ms: int) -> BatchResult:
+        """Close finished windows of keys on ``partition`` that have gone idle.
+
+        Args:
+            partition: the partition the idle-check control message arrived on.
+            now_wall_ms: the control message's wall clock, UTC epoch ms.
+
+        Returns:
+            BatchResult: only ``closed`` and ``dirty`` are filled.
+        """
+        res = BatchResult()
+        size = self.size_ms
+        for key in self._index(partition):
+            st = self.store.get(key)
+            if st is None or not st["bars"]:
+                continue
+            seen = st["seen_ms"]
+            if self._close(key, st, res, lambda b, seen=seen: closable_by_idle(
+                b, seen, now_wall_ms, self.idle_timeout_ms, self.grace_ms, size
+            )):
+                res.dirty.add(key)
+        return res
+
+    def _close(self, key: str, st: KeyState, res: BatchResult, pred: Any) -> bool:
+        bars = st["bars"]
+        if not bars:
+            return False
+        done = sorted((b for b in (bar["b"] for bar in bars.values()) if pred(b)))
+        if not done:
+            return False
+        exchange, symbol = key.split(":", 1)
+        for b in done:
+            bar = bars.pop(str(b))
+            res.closed.append(finalize_bar(exchange, symbol, bar, self.size_ms))
+        st["closed"] = max(st["closed"], done[-1])
+        return True

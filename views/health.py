@@ -1,0 +1,65 @@
+"""``GET /health``: broker, database and Redis, each ``up``/``down``; 200 when all are up,
+503 otherwise. Body: ``{"status": "ok"|"degraded", "broker": "up", "database": "up",
+"redis": "up", "details": {...}}``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiokafka import AIOKafkaClient
+from faust.web import Request, Response, View
+
+from app import settings
+from app.faust_app import app
+from app.services import database, latest_prices
+
+__all__ = ["Health", "check_all"]
+
+_TIMEOUT_S = 2.0
+
+
+async def _broker() -> None:
+    client = AIOKafkaClient(bootstrap_servers=settings.broker.bootstrap_servers,
+                            request_timeout_ms=int(_TIMEOUT_S * 1000))
+    try:
+        await client.bootstrap()
+    finally:
+        await client.close()
+
+
+async def _database() -> None:
+    pool = await database.pool()
+    async with pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
+
+
+async def _redis() -> None:
+    await latest_prices.ping()
+
+
+async def check_all() -> dict[str, Any]:
+    """Probe each dependency concurrently (2 s timeout each)."""
+    names = ("broker", "database", "redis")
+    results = await asyncio.gather(
+        *(asyncio.wait_for(f(), _TIMEOUT_S) for f in (_broker, _database, _redis)),
+        return_exceptions=True,
+    )
+    out: dict[str, Any] = {"details": {}}
+    for name, r in zip(names, results, strict=True):
+        if isinstance(r, BaseException):
+            out[name] = "down"
+            out["details"][name] = f"{type(r).__name__}: {r}"[:200]
+        else:
+            out[name] = "up"
+    out["status"] = "ok" if all(out[n] == "up" for n in names) else "degraded"
+    return out
+
+
+@app.page("/health")
+class Health(View):
+    """Dependency health."""
+
+    async def get(self, request: Request) -> Response:  # type: ignore[override]
+        body = await check_all()
+        return self.json(body, status=200 if body["status"] == "ok" else 503)
