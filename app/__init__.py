@@ -1,28 +1,43 @@
 """marketflow's Faust application: ``faust -A app worker``.
 
-Importing this package loads the settings (exit status 2 with a message when they are
-invalid), creates the :class:`faust.App` and registers topics, tables, agents, views
-and commands.
+The package attributes are created on first access (PEP 562), so the pure modules
+(:mod:`app.models`, :mod:`app.config`, :mod:`app.errors`) import without side effects:
+
+* ``app.settings`` — the validated :class:`app.config.Settings`; invalid configuration
+  prints the problems and exits with status 2;
+* ``app.app`` — the :class:`faust.App`, with every topic, table, agent, view and CLI
+  command registered.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
-
-from app.errors import ConfigError
-from app.settings import Settings, load_settings
+from typing import Any
 
 __all__ = ["app", "settings"]
 
-try:
-    settings: Settings = load_settings()
-except ConfigError as _exc:
-    print(f"marketflow: {_exc}", file=sys.stderr)
-    raise SystemExit(2) from None
 
-from app.faust_app import app  # noqa: E402
+def _load_settings() -> Any:
+    from app.config import load_settings
+    from app.errors import ConfigError
 
-# Registration side effects: topics, tables, agents, views and CLI commands.
-import agents  # noqa: E402,F401
-import app.commands  # noqa: E402,F401
-import views  # noqa: E402,F401
+    try:
+        return load_settings()
+    except ConfigError as exc:
+        print(f"marketflow: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def __getattr__(name: str) -> Any:
+    if name == "settings":
+        value = _load_settings()
+        globals()["settings"] = value
+        return value
+    if name == "app":
+        faust_app = importlib.import_module("app.faust_app").app
+        globals()["app"] = faust_app
+        for mod in ("agents", "views", "app.commands"):
+            importlib.import_module(mod)
+        return faust_app
+    raise AttributeError(f"module 'app' has no attribute {name!r}")

@@ -61,7 +61,7 @@ async def migrate(self: Any) -> None:
 @app.command(name="create-topics")
 async def create_topics(self: Any) -> None:
     """Create the ticks, closed-bars and dead-letter topics with their partition counts."""
-    from app.topics import ensure_topics
+    from app.admin import ensure_topics
 
     await ensure_topics(settings)
     self.say(f"topics ready: {settings.topics.ticks}, {settings.topics.bars}, "

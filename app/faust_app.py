@@ -1,4 +1,4 @@
-"""Builds the :class:`faust.App` from :mod:`app.settings`."""
+"""Builds the :class:`faust.App` from :mod:`app.config`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Any
 
 import faust
 
-from app.settings import Settings
+from app.config import Settings
 
-__all__ = ["app", "faust_options"]
+__all__ = ["MarketflowApp", "app", "faust_options"]
 
 
 def faust_options(s: Settings) -> dict[str, Any]:
@@ -33,7 +33,6 @@ def faust_options(s: Settings) -> dict[str, Any]:
         "web_port": s.web.port,
         "web_enabled": True,
         "table_standby_replicas": 0,
-        "logging_config": None,
     }
     if s.broker.tansu_compat:
         opts.update(
@@ -45,12 +44,24 @@ def faust_options(s: Settings) -> dict[str, Any]:
     return opts
 
 
+class MarketflowApp(faust.App):
+    """:class:`faust.App` that creates its topics (explicit partition counts) before the
+    consumer subscribes."""
+
+    async def on_first_start(self) -> None:
+        """Create topics first: auto-created ones would get the broker's default count."""
+        from app import settings
+        from app.admin import ensure_topics
+
+        await super().on_first_start()
+        await ensure_topics(settings)
+
+
 def _make_app() -> faust.App:
     from app import settings
 
     opts = faust_options(settings)
-    opts.pop("logging_config")
-    return faust.App(settings.app.id, **opts)
+    return MarketflowApp(settings.app.id, **opts)
 
 
 app: faust.App = _make_app()

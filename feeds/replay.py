@@ -28,8 +28,8 @@ from aiokafka import AIOKafkaProducer
 
 from app.errors import ReplayError
 from app.models import Tick, tick_to_json
-from app.settings import Settings
-from app.topics import ensure_topics
+from app.config import Settings
+from app.admin import ensure_topics
 from feeds.csv_trades import read_trades
 
 __all__ = ["ReplayStats", "batch_ticks", "merge_by_time", "replay"]

@@ -96,6 +96,16 @@ pid_matches() {
     [[ $cmdline == *"$2"* ]]
 }
 
+# A process that is alive but not serving is usually in transition (starting, shutting down, just
+# killed and not yet reaped): give it up to 5 s to settle. $1 = "serving" check, $2 = "alive" check.
+wait_settled() {
+    local i
+    for ((i = 0; i < 50; i++)); do
+        if "$1" || ! "$2"; then return 0; fi
+        sleep 0.1
+    done
+}
+
 read_pidfile() { [[ -s $1 ]] && head -n1 "$1" || true; }
 
 # Wait up to $2 seconds for process $1 to exit.
@@ -202,14 +212,16 @@ broker_pid() {
     pid_matches "$pid" tansu && printf '%s\n' "$pid"
 }
 
-broker_running() { broker_pid >/dev/null && port_open "$BROKER_PORT"; }
+broker_alive() { broker_pid >/dev/null; }
+broker_running() { broker_alive && port_open "$BROKER_PORT"; }
 
 broker_up() {
+    wait_settled broker_running broker_alive
     if broker_running; then
         log "broker: already running on 127.0.0.1:$BROKER_PORT (pid $(broker_pid))"
         return 0
     fi
-    if broker_pid >/dev/null; then
+    if broker_alive; then
         die "broker: process $(broker_pid) is alive but 127.0.0.1:$BROKER_PORT does not accept connections" \
             "(started on another port? try: scripts/services.sh restart broker); log: $BROKER_LOG"
     fi
@@ -437,6 +449,7 @@ pg_timescaledb_version() {
 
 postgres_up() {
     local v
+    wait_settled postgres_running postgres_proc_running
     if postgres_running; then
         ensure_pg_objects
         v=$(pg_timescaledb_version)
@@ -502,17 +515,19 @@ redis_pid() {
     pid_matches "$pid" redis-server && printf '%s\n' "$pid"
 }
 
+redis_alive() { redis_pid >/dev/null; }
 redis_running() {
-    redis_pid >/dev/null && command -v redis-cli >/dev/null &&
+    redis_alive && command -v redis-cli >/dev/null &&
         [[ $(redis_cli ping 2>/dev/null) == PONG ]]
 }
 
 redis_up() {
+    wait_settled redis_running redis_alive
     if redis_running; then
         log "redis: already running on 127.0.0.1:$REDIS_PORT (pid $(redis_pid))"
         return 0
     fi
-    if redis_pid >/dev/null; then
+    if redis_alive; then
         die "redis: process $(redis_pid) is alive but does not answer PING on 127.0.0.1:$REDIS_PORT" \
             "(started on another port? try: scripts/services.sh restart redis)"
     fi

@@ -1,0 +1,50 @@
+"""Topic administration through the broker's admin API (aiokafka), no Faust needed."""
+
+from __future__ import annotations
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError, for_code
+
+from app.config import Settings
+from app.errors import ConfigError
+
+__all__ = ["ensure_topics"]
+
+
+async def ensure_topics(s: Settings) -> None:
+    """Create the ticks, closed-bars and dead-letter topics with explicit partition counts.
+
+    Runs before the worker subscribes and before any producer publishes, so a broker that
+    auto-creates topics (Tansu: 4 partitions) never picks the count.
+
+    Raises:
+        ConfigError: a topic exists with a different partition count than configured.
+        aiokafka.errors.KafkaError: the broker is unreachable or refuses.
+    """
+    names = (s.topics.ticks, s.topics.bars, s.topics.dead_letter)
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker.bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        wanted = [
+            NewTopic(name, num_partitions=s.topics.partitions,
+                     replication_factor=s.topics.replication)
+            for name in names if name not in existing
+        ]
+        if wanted:
+            resp = await admin.create_topics(wanted)
+            for err in getattr(resp, "topic_errors", ()):
+                name, code = err[0], err[1]
+                # TOPIC_ALREADY_EXISTS: created concurrently by another process.
+                if code not in (0, TopicAlreadyExistsError.errno):
+                    raise for_code(code)(f"cannot create topic {name}: {err[2:]}")
+        meta = await admin.describe_topics(list(names))
+        for t in meta:
+            n = len(t.get("partitions", ()))
+            if n and n != s.topics.partitions:
+                raise ConfigError(
+                    f"topic {t['topic']!r} has {n} partitions but topics.partitions = "
+                    f"{s.topics.partitions}; use a new topic name or recreate the topic"
+                )
+    finally:
+        await admin.close()
