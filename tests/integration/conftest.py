@@ -1,0 +1,308 @@
+"""Integration harness: real Tansu broker, TimescaleDB and Redis (started by
+``scripts/services.sh up``), real ``faust -A app worker`` subprocesses.
+
+Each test gets its own topics, Faust app id, Redis key prefix, database and web port, so
+tests never see each other's data on the shared services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from app.config import Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data" / "sample"
+BASE_DSN = os.environ.get(
+    "MF_TEST_PG_DSN", "postgresql://marketflow:marketflow@127.0.0.1:15432/marketflow")
+
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _settings_with(env: dict[str, str]) -> Settings:
+    old = dict(os.environ)
+    os.environ.update(env)
+    try:
+        return load_settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+@dataclass
+class Stack:
+    """One isolated deployment on the shared services."""
+
+    name: str
+    env: dict[str, str]
+    settings: Settings
+    dsn: str
+    tmp: Path
+    workers: list[Worker] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.web.port}"
+
+    def worker(self, **extra_env: str) -> Worker:
+        w = Worker(self, len(self.workers), extra_env)
+        self.workers.append(w)
+        return w
+
+    async def replay_cli(self, *args: str, timeout: float = 120) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "faust", "-A", "app", "replay", *args, cwd=REPO,
+            env={**os.environ, **self.env}, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+        assert proc.returncode == 0, out.decode()
+        return out.decode()
+
+    async def produce_raw(self, items: list[tuple[bytes | None, bytes]]) -> None:
+        prod = AIOKafkaProducer(bootstrap_servers=self.settings.broker.bootstrap_servers)
+        await prod.start()
+        try:
+            for key, value in items:
+                await prod.send_and_wait(self.settings.topics.ticks, value=value, key=key)
+        finally:
+            await prod.stop()
+
+    async def read_topic(self, topic: str, idle_s: float = 2.0) -> list[tuple[bytes, bytes]]:
+        """Every message currently in ``topic`` (reads until ``idle_s`` without news)."""
+        cons = AIOKafkaConsumer(bootstrap_servers=self.settings.broker.bootstrap_servers,
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+        await cons.start()
+        try:
+            parts = cons.partitions_for_topic(topic) or set()
+            if not parts:
+                await cons.client.force_metadata_update()
+                parts = cons.partitions_for_topic(topic) or set()
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            cons.assign(tps)
+            await cons.seek_to_beginning(*tps)
+            out: list[tuple[bytes, bytes]] = []
+            while True:
+                got = await cons.getmany(timeout_ms=int(idle_s * 1000), max_records=10_000)
+                if not got:
+                    return out
+                for recs in got.values():
+                    out += [(r.key, r.value) for r in recs]
+        finally:
+            await cons.stop()
+
+    async def db(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.dsn)
+
+    async def bars(self, exchange: str, symbol: str) -> dict[int, asyncpg.Record]:
+        conn = await self.db()
+        try:
+            rows = await conn.fetch(
+                "SELECT *, (extract(epoch from bucket_start) * 1000)::bigint AS start_ms "
+                "FROM bars_1m WHERE exchange = $1 AND symbol = $2 ORDER BY bucket_start",
+                exchange, symbol)
+        finally:
+            await conn.close()
+        return {r["start_ms"]: r for r in rows}
+
+    async def wait_for_bars(self, exchange: str, symbol: str, starts: set[int],
+                            timeout: float = 90) -> dict[int, asyncpg.Record]:
+        deadline = time.monotonic() + timeout
+        got: dict[int, asyncpg.Record] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, asyncpg.PostgresError):
+                got = await self.bars(exchange, symbol)
+            if starts <= set(got):
+                return got
+            for w in self.workers:
+                w.assert_alive()
+            await asyncio.sleep(0.5)
+        raise AssertionError(f"bars missing after {timeout}s: {sorted(starts - set(got))}")
+
+    def redis(self) -> aioredis.Redis:
+        return aioredis.Redis.from_url(self.settings.redis.url, decode_responses=True)
+
+    async def http(self, path: str) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as s, s.get(self.base_url + path) as r:
+            body = await r.read()
+            try:
+                return r.status, orjson.loads(body)
+            except orjson.JSONDecodeError:
+                return r.status, body.decode(errors="replace")
+
+
+class Worker:
+    """A ``faust -A app worker`` subprocess of a stack."""
+
+    def __init__(self, stack: Stack, index: int, extra_env: dict[str, str]) -> None:
+        self.stack = stack
+        self.log_path = stack.tmp / f"worker{index}.log"
+        self.env = {**os.environ, **stack.env, **extra_env,
+                    "MARKETFLOW_APP__DATADIR": str(stack.tmp / f"faust{index}")}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ended_on_purpose = False
+
+    def start(self) -> Worker:
+        self.log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "faust", "-A", "app", "worker", "-l", "info"],
+            cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        return self
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def assert_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None and not self.ended_on_purpose:
+            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+
+    async def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.assert_alive()
+            if "[^Worker]: Ready" in self.log_path.read_text(errors="replace"):
+                return
+            await asyncio.sleep(0.25)
+        raise AssertionError(f"worker not ready after {timeout}s:\n{self.tail()}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.ended_on_purpose = True
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.ended_on_purpose = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return int(self.proc.returncode)
+
+
+def _check_services() -> None:
+    s = load_settings()
+    for name, host, port in [("broker", *s.broker.bootstrap_servers[0].rsplit(":", 1)),
+                             ("redis", "127.0.0.1", s.redis.url.rsplit(":", 1)[1].split("/")[0]),
+                             ("postgres", "127.0.0.1", BASE_DSN.rsplit(":", 1)[1].split("/")[0])]:
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+        except OSError as exc:
+            pytest.fail(f"{name} not reachable on {host}:{port} ({exc}); "
+                        "start the services with scripts/services.sh up")
+
+
+@pytest.fixture(scope="session")
+def services() -> None:
+    _check_services()
+
+
+@pytest.fixture
+async def stack(services: None, tmp_path: Path) -> AsyncIterator[Stack]:
+    name = "it" + uuid.uuid4().hex[:10]
+    admin = await asyncpg.connect(BASE_DSN)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    dsn = BASE_DSN.rsplit("/", 1)[0] + "/" + name
+    env = {
+        "MARKETFLOW_APP__ID": name,
+        "MARKETFLOW_TOPICS__TICKS": f"{name}-ticks",
+        "MARKETFLOW_TOPICS__BARS": f"{name}-bars",
+        "MARKETFLOW_TOPICS__DEAD_LETTER": f"{name}-dlq",
+        "MARKETFLOW_TOPICS__PARTITIONS": "2",
+        "MARKETFLOW_REDIS__KEY_PREFIX": name,
+        "MARKETFLOW_DATABASE__DSN": dsn,
+        "MARKETFLOW_WEB__PORT": str(_free_port()),
+        "MARKETFLOW_WINDOW__GRACE_MS": "5000",
+        "MARKETFLOW_WINDOW__IDLE_TIMEOUT_S": "2",
+        "MARKETFLOW_WINDOW__IDLE_CHECK_INTERVAL_S": "0.5",
+        "MARKETFLOW_SINK__FLUSH_INTERVAL_S": "0.5",
+    }
+    st = Stack(name, env, _settings_with(env), dsn, tmp_path)
+    try:
+        yield st
+    finally:
+        for w in st.workers:
+            if w.proc is not None:
+                w.stop(timeout=20)
+        r = st.redis()
+        keys = [k async for k in r.scan_iter(f"{name}:*")]
+        if keys:
+            await r.delete(*keys)
+        await r.aclose()
+        admin = await asyncpg.connect(BASE_DSN)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+def load_klines(name: str) -> dict[int, dict[str, Any]]:
+    """Binance 1m klines by open_time (ms)."""
+    with (SAMPLE / "klines" / name).open() as fh:
+        return {int(r["open_time"]): {"open": float(r["open"]), "high": float(r["high"]),
+                                      "low": float(r["low"]), "close": float(r["close"]),
+                                      "volume": float(r["volume"]), "count": int(r["count"])}
+                for r in csv.DictReader(fh)}
+
+
+def complete_minutes(trades_file: str, klines: dict[int, dict[str, Any]]
+                     ) -> tuple[set[int], list[dict[str, str]]]:
+    """Minutes the trades file covers completely: those whose number of trades in the file
+    equals the exchange kline's trade count (the file's partial first/last minutes fail)."""
+    with (SAMPLE / "trades" / trades_file).open() as fh:
+        rows = list(csv.DictReader(fh))
+    per_minute: dict[int, int] = {}
+    for r in rows:
+        m = int(r["ts_ms"]) // 60_000 * 60_000
+        per_minute[m] = per_minute.get(m, 0) + 1
+    return {m for m, n in per_minute.items() if m in klines and klines[m]["count"] == n}, rows
+
+
+def assert_bars_equal_klines(bars: dict[int, Any], klines: dict[int, dict[str, Any]],
+                             minutes: set[int]) -> None:
+    assert minutes, "no complete minute to compare"
+    for m in sorted(minutes):
+        b, k = bars[m], klines[m]
+        got = (b["open"], b["high"], b["low"], b["close"], b["trade_count"])
+        want = (k["open"], k["high"], k["low"], k["close"], k["count"])
+        assert got == want, f"minute {m}: bar {got} != kline {want}"
+        assert abs(b["volume"] - k["volume"]) <= 1e-9 * k["volume"], (m, b["volume"], k)
+
+
+@pytest.fixture
+def sample() -> Iterator[Path]:
+    yield SAMPLE

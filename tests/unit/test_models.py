@@ -1,0 +1,101 @@
+"""Tick decoding and validation."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import pytest
+
+from app.errors import InvalidTick
+from app.models import (
+    MAX_MESSAGE_BYTES,
+    dead_letter_message,
+    decode_ticks_payload,
+    parse_tick,
+    tick_to_json,
+)
+
+NOW = 1_732_170_000_000
+GOOD = {"exchange": "binance", "symbol": "BTCUSDT", "price": 61837.63, "qty": 0.02,
+        "ts_ms": 1_723_161_255_342, "trade_id": "3735683259", "source": "replay"}
+
+
+def reason(obj: object) -> str:
+    with pytest.raises(InvalidTick) as ei:
+        parse_tick(obj, NOW, 300_000)
+    return ei.value.reason
+
+
+def test_good_tick_round_trips() -> None:
+    t = parse_tick(GOOD, NOW, 300_000)
+    assert t.price == 61837.63 and t.ts_ms == 1_723_161_255_342 and t.key == "binance:BTCUSDT"
+    assert parse_tick(tick_to_json(t), NOW, 300_000) == t
+
+
+def test_decode_single_array_and_control() -> None:
+    assert decode_ticks_payload(orjson.dumps(GOOD)) == [GOOD]
+    assert decode_ticks_payload(orjson.dumps([GOOD, GOOD])) == [GOOD, GOOD]
+    assert decode_ticks_payload(b'{"control":"idle_check","wall_ms":1}')["control"] == (
+        "idle_check")
+
+
+@pytest.mark.parametrize(("raw", "why"), [
+    (b"", "empty"),
+    (None, "empty"),
+    (b"{not json", "invalid_json"),
+    (b'"a string"', "not_object"),
+    (b"42", "not_object"),
+    (b"[" + b" " * MAX_MESSAGE_BYTES + b"]", "oversized"),
+])
+def test_bad_payloads(raw: bytes | None, why: str) -> None:
+    with pytest.raises(InvalidTick) as ei:
+        decode_ticks_payload(raw)
+    assert ei.value.reason == why
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"price": None}, "missing_field"),
+    ({"symbol": None}, "missing_field"),
+    ({"ts_ms": None}, "missing_field"),
+    ({"price": "61837.63"}, "bad_type"),
+    ({"price": True}, "bad_type"),
+    ({"price": 0}, "bad_price"),
+    ({"price": -1.5}, "bad_price"),
+    ({"price": math.nan}, "bad_price"),
+    ({"price": math.inf}, "bad_price"),
+    ({"qty": -1}, "bad_qty"),
+    ({"qty": "1"}, "bad_type"),
+    ({"ts_ms": "1723161255342"}, "bad_type"),
+    ({"ts_ms": 1.5}, "bad_type"),
+    ({"ts_ms": 1_723_161_255}, "ts_too_old"),  # seconds, not milliseconds
+    ({"ts_ms": NOW + 300_001}, "ts_in_future"),
+    ({"exchange": "bin:ance"}, "bad_name"),
+    ({"symbol": ""}, "bad_name"),
+    ({"symbol": 5}, "bad_type"),
+    ({"source": "prod"}, "bad_source"),
+    ({"trade_id": [1]}, "bad_type"),
+])
+def test_bad_ticks(change: dict, why: str) -> None:
+    obj = {**GOOD, **change}
+    obj = {k: v for k, v in obj.items() if v is not None}
+    assert reason(obj) == why
+
+
+def test_not_an_object() -> None:
+    assert reason([1, 2]) == "not_object"
+
+
+def test_optional_fields() -> None:
+    t = parse_tick({k: v for k, v in GOOD.items() if k not in ("qty", "trade_id", "source")},
+                   NOW, 300_000)
+    assert t.qty == 0.0 and t.trade_id is None and t.source == "live"
+    assert parse_tick({**GOOD, "ts_ms": NOW + 300_000}, NOW, 300_000).ts_ms == NOW + 300_000
+
+
+def test_dead_letter_keeps_payload_and_reason() -> None:
+    msg = orjson.loads(dead_letter_message(b"\xff{bad", "invalid_json", "x", 1, 42, NOW))
+    assert msg["reason"] == "invalid_json" and msg["source_offset"] == 42
+    assert msg["payload"].endswith("{bad")
+    msg = orjson.loads(dead_letter_message({"price": -1}, "bad_price", "d", 0, 1, NOW))
+    assert msg["payload"] == {"price": -1}

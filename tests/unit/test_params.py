@@ -1,0 +1,88 @@
+"""API parameter parsing (HTTP 400 cases) and configuration validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.config import load_settings
+from app.errors import ConfigError, QueryError
+from views.params import iso_ms, parse_name, parse_time_ms
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_time_forms() -> None:
+    assert parse_time_ms("1723161300000", "start") == 1_723_161_300_000
+    assert parse_time_ms("2024-08-08T23:55:00Z", "start") == 1_723_161_300_000
+    assert parse_time_ms("2024-08-08T23:55:00", "start") == 1_723_161_300_000  # naive = UTC
+    assert parse_time_ms("2024-08-09T01:55:00+02:00", "start") == 1_723_161_300_000
+    assert iso_ms(1_723_161_300_000) == "2024-08-08T23:55:00.000Z"
+
+
+@pytest.mark.parametrize("bad", ["yesterday", "-5", "2024-13-01", "99999999999999999"])
+def test_bad_times(bad: str) -> None:
+    with pytest.raises(QueryError):
+        parse_time_ms(bad, "start")
+
+
+def test_names() -> None:
+    assert parse_name("BTC-USD", "symbol") == "BTC-USD"
+    assert parse_name(None, "exchange", required=False) is None
+    for bad in ["", "BTC USD", "<script>", "x" * 41]:
+        with pytest.raises(QueryError):
+            parse_name(bad, "symbol")
+
+
+def test_ohlcv_query_rules() -> None:
+    from views.ohlcv import MAX_RANGE_MS, parse_ohlcv_query
+
+    now = 1_732_170_000_000
+    assert parse_ohlcv_query({"symbol": "BTCUSDT"}, now) == ("BTCUSDT", None, now - 3_600_000,
+                                                             now)
+    for q in [{}, {"symbol": "BTCUSDT", "start": "5", "end": "5"},
+              {"symbol": "BTCUSDT", "start": "0", "end": str(MAX_RANGE_MS + 1)},
+              {"symbol": "BTCUSDT", "interval": "5m"}, {"symbol": "BTCUSDT", "foo": "1"}]:
+        with pytest.raises(QueryError):
+            parse_ohlcv_query(q, now)
+
+
+def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[web]\nport = 7000\n[window]\ngrace_ms = 1000\n')
+    monkeypatch.setenv("MARKETFLOW_CONFIG", str(cfg))
+    monkeypatch.setenv("MARKETFLOW_WINDOW__GRACE_MS", "2500")
+    s = load_settings()
+    assert s.web.port == 7000 and s.window.grace_ms == 2500
+    assert s.broker.tansu_compat is False  # production default: no Tansu workarounds
+
+
+@pytest.mark.parametrize("toml", [
+    "[web]\nport = 70000\n",
+    "[window]\nsize_ms = 1000\n",
+    "[broker]\nurl = 'http://x'\n",
+    "[nosuchsection]\na = 1\n",
+    "[topics]\nticks = 'a'\nbars = 'a'\n",
+    "this is not toml",
+])
+def test_invalid_config_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                   toml: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    monkeypatch.setenv("MARKETFLOW_CONFIG", str(cfg))
+    with pytest.raises(ConfigError):
+        load_settings()
+
+
+def test_worker_exits_nonzero_on_bad_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[web]\nport = 'eighty'\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "faust", "-A", "app", "worker"], cwd=REPO, capture_output=True,
+        text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "MARKETFLOW_CONFIG": str(cfg)},
+    )
+    assert proc.returncode == 2
+    assert "web.port" in proc.stderr
