@@ -50,7 +50,7 @@ __all__ = ["aggregate_ticks", "aggregator", "idle_check"]
 log = logging.getLogger(__name__)
 
 aggregator = WindowAggregator(
-    window_state,  # type: ignore[arg-type]  # a faust Table is a MutableMapping
+    window_state,  # a faust Table is a MutableMapping
     grace_ms=settings.window.grace_ms,
     idle_timeout_ms=int(settings.window.idle_timeout_s * 1000),
     size_ms=settings.window.size_ms,
@@ -153,10 +153,10 @@ async def idle_check() -> None:
 
 
 @app.on_partitions_revoked.connect
-async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+def _on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
     aggregator.reset()
 
 
 @app.on_partitions_assigned.connect
-async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+def _on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
     aggregator.reset()

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
+import faust
 import orjson
 from faust.types import EventT, StreamT
 
@@ -86,8 +87,8 @@ class BarWriter:
                         async with pool.acquire() as conn:
                             n = await upsert_bars(conn, (b for b, _ in batch))
                     break
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                        asyncio.TimeoutError) as exc:
+                except (TimeoutError, OSError, asyncpg.PostgresError,
+                        asyncpg.InterfaceError) as exc:
                     SINK_ERRORS.labels("timescaledb").inc()
                     SINK_RETRIES.labels("timescaledb").inc()
                     log.warning("bar upsert of %d rows failed (%s); retry in %.1fs",
@@ -121,7 +122,7 @@ def _decode_bar(raw: Any) -> dict[str, Any] | None:
 @app.agent(bars_topic)
 async def persist_bars(stream: StreamT) -> None:
     """Upsert every closed bar into ``bars_1m``; acks only after the row is committed."""
-    manual = stream.noack()
+    manual = cast(faust.Stream, stream).noack()
     writer.stream = manual
     async for event in manual.events():
         bar = _decode_bar(event.value)

@@ -76,8 +76,8 @@ class TopicsSection(BaseModel):
     ticks: str = "ticks"
     bars: str = "bars-1m"
     dead_letter: str = "ticks-dead-letter"
-    partitions: int = Field(4, ge=1, le=1024)
-    replication: int = Field(1, ge=1, le=16)
+    partitions: int = Field(default=4, ge=1, le=1024)
+    replication: int = Field(default=1, ge=1, le=16)
 
 
 class AppSection(BaseModel):
@@ -99,7 +99,7 @@ class DatabaseSection(BaseModel):
     """TimescaleDB (PostgreSQL) connection."""
 
     dsn: str = "postgresql://marketflow:marketflow@127.0.0.1:5432/marketflow"
-    pool_max: int = Field(4, ge=1, le=100)
+    pool_max: int = Field(default=4, ge=1, le=100)
     migrate_on_start: bool = True
 
     @field_validator("dsn")
@@ -115,7 +115,7 @@ class RedisSection(BaseModel):
 
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "mf"
-    latest_ttl_s: int = Field(86_400, ge=1)
+    latest_ttl_s: int = Field(default=86_400, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -129,7 +129,7 @@ class WebSection(BaseModel):
     """HTTP API bind address."""
 
     host: str = "127.0.0.1"
-    port: int = Field(6066, ge=1, le=65535)
+    port: int = Field(default=6066, ge=1, le=65535)
 
 
 class WindowSection(BaseModel):
@@ -146,10 +146,10 @@ class WindowSection(BaseModel):
     """
 
     size_ms: int = 60_000
-    grace_ms: int = Field(5_000, ge=0, le=3_600_000)
-    idle_timeout_s: float = Field(10.0, gt=0, le=86_400)
-    idle_check_interval_s: float = Field(1.0, gt=0, le=3_600)
-    max_future_ms: int = Field(300_000, ge=0)
+    grace_ms: int = Field(default=5_000, ge=0, le=3_600_000)
+    idle_timeout_s: float = Field(default=10.0, gt=0, le=86_400)
+    idle_check_interval_s: float = Field(default=1.0, gt=0, le=3_600)
+    max_future_ms: int = Field(default=300_000, ge=0)
 
     @field_validator("size_ms")
     @classmethod
@@ -162,9 +162,9 @@ class WindowSection(BaseModel):
 class SinkSection(BaseModel):
     """Batching of closed bars into TimescaleDB."""
 
-    batch_size: int = Field(500, ge=1, le=100_000)
-    flush_interval_s: float = Field(1.0, gt=0, le=600)
-    retry_max_s: float = Field(30.0, gt=0, le=3_600)
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    flush_interval_s: float = Field(default=1.0, gt=0, le=600)
+    retry_max_s: float = Field(default=30.0, gt=0, le=3_600)
 
 
 class Settings(BaseSettings):

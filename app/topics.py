@@ -13,15 +13,19 @@ value reaches our validation instead of failing inside Faust's deserializer.
 
 from __future__ import annotations
 
+from faust.types import TopicT
+
 from app import settings
 from app.faust_app import app
 
 __all__ = ["bars_topic", "dead_letter_topic", "ticks_topic"]
 
-_raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
 
-ticks_topic = app.topic(settings.topics.ticks, partitions=settings.topics.partitions, **_raw)
-bars_topic = app.topic(settings.topics.bars, partitions=settings.topics.partitions, **_raw)
-dead_letter_topic = app.topic(
-    settings.topics.dead_letter, partitions=settings.topics.partitions, **_raw
-)
+def _raw_topic(name: str) -> TopicT:
+    return app.topic(name, partitions=settings.topics.partitions, key_type=bytes,
+                     value_type=bytes, key_serializer="raw", value_serializer="raw")
+
+
+ticks_topic = _raw_topic(settings.topics.ticks)
+bars_topic = _raw_topic(settings.topics.bars)
+dead_letter_topic = _raw_topic(settings.topics.dead_letter)

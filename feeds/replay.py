@@ -26,10 +26,10 @@ from pathlib import Path
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from app.admin import ensure_topics
+from app.config import Settings
 from app.errors import ReplayError
 from app.models import Tick, tick_to_json
-from app.config import Settings
-from app.admin import ensure_topics
 from feeds.csv_trades import read_trades
 
 __all__ = ["ReplayStats", "batch_ticks", "merge_by_time", "replay"]

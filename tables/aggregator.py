@@ -200,7 +200,7 @@ class WindowAggregator:
         bars = st["bars"]
         if not bars:
             return False
-        done = sorted((b for b in (bar["b"] for bar in bars.values()) if pred(b)))
+        done = sorted(b for b in (bar["b"] for bar in bars.values()) if pred(b))
         if not done:
             return False
         exchange, symbol = key.split(":", 1)

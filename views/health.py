@@ -60,6 +60,6 @@ async def check_all() -> dict[str, Any]:
 class Health(View):
     """Dependency health."""
 
-    async def get(self, request: Request) -> Response:  # type: ignore[override]
+    async def get(self, request: Request) -> Response:
         body = await check_all()
         return self.json(body, status=200 if body["status"] == "ok" else 503)

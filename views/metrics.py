@@ -14,5 +14,5 @@ __all__ = ["Metrics"]
 class Metrics(View):
     """Prometheus scrape endpoint."""
 
-    async def get(self, request: Request) -> Response:  # type: ignore[override]
+    async def get(self, request: Request) -> Response:
         return self.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])

@@ -65,7 +65,7 @@ def parse_ohlcv_query(q: dict[str, str], now_ms: int) -> tuple[str, str | None, 
 class Ohlcv(View):
     """1-minute OHLCV history of a symbol, optionally on one exchange."""
 
-    async def get(self, request: Request) -> Response:  # type: ignore[override]
+    async def get(self, request: Request) -> Response:
         try:
             symbol, exchange, start_ms, end_ms = parse_ohlcv_query(
                 dict(request.query), time.time_ns() // 1_000_000

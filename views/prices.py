@@ -48,7 +48,7 @@ async def _latest(view: View, symbol: str, exchange: str | None) -> Response:
 class LatestPrice(View):
     """Newest trade price of ``symbol`` on any exchange."""
 
-    async def get(self, request: Request, symbol: str) -> Response:  # type: ignore[override]
+    async def get(self, request: Request, symbol: str) -> Response:
         return await _latest(self, symbol, None)
 
 
@@ -56,7 +56,7 @@ class LatestPrice(View):
 class LatestPriceOnExchange(View):
     """Newest trade price of ``symbol`` on ``exchange``."""
 
-    async def get(  # type: ignore[override]
+    async def get(
         self, request: Request, exchange: str, symbol: str
     ) -> Response:
         return await _latest(self, symbol, exchange)

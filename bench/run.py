@@ -1,0 +1,864 @@
+#!/usr/bin/env python
+"""marketflow benchmark: throughput, correctness, memory and latency of one worker.
+
+Not a test: it prints figures. See ``bench/README.md``. Run from anywhere::
+
+    .venv/bin/python bench/run.py [--ticks 200000] [--latency-seconds 75]
+
+Needs the local services (``scripts/services.sh up``). Every run is isolated: its own
+app id, topics, Redis key prefix, web port, data dir and database ``bench_<rand>``, all
+removed at the end (the broker may refuse topic deletion; Tansu keeps them in memory
+until it restarts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.chdir(REPO)  # the worker and load_settings() read marketflow.toml from the repo root
+
+import aiohttp  # noqa: E402
+import asyncpg  # noqa: E402
+import orjson  # noqa: E402
+import psutil  # noqa: E402
+import redis.asyncio as aioredis  # noqa: E402
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
+from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
+
+from app.config import Settings, load_settings  # noqa: E402
+from app.models import Tick, parse_tick, tick_to_json  # noqa: E402
+from feeds.replay import batch_ticks, merge_by_time, read_trades  # noqa: E402
+from tables.aggregator import WindowAggregator  # noqa: E402
+from tables.window import finalize_bar  # noqa: E402
+
+SAMPLE_GLOB = "binance_*_2024-08-08T2354_trades.csv"
+SAMPLE_DIR = REPO / "data" / "sample" / "trades"
+FAUST = REPO / ".venv" / "bin" / "faust"
+MINUTE = 60_000
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def pct(xs: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
+    return s[k]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dsn_with_db(dsn: str, db: str) -> str:
+    u = urlparse(dsn)
+    return urlunparse(u._replace(path="/" + db))
+
+
+# ----------------------------------------------------------------------------- input data
+
+
+def load_sample() -> list[Tick]:
+    files = sorted(SAMPLE_DIR.glob(SAMPLE_GLOB))
+    if len(files) != 4:
+        raise SystemExit(f"expected 4 sample files {SAMPLE_DIR}/{SAMPLE_GLOB}, found {len(files)}")
+    return list(merge_by_time([read_trades(f) for f in files]))
+
+
+def make_ticks(sample: list[Tick], n: int) -> tuple[list[Tick], int, int]:
+    """``n`` ticks cycling the sample, each cycle shifted later by the sample's span
+    rounded up to whole minutes plus one minute. Returns (ticks, shift_ms, cycles)."""
+    span = sample[-1].ts_ms - sample[0].ts_ms
+    shift = math.ceil(span / MINUTE) * MINUTE + MINUTE
+    out: list[Tick] = []
+    cycle = 0
+    while len(out) < n:
+        d = cycle * shift
+        out.extend(t._replace(ts_ms=t.ts_ms + d) for t in sample[: n - len(out)])
+        cycle += 1
+    return out, shift, cycle
+
+
+def expected_bars(messages: list[tuple[str, list[Tick]]], grace_ms: int) -> dict[tuple, dict]:
+    """Bars the pure aggregator builds from the messages (one partition, all closed)."""
+    agg = WindowAggregator({}, grace_ms=grace_ms, idle_timeout_ms=1)
+    wall = now_ms()
+    closed: list[dict] = []
+    late = 0
+    for off, (_key, batch) in enumerate(messages):
+        res = agg.process_ticks(0, off, batch, wall)
+        late += len(res.late)
+        closed.extend(res.closed)
+    closed.extend(agg.process_idle(0, wall + 10**12).closed)
+    if late:
+        raise SystemExit(f"bench input error: the pure aggregator found {late} late ticks")
+    return {(b["exchange"], b["symbol"], b["bucket_start_ms"]): b for b in closed}
+
+
+# ----------------------------------------------------------------------------- broker
+
+
+async def produce(settings: Settings, messages: list[tuple[str, list[Tick]]]) -> tuple[
+        dict[int, int], dict[int, int], float]:
+    """Publish the messages; returns (last offset per partition, ticks per partition, s)."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.broker.bootstrap_servers,
+        linger_ms=5, max_batch_size=1 << 20, max_request_size=8 << 20, acks="all",
+    )
+    await producer.start()
+    topic = settings.topics.ticks
+    last: dict[int, int] = {}
+    per_part: dict[int, int] = defaultdict(int)
+    t0 = time.monotonic()
+    try:
+        futs = []
+        for key, batch in messages:
+            value = orjson.dumps([tick_to_json(t) for t in batch])
+            futs.append((len(batch), await producer.send(topic, value=value, key=key.encode())))
+            if len(futs) >= 500:
+                await _collect(futs, last, per_part)
+        await _collect(futs, last, per_part)
+    finally:
+        await producer.stop()
+    return last, dict(per_part), time.monotonic() - t0
+
+
+async def _collect(futs: list, last: dict[int, int], per_part: dict[int, int]) -> None:
+    for n, fut in futs:
+        md = await fut
+        last[md.partition] = max(last.get(md.partition, -1), md.offset)
+        per_part[md.partition] += n
+    futs.clear()
+
+
+async def delete_topics(settings: Settings, prefix: str) -> str:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.broker.bootstrap_servers)
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if not names:
+            return "no topics"
+        await admin.delete_topics(names)
+        left = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        return f"deleted {len(names) - len(left)}/{len(names)} topics" + (
+            f" (broker kept {left})" if left else "")
+    finally:
+        await admin.close()
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+class Worker:
+    def __init__(self, env: dict[str, str], log_path: Path, web_port: int) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.base = f"http://127.0.0.1:{web_port}"
+        self.proc: subprocess.Popen | None = None
+        self.ps: psutil.Process | None = None
+
+    def start(self) -> None:
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [str(FAUST), "-A", "app", "worker", "-l", "warn"],
+            cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        self.ps = psutil.Process(self.proc.pid)
+
+    def check_alive(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def ready_in_log(self) -> bool:
+        """Faust's ready report: the spinner's 'OK ^' (log level warn) or 'Ready' (info)."""
+        try:
+            text = self.log_path.read_bytes()
+        except OSError:
+            return False
+        return b" OK ^" in text or b"Worker]: Ready" in text
+
+    def mem(self) -> dict[str, int]:
+        """VmHWM / VmRSS in kB from /proc/<pid>/status."""
+        assert self.proc is not None
+        out = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                k, v = line.split(":", 1)
+                out[k] = int(v.split()[0])
+        return out
+
+    def cpu_s(self) -> float:
+        assert self.ps is not None
+        t = self.ps.cpu_times()
+        return t.user + t.system
+
+    async def wait_ready(self, http: aiohttp.ClientSession, timeout_s: float) -> float:
+        """Monotonic time of the first ``GET /health`` answering 200."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                async with http.get(self.base + "/health",
+                                    timeout=aiohttp.ClientTimeout(total=3)) as r:
+                    if r.status == 200:
+                        return time.monotonic()
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"worker not healthy after {timeout_s}s:\n{self.log_tail()}")
+
+    async def metrics(self, http: aiohttp.ClientSession) -> dict[str, float]:
+        async with http.get(self.base + "/metrics", timeout=aiohttp.ClientTimeout(total=3)) as r:
+            text = await r.text()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("marketflow_") and not line.startswith("#"):
+                name, _, val = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    out[name] = float(val)
+        return out
+
+    def stop(self) -> str:
+        if self.proc is None or self.proc.poll() is not None:
+            return "not running"
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+            how = f"SIGTERM, exit {self.proc.returncode}"
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            how = "SIGKILL after 15 s"
+        self._log.close()
+        return how
+
+
+# ----------------------------------------------------------------------------- DB
+
+
+BAR_SQL = """
+SELECT exchange, symbol, (extract(epoch FROM bucket_start) * 1000)::bigint AS b,
+       open, high, low, close, volume, trade_count, open_ts_ms, close_ts_ms,
+       (extract(epoch FROM inserted_at) * 1000)::float8 AS ins_ms
+FROM bars_1m WHERE bucket_start >= to_timestamp($1 / 1000.0)
+  AND bucket_start < to_timestamp($2 / 1000.0)
+"""
+
+
+async def sql_exec(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def count_bars(conn: asyncpg.Connection, lo: int, hi: int) -> int:
+    try:
+        return await conn.fetchval(
+            "SELECT count(*) FROM bars_1m WHERE bucket_start >= to_timestamp($1 / 1000.0)"
+            " AND bucket_start < to_timestamp($2 / 1000.0)", lo, hi)
+    except asyncpg.UndefinedTableError:  # the worker has not migrated yet
+        return 0
+
+
+def compare(expected: dict[tuple, dict], rows: list[asyncpg.Record]) -> list[str]:
+    """Mismatch descriptions (empty = identical)."""
+    got = {(r["exchange"], r["symbol"], r["b"]): r for r in rows}
+    bad: list[str] = []
+    for k in sorted(set(expected) - set(got)):
+        bad.append(f"missing in DB: {k}")
+    for k in sorted(set(got) - set(expected)):
+        bad.append(f"unexpected in DB: {k}")
+    for k in sorted(set(expected) & set(got)):
+        e, r = expected[k], got[k]
+        diffs = [f for f in ("open", "high", "low", "close", "trade_count", "open_ts_ms",
+                             "close_ts_ms") if e[f] != r[f]]
+        if not math.isclose(e["volume"], r["volume"], rel_tol=1e-9, abs_tol=1e-12):
+            diffs.append("volume")
+        if diffs:
+            bad.append(f"{k}: " + ", ".join(f"{f} exp {e[f]!r} got {r[f]!r}" for f in diffs))
+    return bad
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+class RedisWatcher:
+    """Records ``now - ts_ms`` each time a ``<prefix>:latest:<exchange>:<symbol>`` hash
+    changes (keyspace notifications; falls back to polling every 2 ms)."""
+
+    def __init__(self, url: str, prefix: str, keys: list[str], min_ts: int) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.keys = [f"{prefix}:latest:{k}" for k in keys]
+        self.min_ts = min_ts
+        self.samples: list[float] = []
+        self.mode = "?"
+        self._last: dict[str, int] = {}
+        self._old_flags: str | None = None
+        self._stop = asyncio.Event()
+
+    def _record(self, key: str, ts: Any, now: float) -> None:
+        if ts is None:
+            return
+        ts = int(ts)
+        if ts >= self.min_ts and ts != self._last.get(key):
+            self._last[key] = ts
+            self.samples.append(now - ts)
+
+    async def run(self) -> None:
+        r = aioredis.Redis.from_url(self.url, decode_responses=True)
+        try:
+            try:
+                self._old_flags = (await r.config_get("notify-keyspace-events")).get(
+                    "notify-keyspace-events", "")
+                flags = self._old_flags
+                if "A" not in flags and "h" not in flags:
+                    flags += "h"
+                if "K" not in flags:
+                    flags += "K"
+                await r.config_set("notify-keyspace-events", flags)
+            except aioredis.RedisError:
+                self._old_flags = None
+            if self._old_flags is not None:
+                await self._notify(r)
+            else:
+                await self._poll(r)
+        finally:
+            if self._old_flags is not None:
+                with contextlib.suppress(aioredis.RedisError):
+                    await r.config_set("notify-keyspace-events", self._old_flags)
+            await r.aclose()
+
+    async def _notify(self, r: aioredis.Redis) -> None:
+        self.mode = "keyspace notifications"
+        db = r.connection_pool.connection_kwargs.get("db", 0)
+        ps = r.pubsub()
+        chan = f"__keyspace@{db}__:"
+        await ps.psubscribe(f"{chan}{self.prefix}:latest:*:*")
+        try:
+            while not self._stop.is_set():
+                msg = await ps.get_message(ignore_subscribe_messages=True, timeout=0.2)
+                if msg is None or msg.get("data") != "hset":
+                    continue
+                key = msg["channel"][len(chan):]
+                ts = await r.hget(key, "ts_ms")
+                self._record(key, ts, time.time_ns() / 1e6)
+        finally:
+            await ps.aclose()
+
+    async def _poll(self, r: aioredis.Redis) -> None:
+        self.mode = "polling every 2 ms"
+        while not self._stop.is_set():
+            async with r.pipeline(transaction=False) as p:
+                for k in self.keys:
+                    p.hget(k, "ts_ms")
+                vals = await p.execute()
+            now = time.time_ns() / 1e6
+            for k, v in zip(self.keys, vals, strict=True):
+                self._record(k, v, now)
+            await asyncio.sleep(0.002)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+async def publish_live(settings: Settings, sample: list[Tick], seconds: float, rate: int,
+                       interval_ms: int) -> tuple[int, int, int, int, list[dict], float]:
+    """Paced live-stamped ticks. Returns (ticks, messages, first_ts, last_ts, every bar
+    the pure aggregator builds from the same ticks (open ones finalized), ticks/s)."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.broker.bootstrap_servers,
+                                linger_ms=0, acks="all")
+    await producer.start()
+    agg = WindowAggregator({}, grace_ms=settings.window.grace_ms, idle_timeout_ms=1)
+    bars: list[dict] = []
+    topic = settings.topics.ticks
+    per_batch = rate * interval_ms / 1000
+    i = n = msgs = 0
+    acc = 0.0
+    first_ts = last_ts = 0
+    t0 = time.monotonic()
+    k = 0
+    try:
+        while True:
+            due = t0 + k * interval_ms / 1000
+            if due - t0 >= seconds:
+                break
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            k += 1
+            acc += per_batch
+            cnt = int(acc)
+            acc -= cnt
+            ts = now_ms()
+            first_ts = first_ts or ts
+            last_ts = ts
+            by_key: dict[str, list[Tick]] = {}
+            for _ in range(cnt):
+                t = sample[i % len(sample)]
+                i += 1
+                by_key.setdefault(f"{t.exchange}:{t.symbol}", []).append(
+                    t._replace(ts_ms=ts, source="live"))
+            futs = []
+            for key, batch in by_key.items():
+                value = orjson.dumps([tick_to_json(t) for t in batch])
+                futs.append(await producer.send(topic, value=value, key=key.encode()))
+                bars.extend(agg.process_ticks(0, msgs, batch, ts).closed)
+                msgs += 1
+                n += len(batch)
+            await asyncio.gather(*futs)
+        elapsed = time.monotonic() - t0
+    finally:
+        await producer.stop()
+    for key, st in agg.store.items():
+        ex, sym = key.split(":", 1)
+        bars.extend(finalize_bar(ex, sym, bar) for bar in st["bars"].values())
+    return n, msgs, first_ts, last_ts, bars, n / elapsed
+
+
+# ----------------------------------------------------------------------------- baseline
+
+
+async def baseline(settings: Settings, group: str, last: dict[int, int], n_ticks: int,
+                   timeout_s: float) -> tuple[float, int, int]:
+    """Plain aiokafka consumer over the pre-produced messages (offsets <= ``last``):
+    orjson + parse_tick + WindowAggregator on a dict. Returns (seconds, ticks, bars)."""
+    topic = settings.topics.ticks
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.broker.bootstrap_servers, group_id=group,
+        auto_offset_reset="earliest", enable_auto_commit=False,
+        fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
+    )
+    await consumer.start()
+    tps = [TopicPartition(topic, p) for p in sorted(last)]
+    consumer.assign(tps)
+    agg = WindowAggregator({}, grace_ms=settings.window.grace_ms, idle_timeout_ms=1)
+    max_future = settings.window.max_future_ms
+    seen = bars = 0
+    done: set[int] = set()
+    try:
+        t0 = time.monotonic()
+        while len(done) < len(tps):
+            if time.monotonic() - t0 > timeout_s:
+                raise RuntimeError(f"baseline: only {seen}/{n_ticks} ticks after {timeout_s}s")
+            got = await consumer.getmany(timeout_ms=200, max_records=100_000)
+            wall = now_ms()
+            for tp, recs in got.items():
+                p = tp.partition
+                for m in recs:
+                    if m.offset > last[p]:
+                        break
+                    payload = orjson.loads(m.value)
+                    if isinstance(payload, dict):  # a worker control message
+                        continue
+                    ticks = [parse_tick(o, wall, max_future) for o in payload]
+                    res = agg.process_ticks(p, m.offset, ticks, wall)
+                    bars += len(res.closed)
+                    seen += len(ticks)
+                if recs and recs[-1].offset >= last[p] and p not in done:
+                    done.add(p)
+                    consumer.pause(tp)
+        secs = time.monotonic() - t0
+        bars += sum(len(agg.process_idle(p, wall + 10**12).closed) for p in last)
+    finally:
+        await consumer.stop()
+    return secs, seen, bars
+
+
+# ----------------------------------------------------------------------------- main
+
+
+async def run(args: argparse.Namespace) -> int:
+    rand = secrets.token_hex(3)
+    name = f"bench-{rand}"
+    dbname = f"bench_{rand}"
+    workdir = Path(f"/tmp/marketflow-{name}")
+    workdir.mkdir(parents=True)
+    base_settings = load_settings()
+    admin_dsn = base_settings.database.dsn
+    web_port = free_port()
+    overrides = {
+        "MARKETFLOW_APP__ID": name,
+        "MARKETFLOW_APP__DATADIR": str(workdir / "faust"),
+        "MARKETFLOW_TOPICS__TICKS": f"{name}-ticks",
+        "MARKETFLOW_TOPICS__BARS": f"{name}-bars-1m",
+        "MARKETFLOW_TOPICS__DEAD_LETTER": f"{name}-dead-letter",
+        "MARKETFLOW_TOPICS__PARTITIONS": str(args.partitions),
+        "MARKETFLOW_REDIS__KEY_PREFIX": name,
+        "MARKETFLOW_WEB__PORT": str(web_port),
+        "MARKETFLOW_DATABASE__DSN": dsn_with_db(admin_dsn, dbname),
+        "MARKETFLOW_WINDOW__GRACE_MS": str(args.grace_ms),
+        "MARKETFLOW_WINDOW__IDLE_TIMEOUT_S": "1",
+        "MARKETFLOW_WINDOW__IDLE_CHECK_INTERVAL_S": "0.5",
+    }
+    os.environ.update(overrides)
+    settings = load_settings()
+    fig: dict[str, Any] = {}
+
+    say(f"marketflow bench {name}: {args.ticks:,} ticks, {args.partitions} partitions, "
+        f"batch span {args.batch_span_ms} ms / max {args.batch_max} ticks, "
+        f"grace {args.grace_ms} ms, idle timeout 1 s (check every 0.5 s)")
+    say(f"machine: {os.cpu_count()} CPUs, {platform.python_implementation()} "
+        f"{platform.python_version()}, {platform.platform()}")
+    say(f"isolation: app id / topic prefix / redis prefix {name}, database {dbname}, "
+        f"web port {web_port}, datadir {workdir}/faust")
+
+    worker = Worker({**os.environ}, workdir / "worker.log", web_port)
+    created_db = False
+    cleanup: list[str] = []
+    try:
+        # -------------------------------------------------------------- 1. input
+        say("\n[1] pre-produce")
+        sample = load_sample()
+        ticks, shift, cycles = make_ticks(sample, args.ticks)
+        messages = [m for flush in batch_ticks(iter(ticks), args.batch_max, args.batch_span_ms)
+                    for m in flush]
+        sizes = [len(b) for _, b in messages]
+        expected = expected_bars(messages, args.grace_ms)
+        lo_ms = ticks[0].ts_ms - ticks[0].ts_ms % MINUTE
+        hi_ms = ticks[-1].ts_ms - ticks[-1].ts_ms % MINUTE + MINUTE
+        say(f"  sample: {len(sample):,} trades, {len({t.key for t in sample})} keys, "
+            f"span {(sample[-1].ts_ms - sample[0].ts_ms) / 1000:.1f} s; cycles {cycles} "
+            f"shifted by {shift // MINUTE} min each")
+        say(f"  {len(messages):,} messages, ticks/message mean {statistics.mean(sizes):.0f} "
+            f"min {min(sizes)} max {max(sizes)}; expected bars (pure aggregator): "
+            f"{len(expected)}")
+        fig["messages"] = len(messages)
+        fig["ticks_per_msg"] = statistics.mean(sizes)
+
+        await sql_exec(admin_dsn, f'CREATE DATABASE "{dbname}"')
+        created_db = True
+
+        from app.admin import ensure_topics
+        await ensure_topics(settings)
+        last_off, per_part, prod_s = await produce(settings, messages)
+        say(f"  produced in {prod_s:.2f} s ({args.ticks / prod_s:,.0f} ticks/s); ticks per "
+            f"partition {dict(sorted(per_part.items()))}, last offsets "
+            f"{dict(sorted(last_off.items()))}")
+
+        # -------------------------------------------------------------- 2. throughput
+        say("\n[2] throughput (worker started after the ticks were produced)")
+        db = await asyncpg.connect(overrides["MARKETFLOW_DATABASE__DSN"])
+        http = aiohttp.ClientSession()
+        cleanup.append("http")
+        t_launch = time.monotonic()
+        worker.start()
+        t_health = await worker.wait_ready(http, 120)
+        cpu_health = worker.cpu_s()
+        say(f"  worker pid {worker.proc.pid}: GET /health 200 {t_health - t_launch:.2f} s "
+            f"after launch")
+
+        # Poll every 0.1 s: worker log for Faust's ready line, /metrics for the tick
+        # counter (until all ticks are counted), bars_1m count every 0.2 s.
+        t_ready_log = t_first_tick = t_consumed = t_last_bar = None
+        n_at_ready = 0.0
+        n_in = 0.0
+        deadline = t_health + max(180.0, args.ticks / 1000)
+        cnt = 0
+        it = 0
+        while True:
+            worker.check_alive()
+            now = time.monotonic()
+            if now > deadline:
+                raise RuntimeError(f"only {cnt}/{len(expected)} bars in the DB in time:\n"
+                                   f"{worker.log_tail()}")
+            if t_consumed is None:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    n_in = (await worker.metrics(http)).get("marketflow_ticks_in_total", 0)
+                    now = time.monotonic()
+                    if n_in > 0 and t_first_tick is None:
+                        t_first_tick = now
+                    if n_in >= args.ticks:
+                        t_consumed = now
+            if t_ready_log is None and worker.ready_in_log():
+                t_ready_log = time.monotonic()
+                n_at_ready = n_in
+            if it % 2 == 0:
+                cnt = await count_bars(db, lo_ms, hi_ms)
+                if cnt >= len(expected):
+                    t_last_bar = time.monotonic()
+                    break
+            it += 1
+            await asyncio.sleep(0.1)
+        cpu_done = worker.cpu_s()
+        mem1 = worker.mem()
+        m = await worker.metrics(http)
+        t_ready = t_ready_log if t_ready_log is not None else t_health
+        fig["health_s"] = t_health - t_launch
+        fig["ready_s"] = t_ready - t_launch
+        if t_ready_log is not None:
+            say(f"  Faust ready line ('OK ^' at -l warn, 'Worker]: Ready' at -l info) seen "
+                f"{t_ready_log - t_launch:.2f} s after launch ({n_at_ready:,.0f} ticks counted "
+                f"by then)")
+        else:
+            say("  Faust ready line not seen in the log; using GET /health as ready")
+        fig["e2e_s"] = t_last_bar - t_ready
+        fig["sustained"] = args.ticks / (t_last_bar - t_ready)
+        fig["sustained_health"] = args.ticks / (t_last_bar - t_health)
+        say(f"  last expected bar in TimescaleDB {t_last_bar - t_ready:.2f} s after ready -> "
+            f"sustained {fig['sustained']:,.0f} ticks/s (from /health 200: "
+            f"{t_last_bar - t_health:.2f} s -> {fig['sustained_health']:,.0f} ticks/s)")
+        if t_consumed is not None:
+            fig["consume_ready"] = args.ticks / (t_consumed - t_ready)
+            say(f"  all ticks counted (marketflow_ticks_in_total, polled every 0.1 s) "
+                f"{t_consumed - t_ready:.2f} s after ready -> {fig['consume_ready']:,.0f} "
+                f"ticks/s")
+            if t_first_tick is not None and t_consumed > t_first_tick:
+                fig["consume_active"] = args.ticks / (t_consumed - t_first_tick)
+                say(f"  first tick counted {t_first_tick - t_ready:+.2f} s from ready; first->"
+                    f"last counted {t_consumed - t_first_tick:.2f} s -> "
+                    f"{fig['consume_active']:,.0f} ticks/s")
+            say(f"  last tick counted -> last bar in DB: {t_last_bar - t_consumed:.2f} s "
+                f"(idle close of the final windows + sink flush)")
+        cpu_pct = 100 * (cpu_done - cpu_health) / (t_last_bar - t_health)
+        fig["cpu_pct"] = cpu_pct
+        say(f"  worker CPU /health->last bar: {cpu_done - cpu_health:.2f} s = {cpu_pct:.0f}% of "
+            f"one core")
+        late = m.get("marketflow_late_ticks_total", 0)
+        dead = sum(v for k, v in m.items() if k.startswith("marketflow_dead_lettered_ticks_total"))
+        say(f"  worker counters: ticks_in {m.get('marketflow_ticks_in_total', 0):,.0f}, applied "
+            f"{m.get('marketflow_ticks_applied_total', 0):,.0f}, late {late:.0f}, dead-lettered "
+            f"{dead:.0f}, duplicates {m.get('marketflow_duplicate_ticks_total', 0):.0f}, bars "
+            f"written {m.get('marketflow_bars_written_total', 0):.0f}")
+
+        # -------------------------------------------------------------- 3. correctness
+        say("\n[3] correctness (DB bars vs pure WindowAggregator over the same ticks)")
+        rows = await db.fetch(BAR_SQL, lo_ms, hi_ms)
+        bad = compare(expected, rows)
+        fig["correct"] = f"OK ({len(rows)} bars)" if not bad else f"{len(bad)} mismatches"
+        say(f"  {'OK' if not bad else 'MISMATCH'}: {len(rows)} bars in DB, {len(expected)} "
+            f"expected, {len(bad)} mismatches (OHLC, trade_count, open/close ts exact; volume "
+            f"rel 1e-9)")
+        for line in bad[:10]:
+            say(f"    {line}")
+
+        # -------------------------------------------------------------- 4. memory
+        say("\n[4] worker memory")
+        fig["hwm_thr_mb"] = mem1["VmHWM"] / 1024
+        say(f"  after throughput phase: VmHWM {mem1['VmHWM'] / 1024:.1f} MiB, VmRSS "
+            f"{mem1['VmRSS'] / 1024:.1f} MiB")
+
+        # -------------------------------------------------------------- 5. latency
+        if args.latency_seconds > 0:
+            say(f"\n[5] latency ({args.latency_seconds:g} s of live-stamped ticks at "
+                f"{args.latency_rate:,}/s in batches every {args.latency_interval_ms} ms, same "
+                f"worker)")
+            keys = sorted({t.key for t in sample})
+            start_ms = now_ms()
+            watcher = RedisWatcher(settings.redis.url, name, keys, start_ms)
+            wtask = asyncio.create_task(watcher.run())
+            await asyncio.sleep(0.5)  # subscribed before the first tick
+            n_live, n_msgs, first_ts, last_ts, live_bars, achieved = await publish_live(
+                settings, sample, args.latency_seconds, args.latency_rate,
+                args.latency_interval_ms)
+            await asyncio.sleep(2.0)  # let the last batches reach Redis
+            watcher.stop()
+            await wtask
+            say(f"  published {n_live:,} ticks in {n_msgs:,} messages ({achieved:,.0f} ticks/s)")
+            s = watcher.samples
+            if s:
+                fig["redis_lat"] = (pct(s, 50), pct(s, 99), max(s), len(s))
+                say(f"  tick -> Redis latest ({watcher.mode}): p50 {pct(s, 50):.1f} ms, p99 "
+                    f"{pct(s, 99):.1f} ms, max {max(s):.1f} ms, n={len(s):,} observed changes")
+            else:
+                say("  tick -> Redis latest: no samples observed")
+            # bars the watermark must have closed during the phase (end + grace < last ts)
+            margin = 1000
+            lo_b = first_ts - first_ts % MINUTE
+            want_bars = {(b["exchange"], b["symbol"], b["bucket_start_ms"]): b
+                         for b in live_bars
+                         if b["bucket_start_ms"] + MINUTE + args.grace_ms + margin <= last_ts}
+            got: list[asyncpg.Record] = []
+            t_wait = time.monotonic()
+            while time.monotonic() - t_wait < 30:
+                got = await db.fetch(BAR_SQL, lo_b, last_ts + MINUTE)
+                have = {(r["exchange"], r["symbol"], r["b"]) for r in got}
+                if set(want_bars) <= have:
+                    break
+                await asyncio.sleep(0.2)
+            got = [r for r in got if (r["exchange"], r["symbol"], r["b"]) in want_bars]
+            lat = [r["ins_ms"] - (r["b"] + MINUTE) for r in got]
+            bad_live = compare(want_bars, got)
+            fig["live_correct"] = "OK" if not bad_live else f"{len(bad_live)} mismatches"
+            if lat:
+                fig["bar_lat"] = (statistics.median(lat), max(lat), len(lat))
+                say(f"  window end -> bar in DB (inserted_at - bucket end; includes the "
+                    f"{args.grace_ms} ms grace and the sink's {settings.sink.flush_interval_s:g} s "
+                    f"flush interval): p50 {statistics.median(lat):,.0f} ms, max {max(lat):,.0f}"
+                    f" ms, n={len(lat)} bars ({len(want_bars)} expected, "
+                    f"{len({b[2] for b in want_bars})} minute(s) x "
+                    f"{len({b[:2] for b in want_bars})} keys)")
+            else:
+                say("  window end -> bar in DB: no bar closed by the watermark during the phase "
+                    "(use --latency-seconds >= 75)")
+            say(f"  live bars vs pure aggregator: {fig['live_correct']}")
+            for line in bad_live[:10]:
+                say(f"    {line}")
+            mem2 = worker.mem()
+            fig["hwm_all_mb"] = mem2["VmHWM"] / 1024
+            say(f"  worker memory after latency phase: VmHWM {mem2['VmHWM'] / 1024:.1f} MiB, "
+                f"VmRSS {mem2['VmRSS'] / 1024:.1f} MiB")
+
+        await db.close()
+        await http.close()
+        cleanup.remove("http")
+
+        # -------------------------------------------------------------- stop worker
+        say(f"\nworker stopped ({worker.stop()}) before the baseline, so it runs uncontended")
+
+        # -------------------------------------------------------------- 6. baseline
+        say("\n[6] baseline: plain aiokafka consumer (getmany) + orjson + parse_tick + "
+            "WindowAggregator on a dict")
+        say("    (no Faust, no changelog, no closed-bars topic, no TimescaleDB/Redis writes)")
+        b_s, b_n, b_bars = await baseline(settings, f"{name}-baseline", last_off, args.ticks,
+                                          max(120.0, args.ticks / 500))
+        fig["baseline"] = b_n / b_s
+        say(f"  {b_n:,} ticks in {b_s:.2f} s -> {fig['baseline']:,.0f} ticks/s; {b_bars} bars "
+            f"({'= expected' if b_bars == len(expected) else f'expected {len(expected)}'})")
+        say(f"  pipeline/baseline: sustained {fig['sustained'] / fig['baseline']:.3f}" + (
+            f", consume {fig['consume_ready'] / fig['baseline']:.3f}" if "consume_ready" in fig
+            else ""))
+    finally:
+        # -------------------------------------------------------------- 7. cleanup
+        say("\n[7] cleanup")
+        if "http" in cleanup:
+            with contextlib.suppress(Exception):
+                await http.close()
+        if worker.proc is not None and worker.proc.poll() is None:
+            say(f"  worker: {worker.stop()}")
+        if created_db:
+            try:
+                await sql_exec(admin_dsn, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+                say(f"  database {dbname} dropped")
+            except Exception as exc:  # noqa: BLE001
+                say(f"  could not drop database {dbname}: {exc}")
+        try:
+            r = aioredis.Redis.from_url(settings.redis.url)
+            n = 0
+            async for k in r.scan_iter(match=f"{name}:*", count=1000):
+                n += await r.delete(k)
+            await r.aclose()
+            say(f"  redis: {n} keys {name}:* deleted")
+        except Exception as exc:  # noqa: BLE001
+            say(f"  redis cleanup failed: {exc}")
+        try:
+            say(f"  broker: {await delete_topics(settings, name)}")
+        except Exception as exc:  # noqa: BLE001
+            say(f"  broker: topic deletion failed ({type(exc).__name__}: {exc}); Tansu keeps "
+                f"them in memory until it restarts")
+        if args.keep_log:
+            say(f"  worker log kept: {workdir / 'worker.log'}")
+            shutil.rmtree(workdir / "faust", ignore_errors=True)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ summary
+    rows_out = [
+        ("machine", f"{os.cpu_count()} CPUs (nproc), Python {platform.python_version()}"),
+        ("ticks pre-produced", f"{args.ticks:,} ({fig['messages']:,} messages, "
+                               f"{fig['ticks_per_msg']:.0f} ticks/message mean)"),
+        ("partitions", str(args.partitions)),
+        ("batching", f"batch_ticks span {args.batch_span_ms} ms, max {args.batch_max} ticks; "
+                     f"grace {args.grace_ms} ms"),
+        ("worker /health 200 / ready after launch",
+         f"{fig['health_s']:.2f} s / {fig['ready_s']:.2f} s"),
+        ("sustained (ready -> last bar in DB)", f"{fig['sustained']:,.0f} ticks/s "
+                                                f"({fig['e2e_s']:.2f} s; from /health 200: "
+                                                f"{fig['sustained_health']:,.0f} ticks/s)"),
+    ]
+    if "consume_ready" in fig:
+        rows_out.append(("consumed (ready -> last tick counted)",
+                         f"{fig['consume_ready']:,.0f} ticks/s"))
+    if "consume_active" in fig:
+        rows_out.append(("consumed (first -> last tick counted)",
+                         f"{fig['consume_active']:,.0f} ticks/s"))
+    rows_out += [
+        ("worker CPU during throughput", f"{fig['cpu_pct']:.0f}% of one core"),
+        ("correctness (vs pure aggregator)", fig["correct"]),
+        ("worker peak RSS (VmHWM)", f"{fig['hwm_thr_mb']:.1f} MiB after throughput" + (
+            f", {fig['hwm_all_mb']:.1f} MiB after latency phase" if "hwm_all_mb" in fig else "")),
+    ]
+    if "redis_lat" in fig:
+        p50, p99, mx, n = fig["redis_lat"]
+        rows_out.append(("tick -> Redis latency", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+                                                  f"max {mx:.1f} ms (n={n:,}, "
+                                                  f"{args.latency_rate:,} ticks/s)"))
+    if "bar_lat" in fig:
+        p50, mx, n = fig["bar_lat"]
+        rows_out.append(("window end -> bar in DB", f"p50 {p50:,.0f} ms, max {mx:,.0f} ms "
+                                                    f"(n={n}; includes {args.grace_ms} ms grace)"))
+    if "live_correct" in fig:
+        rows_out.append(("live bars correctness", fig["live_correct"]))
+    if "baseline" in fig:
+        rows_out.append(("baseline aiokafka+orjson+aggregator", f"{fig['baseline']:,.0f} ticks/s"))
+        rows_out.append(("pipeline / baseline", f"{fig['sustained'] / fig['baseline']:.3f} "
+                                                f"sustained" + (
+            f", {fig['consume_ready'] / fig['baseline']:.3f} consumed"
+            if "consume_ready" in fig else "")))
+    w = max(len(k) for k, _ in rows_out)
+    say("\nSUMMARY")
+    for k, v in rows_out:
+        say(f"  {k:<{w}}  {v}")
+    ok = fig["correct"].startswith("OK") and fig.get("live_correct", "OK") == "OK"
+    return 0 if ok else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ticks", type=int, default=200_000, help="ticks to pre-produce")
+    ap.add_argument("--latency-seconds", type=float, default=75,
+                    help="length of the live latency phase (0 = skip)")
+    ap.add_argument("--latency-rate", type=int, default=5000, help="live ticks per second")
+    ap.add_argument("--latency-interval-ms", type=int, default=20, help="live batch interval")
+    ap.add_argument("--partitions", type=int, default=2)
+    ap.add_argument("--batch-span-ms", type=int, default=5000)
+    ap.add_argument("--batch-max", type=int, default=2000)
+    ap.add_argument("--grace-ms", type=int, default=10_000)
+    ap.add_argument("--keep-log", action="store_true", help="keep the worker log in /tmp")
+    args = ap.parse_args()
+    if args.ticks < 1:
+        ap.error("--ticks must be >= 1")
+    if args.batch_span_ms >= args.grace_ms:
+        ap.error("--batch-span-ms must be below --grace-ms (else ticks arrive late)")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
