@@ -4,9 +4,14 @@ Per ``ticks`` message: decode and validate (bad ticks -> dead-letter topic with 
 reason), apply the good ones to the key's open windows (:class:`WindowAggregator`),
 queue the newest price per key for Redis, publish every bar the watermark (or an
 idle check) closed to the closed-bars topic and wait for the broker's ack, and only then
-write the changed window states to the table (changelog). A crash anywhere re-runs the
-message: states carry the last applied offset, so ticks are not counted twice, and a
-bar may be published twice with identical values (idempotent upserts downstream).
+write snapshots of the changed window states to the table's changelog.
+
+The source message is acknowledged (its offset becomes committable) only after those
+changelog records are acknowledged by the broker, strictly in offset order. Faust's own
+table writes are fire-and-forget, so with them a crash could leave the committed offset
+ahead of the durable state and lose ticks; here a crash anywhere re-runs the message:
+states carry the last applied offset, so ticks are not counted twice, and a bar may be
+published twice with identical values (idempotent upserts downstream).
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
+import faust
 import orjson
 from faust.types import EventT, StreamT
 
@@ -49,8 +55,10 @@ __all__ = ["aggregate_ticks", "aggregator", "idle_check"]
 
 log = logging.getLogger(__name__)
 
+#: The table's raw store: changelog records are written explicitly (see module docstring).
+store = window_state.data
 aggregator = WindowAggregator(
-    window_state,  # a faust Table is a MutableMapping
+    store,  # a faust StoreT is a MutableMapping
     grace_ms=settings.window.grace_ms,
     idle_timeout_ms=int(settings.window.idle_timeout_s * 1000),
     size_ms=settings.window.size_ms,
@@ -82,8 +90,12 @@ async def _publish_closed(res: BatchResult, trigger: str) -> list[Any]:
     return futs
 
 
-async def handle_event(event: EventT) -> None:
-    """Process one ``ticks`` message (see module docstring). Never raises on bad input."""
+async def handle_event(event: EventT) -> list[Any]:
+    """Process one ``ticks`` message (see module docstring). Never raises on bad input.
+
+    Returns:
+        The changelog send futures that must complete before the message is acked.
+    """
     msg = event.message
     wall_ms = _now_ms()
     pending: list[Any] = []
@@ -93,7 +105,7 @@ async def handle_event(event: EventT) -> None:
         pending.append(await _dead_letter(event.key, event.value, exc.reason, exc.detail,
                                           event, wall_ms))
         await asyncio.gather(*pending)
-        return
+        return []
     if isinstance(payload, dict):  # control message
         if payload.get("control") != CONTROL_IDLE_CHECK or not isinstance(
             payload.get("wall_ms"), int
@@ -101,7 +113,7 @@ async def handle_event(event: EventT) -> None:
             pending.append(await _dead_letter(event.key, payload, "bad_control",
                                               "unknown control object", event, wall_ms))
             await asyncio.gather(*pending)
-            return
+            return []
         res = aggregator.process_idle(msg.partition, payload["wall_ms"])
         trigger = "idle"
     else:
@@ -131,15 +143,38 @@ async def handle_event(event: EventT) -> None:
     pending.extend(await _publish_closed(res, trigger))
     if pending:
         await asyncio.gather(*pending)  # broker acks before the state moves on
-    for key in res.dirty:
-        window_state[key] = window_state[key]  # persist to the changelog
+    # Snapshot now (bytes): the dicts keep changing while the producer buffer drains.
+    return [window_state.send_changelog(msg.partition, key, orjson.dumps(store[key]),
+                                        value_serializer="raw")
+            for key in res.dirty]
+
+
+async def _ack_in_order(stream: StreamT, queue: asyncio.Queue[tuple[EventT, list[Any]]]
+                        ) -> None:
+    while True:
+        event, futs = await queue.get()
+        if futs:
+            await asyncio.gather(*futs)  # a failed changelog write raises: never acked
+        await stream.ack(event)
 
 
 @app.agent(ticks_topic)
 async def aggregate_ticks(stream: StreamT) -> None:
-    """Consume ``ticks`` and maintain the windows; one event per message (a tick batch)."""
-    async for event in stream.events():
-        await handle_event(event)
+    """Consume ``ticks`` and maintain the windows; one event per message (a tick batch).
+
+    Acks are manual: :func:`_ack_in_order` acks each message once its changelog writes
+    are durable, in arrival order (a bounded queue: back-pressure if the broker lags).
+    """
+    manual = cast(faust.Stream, stream).noack()
+    queue: asyncio.Queue[tuple[EventT, list[Any]]] = asyncio.Queue(maxsize=10_000)
+    acker = asyncio.ensure_future(_ack_in_order(manual, queue))
+    try:
+        async for event in manual.events():
+            if acker.done():
+                acker.result()  # re-raise the changelog failure: crash, do not ack
+            await queue.put((event, await handle_event(event)))
+    finally:
+        acker.cancel()
 
 
 @app.timer(interval=settings.window.idle_check_interval_s)

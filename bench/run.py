@@ -268,6 +268,60 @@ class Worker:
         return how
 
 
+class PySpy:
+    """``py-spy record`` of the worker (non-blocking sampling) while it consumes."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        exe = REPO / ".venv" / "bin" / "py-spy"
+        if not exe.exists():
+            raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
+        self.out = out
+        self.proc = subprocess.Popen(
+            [str(exe), "record", "--pid", str(pid), "--rate", "250", "--nonblocking",
+             "--format", "raw", "-o", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def report(self, top: int = 15) -> str:
+        """Top functions by self and by inclusive samples, from the collapsed stacks."""
+        self_n: dict[str, int] = defaultdict(int)
+        incl: dict[str, int] = defaultdict(int)
+        total = 0
+        try:
+            lines = self.out.read_text().splitlines()
+        except OSError as exc:
+            return f"  py-spy: no profile ({exc})"
+        for line in lines:
+            stack, _, n = line.rpartition(" ")
+            if not stack or not n.isdigit():
+                continue
+            cnt = int(n)
+            frames = [f.split(" (", 1)[0] + " (" + f.rsplit("/", 1)[-1] if " (" in f else f
+                      for f in stack.split(";")]
+            total += cnt
+            self_n[frames[-1]] += cnt
+            for f in set(frames):
+                incl[f] += cnt
+        if not total:
+            return "  py-spy: no samples"
+        out = [f"  py-spy profile ({total} samples while consuming, {self.out}):",
+               "    self%  function"]
+        out += [f"    {100 * n / total:5.1f}  {f}" for f, n in
+                sorted(self_n.items(), key=lambda kv: -kv[1])[:top]]
+        out.append("    incl%  function")
+        out += [f"    {100 * n / total:5.1f}  {f}" for f, n in
+                sorted(incl.items(), key=lambda kv: -kv[1])[:top * 2]]
+        return "\n".join(out)
+
+
 # ----------------------------------------------------------------------------- DB
 
 
@@ -394,6 +448,44 @@ class RedisWatcher:
             for k, v in zip(self.keys, vals, strict=True):
                 self._record(k, v, now)
             await asyncio.sleep(0.002)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class BrokerProbe:
+    """Plain aiokafka consumer on the ticks topic during the latency phase, with Faust's
+    hard-coded ``fetch_max_wait_ms=1500``: ``now - ts_ms`` per live message is the
+    broker delivery floor of the tick -> Redis latency."""
+
+    def __init__(self, settings: Settings, min_ts: int, wait_ms: int = 1500) -> None:
+        self.settings = settings
+        self.min_ts = min_ts
+        self.wait_ms = wait_ms
+        self.samples: list[float] = []
+        self._stop = asyncio.Event()
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        s = self.settings
+        c = AIOKafkaConsumer(bootstrap_servers=s.broker.bootstrap_servers,
+                             fetch_max_wait_ms=self.wait_ms, enable_auto_commit=False)
+        await c.start()
+        try:
+            c.assign([TopicPartition(s.topics.ticks, p) for p in range(s.topics.partitions)])
+            await c.seek_to_end()
+            self.ready.set()
+            while not self._stop.is_set():
+                got = await c.getmany(timeout_ms=200)
+                now = time.time_ns() / 1e6
+                for recs in got.values():
+                    for m in recs:
+                        v = orjson.loads(m.value)
+                        if isinstance(v, list) and v and v[0].get("ts_ms", 0) >= self.min_ts:
+                            self.samples.append(now - v[0]["ts_ms"])
+        finally:
+            self.ready.set()
+            await c.stop()
 
     def stop(self) -> None:
         self._stop.set()
@@ -582,6 +674,8 @@ async def run(args: argparse.Namespace) -> int:
         worker.start()
         t_health = await worker.wait_ready(http, 120)
         cpu_health = worker.cpu_s()
+        cpu_first = cpu_consumed = 0.0
+        spy = PySpy(worker.proc.pid, Path(args.profile)) if args.profile else None
         say(f"  worker pid {worker.proc.pid}: GET /health 200 {t_health - t_launch:.2f} s "
             f"after launch")
 
@@ -605,8 +699,12 @@ async def run(args: argparse.Namespace) -> int:
                     now = time.monotonic()
                     if n_in > 0 and t_first_tick is None:
                         t_first_tick = now
+                        cpu_first = worker.cpu_s()
                     if n_in >= args.ticks:
                         t_consumed = now
+                        cpu_consumed = worker.cpu_s()
+                        if spy is not None:
+                            spy.stop()
             if t_ready_log is None and worker.ready_in_log():
                 t_ready_log = time.monotonic()
                 n_at_ready = n_in
@@ -648,9 +746,17 @@ async def run(args: argparse.Namespace) -> int:
             say(f"  last tick counted -> last bar in DB: {t_last_bar - t_consumed:.2f} s "
                 f"(idle close of the final windows + sink flush)")
         cpu_pct = 100 * (cpu_done - cpu_health) / (t_last_bar - t_health)
-        fig["cpu_pct"] = cpu_pct
+        fig["cpu_pct"] = f"{cpu_pct:.0f}% of one core (/health -> last bar)"
         say(f"  worker CPU /health->last bar: {cpu_done - cpu_health:.2f} s = {cpu_pct:.0f}% of "
             f"one core")
+        if t_consumed is not None and t_first_tick is not None and t_consumed > t_first_tick:
+            busy = 100 * (cpu_consumed - cpu_first) / (t_consumed - t_first_tick)
+            fig["cpu_pct"] = f"{busy:.0f}% of one core while consuming, " + fig["cpu_pct"]
+            say(f"  worker CPU first->last tick counted: {cpu_consumed - cpu_first:.2f} s = "
+                f"{busy:.0f}% of one core (user+system)")
+        if spy is not None:
+            spy.stop()
+            say(spy.report())
         late = m.get("marketflow_late_ticks_total", 0)
         dead = sum(v for k, v in m.items() if k.startswith("marketflow_dead_lettered_ticks_total"))
         say(f"  worker counters: ticks_in {m.get('marketflow_ticks_in_total', 0):,.0f}, applied "
@@ -684,13 +790,18 @@ async def run(args: argparse.Namespace) -> int:
             start_ms = now_ms()
             watcher = RedisWatcher(settings.redis.url, name, keys, start_ms)
             wtask = asyncio.create_task(watcher.run())
+            probe = BrokerProbe(settings, start_ms)
+            ptask = asyncio.create_task(probe.run())
+            await probe.ready.wait()
             await asyncio.sleep(0.5)  # subscribed before the first tick
             n_live, n_msgs, first_ts, last_ts, live_bars, achieved = await publish_live(
                 settings, sample, args.latency_seconds, args.latency_rate,
                 args.latency_interval_ms)
             await asyncio.sleep(2.0)  # let the last batches reach Redis
             watcher.stop()
+            probe.stop()
             await wtask
+            await ptask
             say(f"  published {n_live:,} ticks in {n_msgs:,} messages ({achieved:,.0f} ticks/s)")
             s = watcher.samples
             if s:
@@ -699,6 +810,12 @@ async def run(args: argparse.Namespace) -> int:
                     f"{pct(s, 99):.1f} ms, max {max(s):.1f} ms, n={len(s):,} observed changes")
             else:
                 say("  tick -> Redis latest: no samples observed")
+            q = probe.samples
+            if q:
+                fig["probe_lat"] = (pct(q, 50), pct(q, 99), max(q), len(q))
+                say(f"  broker floor, tick -> plain aiokafka consumer (fetch_max_wait_ms=1500 "
+                    f"like Faust's): p50 {pct(q, 50):.1f} ms, p99 {pct(q, 99):.1f} ms, max "
+                    f"{max(q):.1f} ms, n={len(q):,} messages")
             # bars the watermark must have closed during the phase (end + grace < last ts)
             margin = 1000
             lo_b = first_ts - first_ts % MINUTE
@@ -810,7 +927,7 @@ async def run(args: argparse.Namespace) -> int:
         rows_out.append(("consumed (first -> last tick counted)",
                          f"{fig['consume_active']:,.0f} ticks/s"))
     rows_out += [
-        ("worker CPU during throughput", f"{fig['cpu_pct']:.0f}% of one core"),
+        ("worker CPU during throughput", fig["cpu_pct"]),
         ("correctness (vs pure aggregator)", fig["correct"]),
         ("worker peak RSS (VmHWM)", f"{fig['hwm_thr_mb']:.1f} MiB after throughput" + (
             f", {fig['hwm_all_mb']:.1f} MiB after latency phase" if "hwm_all_mb" in fig else "")),
@@ -820,6 +937,10 @@ async def run(args: argparse.Namespace) -> int:
         rows_out.append(("tick -> Redis latency", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
                                                   f"max {mx:.1f} ms (n={n:,}, "
                                                   f"{args.latency_rate:,} ticks/s)"))
+    if "probe_lat" in fig:
+        p50, p99, mx, n = fig["probe_lat"]
+        rows_out.append(("  broker floor (plain consumer)", f"p50 {p50:.1f} ms, p99 {p99:.1f} "
+                                                           f"ms, max {mx:.1f} ms (n={n:,})"))
     if "bar_lat" in fig:
         p50, mx, n = fig["bar_lat"]
         rows_out.append(("window end -> bar in DB", f"p50 {p50:,.0f} ms, max {mx:,.0f} ms "
@@ -852,6 +973,9 @@ def main() -> int:
     ap.add_argument("--batch-max", type=int, default=2000)
     ap.add_argument("--grace-ms", type=int, default=10_000)
     ap.add_argument("--keep-log", action="store_true", help="keep the worker log in /tmp")
+    ap.add_argument("--profile", metavar="FILE",
+                    help="py-spy record the worker while it consumes the pre-produced ticks "
+                         "(collapsed stacks to FILE; prints the top functions)")
     args = ap.parse_args()
     if args.ticks < 1:
         ap.error("--ticks must be >= 1")
