@@ -23,21 +23,21 @@ log = logging.getLogger(__name__)
            help="0 = as fast as possible, 1 = real time, 60 = one minute per second"),
     option("--rebase-now", is_flag=True, default=False,
            help="re-stamp trades so the first one lands at now"),
-    option("--loop", "loop_", is_flag=True, default=False,
-           help="replay forever (needs --rebase-now)"),
+    option("--repeat", is_flag=True, default=False,
+           help="replay again and again (needs --rebase-now)"),
     option("--batch-max", type=int, default=1000, show_default=True,
            help="most ticks per flush"),
     option("--batch-span-ms", type=int, default=1000, show_default=True,
            help="event-time span of one flush (keep below window.grace_ms)"),
 )
 async def replay(self: Any, files: tuple[str, ...], speed: float, rebase_now: bool,
-                 loop_: bool, batch_max: int, batch_span_ms: int) -> None:
+                 repeat: bool, batch_max: int, batch_span_ms: int) -> None:
     """Replay trades CSV files (shared/data/trades format) into the ticks topic."""
     from feeds.replay import replay as run_replay
 
     try:
         stats = await run_replay(settings, files, speed=speed, rebase_now=rebase_now,
-                                 loop=loop_, batch_max=batch_max, batch_span_ms=batch_span_ms)
+                                 loop=repeat, batch_max=batch_max, batch_span_ms=batch_span_ms)
     except ReplayError as exc:
         self.say(f"replay: {exc}", err=True)
         raise SystemExit(2) from None

@@ -10,7 +10,9 @@ the replay wait; so ticks of different keys never reach a partition more than
 Pacing (``speed``): 0 = as fast as possible; ``s`` > 0 = a tick is published
 ``(ts_ms - first_ts_ms) / s`` after the start. ``rebase_now`` rewrites timestamps to the
 publishing clock: ``ts' = start_wall_ms + (ts_ms - first_ts_ms) / s`` (``s = 1`` when
-speed is 0), so replayed trades look live; each loop re-bases again.
+speed is 0), so replayed trades look live; each pass re-bases again, never earlier than
+the previous pass's last tick (at speed 0 re-based ticks run ahead of the wall clock and
+meet the worker's ``window.max_future_ms`` check).
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ async def replay(
     if speed < 0:
         raise ReplayError("speed must be >= 0")
     if loop and not rebase_now:
-        raise ReplayError("--loop needs --rebase-now (replayed timestamps would all be late)")
+        raise ReplayError("--repeat needs --rebase-now (replayed timestamps would all be late)")
     if not files:
         raise ReplayError("no input files")
     for f in files:
@@ -133,9 +135,11 @@ async def replay(
     stats = ReplayStats()
     t_start = time.monotonic()
     topic = settings.topics.ticks
+    last_ts = 0
     try:
         while True:
-            start_wall = _now_ms()
+            # each pass re-bases onto now, never before the previous pass's last tick
+            start_wall = max(_now_ms(), last_ts + 1)
             scale = speed if speed > 0 else 1.0
             stream = merge_by_time([read_trades(f) for f in files])
             for flush in batch_ticks(stream, batch_max, batch_span_ms):
@@ -149,6 +153,7 @@ async def replay(
                     if rebase_now:
                         batch = [t._replace(ts_ms=start_wall + int((t.ts_ms - first_ts) / scale))
                                  for t in batch]
+                    last_ts = max(last_ts, batch[-1].ts_ms)
                     value = orjson.dumps([tick_to_json(t) for t in batch])
                     futs.append(await producer.send(topic, value=value, key=key.encode()))
                     stats.messages += 1

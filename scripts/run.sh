@@ -24,7 +24,7 @@ if [[ ! -f $marker ]]; then
 fi
 
 LIVE=(data/sample/trades/binance_*_2024-08-08T2354_trades.csv)
-faust -A app replay --speed 1 --rebase-now --loop --batch-span-ms 250 "${LIVE[@]}" \
+faust -A app replay --speed 1 --rebase-now --repeat --batch-span-ms 250 "${LIVE[@]}" \
   >var/log/replay-live.log 2>&1 &
 replay_pid=$!
 trap 'kill $replay_pid 2>/dev/null || true' EXIT
