@@ -179,11 +179,13 @@ async def aggregate_ticks(stream: StreamT) -> None:
 
 @app.timer(interval=settings.window.idle_check_interval_s)
 async def idle_check() -> None:
-    """Write an idle-check control message into every ``ticks`` partition this worker
-    owns; the agent handles it in stream order (tables are only writable from there)."""
-    value = control_message(_now_ms())
+    """Write an idle-check control message into each ``ticks`` partition this worker owns
+    that has a window to close by idleness; the agent handles it in stream order (tables
+    are only writable from there)."""
+    now_ms = _now_ms()
+    value = control_message(now_ms)
     for tp in app.assignor.assigned_actives():
-        if tp.topic == settings.topics.ticks:
+        if tp.topic == settings.topics.ticks and aggregator.has_idle_work(tp.partition, now_ms):
             await ticks_topic.send(value=value, partition=tp.partition)
 
 

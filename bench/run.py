@@ -177,7 +177,9 @@ async def delete_topics(settings: Settings, prefix: str) -> str:
 
 
 class Worker:
-    def __init__(self, env: dict[str, str], log_path: Path, web_port: int) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, web_port: int,
+                 loglevel: str = "warn") -> None:
+        self.loglevel = loglevel
         self.env = env
         self.log_path = log_path
         self.base = f"http://127.0.0.1:{web_port}"
@@ -187,7 +189,7 @@ class Worker:
     def start(self) -> None:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [str(FAUST), "-A", "app", "worker", "-l", "warn"],
+            [str(FAUST), "-A", "app", "worker", "-l", self.loglevel],
             cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         self.ps = psutil.Process(self.proc.pid)
@@ -632,7 +634,7 @@ async def run(args: argparse.Namespace) -> int:
     say(f"isolation: app id / topic prefix / redis prefix {name}, database {dbname}, "
         f"web port {web_port}, datadir {workdir}/faust")
 
-    worker = Worker({**os.environ}, workdir / "worker.log", web_port)
+    worker = Worker({**os.environ}, workdir / "worker.log", web_port, args.worker_loglevel)
     created_db = False
     cleanup: list[str] = []
     try:
@@ -973,6 +975,8 @@ def main() -> int:
     ap.add_argument("--batch-max", type=int, default=2000)
     ap.add_argument("--grace-ms", type=int, default=10_000)
     ap.add_argument("--keep-log", action="store_true", help="keep the worker log in /tmp")
+    ap.add_argument("--worker-loglevel", default="warn",
+                    choices=["crit", "error", "warn", "info", "debug"])
     ap.add_argument("--profile", metavar="FILE",
                     help="py-spy record the worker while it consumes the pre-produced ticks "
                          "(collapsed stacks to FILE; prints the top functions)")

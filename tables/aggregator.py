@@ -173,6 +173,21 @@ class WindowAggregator:
                     res.dirty.add(key)
         return res
 
+    def has_idle_work(self, partition: int, now_wall_ms: int) -> bool:
+        """Whether :meth:`process_idle` at ``now_wall_ms`` would close anything (read-only;
+        lets the worker skip idle-check messages for partitions with nothing to close)."""
+        size = self.size_ms
+        for key in self._index(partition):
+            st = self.store.get(key)
+            if st is None or not st["bars"]:
+                continue
+            seen = st["seen_ms"]
+            for bar in st["bars"].values():
+                if closable_by_idle(bar["b"], seen, now_wall_ms, self.idle_timeout_ms,
+                                    self.grace_ms, size):
+                    return True
+        return False
+
     def process_idle(self, partition: int, now_wall_ms: int) -> BatchResult:
         """Close finished windows of keys on ``partition`` that have gone idle.
 

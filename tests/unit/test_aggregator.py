@@ -96,10 +96,13 @@ def test_idle_close_emits_last_bar_of_quiet_key() -> None:
     a = agg()
     wall = T0 + 10 * MIN  # replay of old data: wall clock far past the window
     a.process_ticks(0, 0, [tick(T0 + 1)], wall_ms=wall)
+    assert not a.has_idle_work(0, wall + 5_000)
     assert a.process_idle(0, wall + 5_000).closed == []  # not idle long enough
+    assert a.has_idle_work(0, wall + 10_000) and not a.has_idle_work(1, wall + 10_000)
     r = a.process_idle(0, wall + 10_000)
     assert [b["bucket_start_ms"] for b in r.closed] == [T0]
     assert a.process_idle(0, wall + 20_000).closed == []  # closed once
+    assert not a.has_idle_work(0, wall + 20_000)
     assert a.process_ticks(0, 1, [tick(T0 + 3)], wall_ms=wall).late  # then late
 
 
