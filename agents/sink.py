@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import asyncpg
@@ -43,11 +44,14 @@ class BarWriter:
         batch_size: flush when this many bars are pending.
         flush_interval_s: flush when the oldest pending bar is this old (seconds).
         retry_max_s: cap of the exponential retry delay (seconds).
+        upsert: ``async (conn, bars) -> rows`` (default :func:`sql.bars_1m.upsert_bars`).
     """
 
     def __init__(self, db: Database, batch_size: int, flush_interval_s: float,
-                 retry_max_s: float) -> None:
+                 retry_max_s: float, upsert: Callable[..., Awaitable[int]] = upsert_bars
+                 ) -> None:
         self.db = db
+        self.upsert = upsert
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.retry_max_s = retry_max_s
@@ -78,14 +82,16 @@ class BarWriter:
         async with self._lock:
             if not self._pending:
                 return 0
-            batch = self._pending
+            # Take the batch out first: bars arriving during the awaits below start a new
+            # batch (they must not be acked with this one before they are written).
+            batch, self._pending = self._pending, []
             delay = 0.2
             while True:
                 try:
                     pool = await self.db.pool()
                     with FLUSH_SECONDS.time():
                         async with pool.acquire() as conn:
-                            n = await upsert_bars(conn, (b for b, _ in batch))
+                            n = await self.upsert(conn, [b for b, _ in batch])
                     break
                 except (TimeoutError, OSError, asyncpg.PostgresError,
                         asyncpg.InterfaceError) as exc:
@@ -95,9 +101,6 @@ class BarWriter:
                                 len(batch), exc, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.retry_max_s)
-            self._pending = self._pending[len(batch):]
-            if self._pending:
-                self._oldest_s = time.monotonic()
             BARS_WRITTEN.inc(n)
             assert self.stream is not None
             for _, event in batch:

@@ -101,7 +101,7 @@ class Stack:
         try:
             parts = cons.partitions_for_topic(topic) or set()
             if not parts:
-                await cons.client.force_metadata_update()
+                await cons.topics()
                 parts = cons.partitions_for_topic(topic) or set()
             tps = [TopicPartition(topic, p) for p in sorted(parts)]
             cons.assign(tps)

@@ -86,3 +86,17 @@ def test_worker_exits_nonzero_on_bad_config(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "web.port" in proc.stderr
+
+
+def test_production_config_has_no_tansu_workarounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.faust_app import faust_options
+
+    monkeypatch.setenv("MARKETFLOW_CONFIG", str(REPO / "docker" / "marketflow.toml"))
+    prod = faust_options(load_settings())
+    assert prod["broker"].startswith("kafka://redpanda")
+    for key in ("producer_max_batch_size", "broker_session_timeout",
+                "broker_rebalance_timeout", "broker_heartbeat_interval"):
+        assert key not in prod
+    monkeypatch.setenv("MARKETFLOW_CONFIG", str(REPO / "marketflow.toml"))
+    dev = faust_options(load_settings())
+    assert dev["producer_max_batch_size"] == 1 and dev["broker_session_timeout"] == 6.0
