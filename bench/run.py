@@ -44,6 +44,7 @@ import redis.asyncio as aioredis  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
 
+from app.admin import ensure_topics  # noqa: E402
 from app.config import Settings, load_settings  # noqa: E402
 from app.models import Tick, parse_tick, tick_to_json  # noqa: E402
 from feeds.replay import batch_ticks, merge_by_time, read_trades  # noqa: E402
@@ -186,13 +187,14 @@ class Worker:
         self.proc: subprocess.Popen | None = None
         self.ps: psutil.Process | None = None
 
-    def start(self) -> None:
+    def start(self) -> int:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [str(FAUST), "-A", "app", "worker", "-l", self.loglevel],
             cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
         )
         self.ps = psutil.Process(self.proc.pid)
+        return self.proc.pid
 
     def check_alive(self) -> None:
         assert self.proc is not None
@@ -402,9 +404,10 @@ class RedisWatcher:
         r = aioredis.Redis.from_url(self.url, decode_responses=True)
         try:
             try:
-                self._old_flags = (await r.config_get("notify-keyspace-events")).get(
-                    "notify-keyspace-events", "")
-                flags = self._old_flags
+                old = str((await r.config_get("notify-keyspace-events")).get(
+                    "notify-keyspace-events") or "")
+                self._old_flags = old
+                flags = old
                 if "A" not in flags and "h" not in flags:
                     flags += "h"
                 if "K" not in flags:
@@ -660,7 +663,6 @@ async def run(args: argparse.Namespace) -> int:
         await sql_exec(admin_dsn, f'CREATE DATABASE "{dbname}"')
         created_db = True
 
-        from app.admin import ensure_topics
         await ensure_topics(settings)
         last_off, per_part, prod_s = await produce(settings, messages)
         say(f"  produced in {prod_s:.2f} s ({args.ticks / prod_s:,.0f} ticks/s); ticks per "
@@ -673,12 +675,12 @@ async def run(args: argparse.Namespace) -> int:
         http = aiohttp.ClientSession()
         cleanup.append("http")
         t_launch = time.monotonic()
-        worker.start()
+        pid = worker.start()
         t_health = await worker.wait_ready(http, 120)
         cpu_health = worker.cpu_s()
         cpu_first = cpu_consumed = 0.0
-        spy = PySpy(worker.proc.pid, Path(args.profile)) if args.profile else None
-        say(f"  worker pid {worker.proc.pid}: GET /health 200 {t_health - t_launch:.2f} s "
+        spy = PySpy(pid, Path(args.profile)) if args.profile else None
+        say(f"  worker pid {pid}: GET /health 200 {t_health - t_launch:.2f} s "
             f"after launch")
 
         # Poll every 0.1 s: worker log for Faust's ready line, /metrics for the tick
@@ -985,7 +987,22 @@ def main() -> int:
         ap.error("--ticks must be >= 1")
     if args.batch_span_ms >= args.grace_ms:
         ap.error("--batch-span-ms must be below --grace-ms (else ticks arrive late)")
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(_main(args))
+    except KeyboardInterrupt:
+        print("interrupted (cleanup done)", file=sys.stderr)
+        return 130
+
+
+async def _main(args: argparse.Namespace) -> int:
+    """``run`` with SIGTERM treated like Ctrl-C (the finally block cleans up)."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await run(args)
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
 
 
 if __name__ == "__main__":
