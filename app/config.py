@@ -50,11 +50,13 @@ class BrokerSection(BaseModel):
 
     ``tansu_compat`` turns on the settings the local Tansu broker needs (short
     session/rebalance timeouts, one record per produce batch); leave it off for
-    Redpanda or Kafka.
+    Redpanda or Kafka. ``fetch_max_wait_ms`` overrides Faust's fixed 1500 ms consumer
+    fetch wait (``None`` keeps it); Tansu needs a short one (100) for throughput.
     """
 
     url: str = "kafka://127.0.0.1:9092"
     tansu_compat: bool = False
+    fetch_max_wait_ms: int | None = Field(default=None, ge=1, le=60_000)
 
     @field_validator("url")
     @classmethod
