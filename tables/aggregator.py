@@ -13,8 +13,9 @@ re-delivered after a crash is skipped for keys that already applied it.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from app.models import Tick
@@ -50,6 +51,10 @@ class BatchResult:
     closed: list[dict[str, Any]] = field(default_factory=list)
     latest: dict[str, tuple[float, int]] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
+
+
+def _idle_pred(b: int, *, seen: int, now: int, idle: int, grace: int, size: int) -> bool:
+    return closable_by_idle(b, seen, now, idle, grace, size)
 
 
 class WindowAggregator:
@@ -173,20 +178,24 @@ class WindowAggregator:
                     res.dirty.add(key)
         return res
 
-    def has_idle_work(self, partition: int, now_wall_ms: int) -> bool:
-        """Whether :meth:`process_idle` at ``now_wall_ms`` would close anything (read-only;
-        lets the worker skip idle-check messages for partitions with nothing to close)."""
-        size = self.size_ms
+    def _idle_candidates(
+        self, partition: int, now_wall_ms: int
+    ) -> Iterator[tuple[str, KeyState, Callable[[int], bool]]]:
+        """Keys of ``partition`` with open windows, each with its idle-close predicate."""
         for key in self._index(partition):
             st = self.store.get(key)
             if st is None or not st["bars"]:
                 continue
-            seen = st["seen_ms"]
-            for bar in st["bars"].values():
-                if closable_by_idle(bar["b"], seen, now_wall_ms, self.idle_timeout_ms,
-                                    self.grace_ms, size):
-                    return True
-        return False
+            yield key, st, partial(
+                _idle_pred, seen=st["seen_ms"], now=now_wall_ms,
+                idle=self.idle_timeout_ms, grace=self.grace_ms, size=self.size_ms,
+            )
+
+    def has_idle_work(self, partition: int, now_wall_ms: int) -> bool:
+        """Whether :meth:`process_idle` at ``now_wall_ms`` would close anything (read-only;
+        lets the worker skip idle-check messages for partitions with nothing to close)."""
+        return any(pred(bar["b"]) for _, st, pred in self._idle_candidates(partition, now_wall_ms)
+                   for bar in st["bars"].values())
 
     def process_idle(self, partition: int, now_wall_ms: int) -> BatchResult:
         """Close finished windows of keys on ``partition`` that have gone idle.
@@ -199,19 +208,13 @@ class WindowAggregator:
             BatchResult: only ``closed`` and ``dirty`` are filled.
         """
         res = BatchResult()
-        size = self.size_ms
-        for key in self._index(partition):
-            st = self.store.get(key)
-            if st is None or not st["bars"]:
-                continue
-            seen = st["seen_ms"]
-            if self._close(key, st, res, lambda b, seen=seen: closable_by_idle(
-                b, seen, now_wall_ms, self.idle_timeout_ms, self.grace_ms, size
-            )):
+        for key, st, pred in list(self._idle_candidates(partition, now_wall_ms)):
+            if self._close(key, st, res, pred):
                 res.dirty.add(key)
         return res
 
-    def _close(self, key: str, st: KeyState, res: BatchResult, pred: Any) -> bool:
+    def _close(self, key: str, st: KeyState, res: BatchResult,
+               pred: Callable[[int], bool]) -> bool:
         bars = st["bars"]
         if not bars:
             return False
