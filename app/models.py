@@ -14,7 +14,8 @@ Everything here is pure (no I/O) so it is unit-tested without a broker.
   ``price`` quote currency per base unit (> 0, finite); ``qty`` base units (optional,
   ``null``/absent/0 for price-only feeds); ``ts_ms`` exchange event time, UTC epoch
   milliseconds; ``trade_id`` optional string or integer; ``source`` one of
-  ``live``, ``test``, ``replay`` (default ``live``).
+  ``live``, ``test``, ``replay`` (default ``live``); ``recv_ms`` optional, when our
+  feed received the trade (UTC epoch ms), kept apart from the exchange time ``ts_ms``.
 * a control object ``{"control": "idle_check", "wall_ms": <epoch ms>}`` is written by
   the worker itself into each partition it owns, to close windows of idle keys in
   stream order (see :mod:`agents.bars`). Consumers of ``ticks`` other than marketflow
@@ -65,6 +66,8 @@ class Tick(NamedTuple):
         ts_ms: exchange event time, UTC epoch milliseconds.
         trade_id: exchange trade id, or ``None``.
         source: ``live``, ``test`` or ``replay``.
+        recv_ms: when our feed received it (wall clock, UTC epoch ms), kept apart from
+            the exchange's ``ts_ms``; ``None`` for replayed data.
     """
 
     exchange: str
@@ -74,6 +77,7 @@ class Tick(NamedTuple):
     ts_ms: int
     trade_id: str | None
     source: str
+    recv_ms: int | None = None
 
     @property
     def key(self) -> str:
@@ -187,7 +191,11 @@ def parse_tick(obj: Any, now_ms: int, max_future_ms: int) -> Tick:
     if source not in SOURCES:
         raise InvalidTick("bad_source", f"source={str(source)[:20]!r}, expected {sorted(SOURCES)}")
 
-    return Tick(exchange, symbol, price, qty, ts_ms, trade_id, source)
+    recv_ms = obj.get("recv_ms")
+    if recv_ms is not None and (isinstance(recv_ms, bool) or not isinstance(recv_ms, int)):
+        raise InvalidTick("bad_type", "recv_ms must be an integer (epoch milliseconds)")
+
+    return Tick(exchange, symbol, price, qty, ts_ms, trade_id, source, recv_ms)
 
 
 def tick_to_json(t: Tick) -> dict[str, Any]:
@@ -202,6 +210,8 @@ def tick_to_json(t: Tick) -> dict[str, Any]:
     }
     if t.trade_id is not None:
         d["trade_id"] = t.trade_id
+    if t.recv_ms is not None:
+        d["recv_ms"] = t.recv_ms
     return d
 
 
