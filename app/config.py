@@ -29,9 +29,15 @@ from pydantic_settings import (
 from app.errors import ConfigError
 
 __all__ = [
+    "DEFAULT_PAIRS",
     "AppSection",
     "BrokerSection",
+    "CryptoCompareSection",
     "DatabaseSection",
+    "ExchangeFeed",
+    "FeedsSection",
+    "GeneratorSection",
+    "LogSection",
     "RedisSection",
     "Settings",
     "SinkSection",
@@ -169,6 +175,102 @@ class SinkSection(BaseModel):
     retry_max_s: float = Field(default=30.0, gt=0, le=3_600)
 
 
+DEFAULT_PAIRS = ["BTCUSDT", "DOGEUSDT", "TONUSDT", "SOLUSDT", "ETHUSDT"]
+
+
+class ExchangeFeed(BaseModel):
+    """One marketflow exchange program (newline-delimited JSON over TCP)."""
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not v or ":" in v or any(c.isspace() for c in v):
+            raise ValueError("exchange name must be non-empty, without ':' or spaces")
+        return v
+
+
+class CryptoCompareSection(BaseModel):
+    """CryptoCompare/CoinDesk legacy streaming trades (TYPE 0).
+
+    ``subs`` are subscription strings ``0~<Market>~<FSYM>~<TSYM>``; a trade becomes a tick
+    with exchange = market lower-cased (``Coinbase`` -> ``coinbase``) and symbol = FSYM+TSYM
+    (``BTCUSD``). The free tier was retired in 2026: an ``api_key`` is required.
+    """
+
+    enabled: bool = False
+    url: str = "wss://streamer.cryptocompare.com/v2"
+    api_key: str = ""
+    subs: list[str] = Field(default_factory=lambda: ["0~Coinbase~BTC~USD", "0~Coinbase~ETH~USD"])
+    idle_timeout_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _key_when_enabled(self) -> CryptoCompareSection:
+        if self.enabled and not self.api_key:
+            raise ValueError("cryptocompare.api_key is required when enabled")
+        return self
+
+
+class GeneratorSection(BaseModel):
+    """Synthetic test-mode ticks: a random walk per exchange and pair."""
+
+    rate_per_s: float = Field(default=50.0, gt=0, le=1_000_000)
+    exchanges: list[str] = Field(default_factory=lambda: ["exchange1", "exchange2", "exchange3"])
+    seed: int | None = None
+
+
+class FeedsSection(BaseModel):
+    """Live and test inputs run by the worker (only one worker, the group leader, ingests).
+
+    Attributes:
+        mode: mode used when none was set at runtime (``POST /mode/{live,test}``);
+            ``off`` runs no ingest (replay or external producers only).
+        exchanges: the marketflow exchange programs (live mode).
+        pairs: symbols kept from the exchanges; others are dead-lettered
+            (``unknown_symbol``).
+        idle_timeout_s: reconnect when an exchange sends nothing for this long.
+        backoff_initial_s, backoff_max_s: reconnect delay, doubling, with jitter.
+        publish_interval_ms: ticks are batched per key for at most this long.
+    """
+
+    mode: str = "off"
+    exchanges: list[ExchangeFeed] = Field(default_factory=lambda: [
+        ExchangeFeed(name="exchange1", port=40101),
+        ExchangeFeed(name="exchange2", port=40102),
+        ExchangeFeed(name="exchange3", port=40103),
+    ])
+    pairs: list[str] = Field(default_factory=lambda: list(DEFAULT_PAIRS))
+    idle_timeout_s: float = Field(default=10.0, gt=0)
+    backoff_initial_s: float = Field(default=1.0, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    publish_interval_ms: int = Field(default=50, ge=1, le=10_000)
+    cryptocompare: CryptoCompareSection = CryptoCompareSection()
+    generator: GeneratorSection = GeneratorSection()
+
+    @field_validator("mode")
+    @classmethod
+    def _check_mode(cls, v: str) -> str:
+        if v not in ("live", "test", "off"):
+            raise ValueError("must be live, test or off")
+        return v
+
+
+class LogSection(BaseModel):
+    """Logging: ``json`` (one JSON object per line) or ``text``."""
+
+    format: str = "json"
+
+    @field_validator("format")
+    @classmethod
+    def _check_format(cls, v: str) -> str:
+        if v not in ("json", "text"):
+            raise ValueError("must be json or text")
+        return v
+
+
 class Settings(BaseSettings):
     """The one settings object. Sections mirror the TOML tables of ``marketflow.toml``."""
 
@@ -186,6 +288,8 @@ class Settings(BaseSettings):
     web: WebSection = WebSection()
     window: WindowSection = WindowSection()
     sink: SinkSection = SinkSection()
+    feeds: FeedsSection = FeedsSection()
+    log: LogSection = LogSection()
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> Settings:
