@@ -9,7 +9,25 @@ from faust.transport.drivers import aiokafka as aiokafka_driver
 
 from app.config import Settings
 
-__all__ = ["MarketflowApp", "app", "faust_options"]
+__all__ = ["MarketflowApp", "app", "faust_options", "json_logging_config"]
+
+
+def json_logging_config() -> dict[str, Any]:
+    """dictConfig merged into Faust's: one JSON object per line on stderr, with ``ts``,
+    ``level``, ``logger``, ``pid``, ``message`` and any ``extra={...}`` context (exchange,
+    symbol, counts) the call adds."""
+    return {
+        "merge": True,
+        "formatters": {
+            "json": {
+                "()": "pythonjsonlogger.json.JsonFormatter",
+                "fmt": "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
+                "rename_fields": {"asctime": "ts", "levelname": "level", "name": "logger",
+                                  "process": "pid"},
+            },
+        },
+        "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "json"}},
+    }
 
 
 def faust_options(s: Settings) -> dict[str, Any]:
@@ -35,6 +53,8 @@ def faust_options(s: Settings) -> dict[str, Any]:
         "web_enabled": True,
         "table_standby_replicas": 0,
     }
+    if s.log.format == "json":
+        opts["logging_config"] = json_logging_config()
     if s.broker.tansu_compat:
         opts.update(
             broker_session_timeout=6.0,

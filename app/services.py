@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from app import settings
 from app.db import Database
 from app.faust_app import app
 from app.latest import LatestPrices
+from app.topics import dead_letter_topic, ticks_topic
+from feeds.ingest import IngestManager, TickPublisher
 
-__all__ = ["database", "latest_prices"]
+__all__ = ["database", "ingest", "latest_prices", "publisher"]
 
 database = Database(
     settings.database.dsn,
@@ -20,3 +24,19 @@ latest_prices = LatestPrices(
 
 app.service(database)  # type: ignore[arg-type]  # instances are accepted too
 app.service(latest_prices)  # type: ignore[arg-type]
+
+
+# ---- ingest (feeds -> ticks topic), leader only; see feeds/ingest.py
+
+
+async def _send_tick(key: bytes | None, value: bytes) -> Any:
+    return await ticks_topic.send(key=key, value=value)
+
+
+async def _send_dead(key: bytes | None, value: bytes) -> Any:
+    return await dead_letter_topic.send(key=key, value=value)
+
+
+publisher = TickPublisher(_send_tick, _send_dead)
+ingest = IngestManager(settings, publisher, latest_prices.client, app.is_leader)
+app.service(ingest)  # type: ignore[arg-type]

@@ -1,5 +1,6 @@
-"""HTTP API (Faust web views, aiohttp): latest prices, 1-minute OHLCV, health, metrics."""
+"""HTTP API (Faust web views, aiohttp): latest prices, 1-minute OHLCV, health, metrics,
+mode switch."""
 
-from views import health, metrics, ohlcv, prices
+from views import health, metrics, mode, ohlcv, prices
 
-__all__ = ["health", "metrics", "ohlcv", "prices"]
+__all__ = ["health", "metrics", "mode", "ohlcv", "prices"]

@@ -1,6 +1,17 @@
 """``GET /health``: broker, database and Redis, each ``up``/``down``; 200 when all are up,
-503 otherwise. Body: ``{"status": "ok"|"degraded", "broker": "up", "database": "up",
-"redis": "up", "details": {...}}``."""
+503 otherwise. Body::
+
+    {"status": "ok"|"degraded", "broker": "up", "database": "up", "redis": "up",
+     "details": {<dependency>: <error>}, "mode": "live",
+     "ingest": {"worker": "host:6066", "mode": "live", "updated_ms": ...,
+                "feeds": {"exchange1": {"kind": "marketflow_tcp", "state": "connected",
+                                        "last_message_ms": ..., "messages": 120,
+                                        "ticks": 118, "dead_lettered": 2, "ignored": 0,
+                                        "reconnects": 0, "last_error": null}, ...}}}
+
+A feed outage (state ``reconnecting``) shows in ``ingest.feeds`` but does not turn the
+HTTP status to 503: the pipeline itself is healthy. ``ingest`` is null when no worker
+ingests (mode ``off``)."""
 
 from __future__ import annotations
 
@@ -9,9 +20,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaClient
 from faust.web import Request, Response, View
+from redis.exceptions import RedisError
 
 from app import settings
 from app.faust_app import app
+from app.mode import get_mode, read_ingest_status
 from app.services import database, latest_prices
 
 __all__ = ["Health", "check_all"]
@@ -53,6 +66,14 @@ async def check_all() -> dict[str, Any]:
         else:
             out[name] = "up"
     out["status"] = "ok" if all(out[n] == "up" for n in names) else "degraded"
+    if out["redis"] == "up":
+        try:
+            out["mode"] = await get_mode(latest_prices.client, settings.redis.key_prefix,
+                                         settings.feeds.mode)
+            out["ingest"] = await read_ingest_status(latest_prices.client,
+                                                     settings.redis.key_prefix)
+        except (RedisError, OSError) as exc:
+            out["details"]["ingest"] = f"{type(exc).__name__}: {exc}"[:200]
     return out
 
 

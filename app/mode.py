@@ -1,0 +1,70 @@
+"""Runtime ingest mode (``live`` / ``test`` / ``off``), shared by all workers through Redis.
+
+Keys (``<p>`` = ``redis.key_prefix``):
+
+* ``<p>:mode`` — the requested mode (string). Absent: ``feeds.mode`` from the settings.
+* ``<p>:ingest`` — JSON status written every ~0.5 s by the one worker that ingests (the
+  consumer-group leader), TTL 5 s: ``{"worker", "mode", "updated_ms", "feeds": {...}}``.
+
+Every worker's HTTP API can switch the mode (``POST /mode/{mode}``); the leader's
+:class:`feeds.ingest.IngestManager` polls the key and starts/stops its feeds, so exactly one
+ingest runs cluster-wide.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+__all__ = ["MODES", "get_mode", "ingest_status_key", "mode_key", "read_ingest_status",
+           "set_mode", "write_ingest_status"]
+
+MODES = ("live", "test", "off")
+STATUS_TTL_MS = 5_000
+
+
+def mode_key(prefix: str) -> str:
+    """Redis key of the requested mode."""
+    return f"{prefix}:mode"
+
+
+def ingest_status_key(prefix: str) -> str:
+    """Redis key of the ingesting worker's status."""
+    return f"{prefix}:ingest"
+
+
+async def get_mode(client: aioredis.Redis, prefix: str, default: str) -> str:
+    """The requested mode (``default`` when never set).
+
+    Raises:
+        redis.exceptions.RedisError: Redis unreachable.
+    """
+    v = await client.get(mode_key(prefix))
+    return v if v in MODES else default
+
+
+async def set_mode(client: aioredis.Redis, prefix: str, mode: str, default: str) -> str:
+    """Atomically set the mode; returns the previous one (``default`` when never set).
+
+    Raises:
+        ValueError: ``mode`` is not one of :data:`MODES`.
+        redis.exceptions.RedisError: Redis unreachable.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}")
+    old = await client.set(mode_key(prefix), mode, get=True)
+    return old if old in MODES else default
+
+
+async def write_ingest_status(client: aioredis.Redis, prefix: str, status: dict[str, Any]
+                              ) -> None:
+    """Publish the ingesting worker's status (expires unless refreshed)."""
+    await client.set(ingest_status_key(prefix), orjson.dumps(status), px=STATUS_TTL_MS)
+
+
+async def read_ingest_status(client: aioredis.Redis, prefix: str) -> dict[str, Any] | None:
+    """The ingesting worker's status, or None when no worker ingests."""
+    raw = await client.get(ingest_status_key(prefix))
+    return orjson.loads(raw) if raw else None
