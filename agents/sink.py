@@ -29,7 +29,8 @@ from app.services import database
 from app.topics import bars_topic
 from sql.bars_1m import upsert_bars
 
-__all__ = ["BarWriter", "flush_bars", "persist_bars", "writer"]
+__all__ = ["BarSinkService", "BarWriter", "flush_bars", "flush_bars_at_shutdown",
+           "persist_bars", "writer"]
 
 log = logging.getLogger(__name__)
 
@@ -146,20 +147,29 @@ async def flush_bars() -> None:
     await writer.flush_if_due()
 
 
-class _FlushOnStop(Service):
-    """Flushes the pending bar batch when the worker stops (SIGTERM/SIGINT), so closed
-    bars reach TimescaleDB before exit instead of waiting for the next start."""
+class BarSinkService(Service):
+    """Owns the database service, so the pool closes only after this service stops.
 
-    async def on_stop(self) -> None:
-        try:
-            n = await asyncio.wait_for(writer.flush(),
-                                       timeout=max(5.0, settings.sink.retry_max_s))
-        except TimeoutError:
-            log.error("database unreachable at shutdown: pending bars stay unacknowledged "
-                      "and are written after the next start")
-            return
-        if n:
-            log.info("flushed %d bars at shutdown", n, extra={"bars": n})
+    mode stops children after the parent's ``on_stop``; registered on its own, the
+    database would be closed concurrently with the last flush.
+    """
+
+    def __init__(self, db: Database, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_dependency(db)
 
 
-app.service(_FlushOnStop())  # type: ignore[arg-type]
+@app.before_stop
+async def flush_bars_at_shutdown() -> None:
+    """Write the pending bar batch (and ack it) before Faust waits for acks and stops."""
+    try:
+        n = await asyncio.wait_for(writer.flush(), timeout=max(5.0, settings.sink.retry_max_s))
+    except TimeoutError:
+        log.error("database unreachable at shutdown: pending bars stay unacknowledged "
+                  "and are written after the next start")
+        return
+    if n:
+        log.info("flushed %d bars at shutdown", n, extra={"bars": n})
+
+
+app.service(BarSinkService(database))  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -100,6 +101,27 @@ class MarketflowApp(faust.App):
     #: consumer fetch wait in ms (None: Faust's 1500 ms); set from the settings.
     fetch_max_wait_ms: int | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pre_stop_hooks: list[Callable[[], Awaitable[Any]]] = []
+
+    def before_stop(self, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        """Register ``async fn()`` to run when the worker stops, before Faust waits for
+        every consumed message to be acked and before the producer and services stop
+        (stop ingest, flush sinks). Hooks run in registration order; a failing hook is
+        logged and the next one still runs."""
+        self._pre_stop_hooks.append(fn)
+        return fn
+
+    async def on_stop(self) -> None:
+        """Run the :meth:`before_stop` hooks, then Faust's shutdown."""
+        for fn in self._pre_stop_hooks:
+            try:
+                await fn()
+            except Exception:
+                self.log.exception("shutdown hook %r failed", fn)
+        await super().on_stop()
+
     def _new_transport(self) -> Any:
         if self.conf.broker_consumer[0].scheme in ("kafka", "aiokafka"):
             return _Transport(self.conf.broker_consumer, self)
@@ -114,7 +136,7 @@ class MarketflowApp(faust.App):
         await ensure_topics(settings)
 
 
-def _make_app() -> faust.App:
+def _make_app() -> MarketflowApp:
     from app import settings
 
     opts = faust_options(settings)
@@ -123,4 +145,4 @@ def _make_app() -> faust.App:
     return app
 
 
-app: faust.App = _make_app()
+app: MarketflowApp = _make_app()

@@ -22,7 +22,7 @@ latest_prices = LatestPrices(
     settings.redis.url, settings.redis.key_prefix, settings.redis.latest_ttl_s
 )
 
-app.service(database)  # type: ignore[arg-type]  # instances are accepted too
+# `database` is started and stopped by agents.sink.BarSinkService (flush before close).
 app.service(latest_prices)  # type: ignore[arg-type]
 
 
@@ -40,3 +40,9 @@ async def _send_dead(key: bytes | None, value: bytes) -> Any:
 publisher = TickPublisher(_send_tick, _send_dead)
 ingest = IngestManager(settings, publisher, latest_prices.client, app.is_leader)
 app.service(ingest)  # type: ignore[arg-type]
+
+
+@app.before_stop
+async def stop_ingest() -> None:
+    """Stop the feeds and send what they produced while the producer is still up."""
+    await ingest.stop()

@@ -65,10 +65,25 @@ class Stack:
     dsn: str
     tmp: Path
     workers: list[Worker] = field(default_factory=list)
+    emus: list[Emulator] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.settings.web.port}"
+
+    async def emulators(self, n: int, *args: str) -> list[Emulator]:
+        """Start ``n`` exchange emulators ``exchange1..n`` and point the feeds at them."""
+        emus = [await Emulator(f"exchange{i + 1}", _free_port(), *args).start()
+                for i in range(n)]
+        self.emus += emus
+        self.env["MARKETFLOW_FEEDS__EXCHANGES"] = orjson.dumps(
+            [{"name": e.name, "host": "127.0.0.1", "port": e.port} for e in emus]).decode()
+        return emus
+
+    async def post(self, path: str, port: int | None = None) -> tuple[int, Any]:
+        url = f"http://127.0.0.1:{port or self.settings.web.port}{path}"
+        async with aiohttp.ClientSession() as s, s.post(url) as r:
+            return r.status, orjson.loads(await r.read())
 
     def worker(self, **extra_env: str) -> Worker:
         w = Worker(self, len(self.workers), extra_env)
@@ -147,13 +162,39 @@ class Stack:
     def redis(self) -> aioredis.Redis:
         return aioredis.Redis.from_url(self.settings.redis.url, decode_responses=True)
 
-    async def http(self, path: str) -> tuple[int, Any]:
-        async with aiohttp.ClientSession() as s, s.get(self.base_url + path) as r:
+    async def http(self, path: str, port: int | None = None) -> tuple[int, Any]:
+        url = f"http://127.0.0.1:{port or self.settings.web.port}{path}"
+        async with aiohttp.ClientSession() as s, s.get(url) as r:
             body = await r.read()
             try:
                 return r.status, orjson.loads(body)
             except orjson.JSONDecodeError:
                 return r.status, body.decode(errors="replace")
+
+
+class Emulator:
+    """A ``python -m feeds.emulator`` subprocess (a marketflow exchange program)."""
+
+    def __init__(self, name: str, port: int, *args: str) -> None:
+        self.name = name
+        self.port = port
+        self.args = args
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> Emulator:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "feeds.emulator", "--name", self.name, "--port",
+            str(self.port), *self.args, cwd=REPO, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 20)
+        assert b"listening" in line, line
+        return self
+
+    async def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(sig)
+            await asyncio.wait_for(self.proc.wait(), 10)
 
 
 class Worker:
@@ -162,8 +203,8 @@ class Worker:
     def __init__(self, stack: Stack, index: int, extra_env: dict[str, str]) -> None:
         self.stack = stack
         self.log_path = stack.tmp / f"worker{index}.log"
-        self.env = {**os.environ, **stack.env, **extra_env,
-                    "MARKETFLOW_APP__DATADIR": str(stack.tmp / f"faust{index}")}
+        self.extra_env = {**extra_env,
+                          "MARKETFLOW_APP__DATADIR": str(stack.tmp / f"faust{index}")}
         self.proc: subprocess.Popen[bytes] | None = None
         self.ended_on_purpose = False
 
@@ -171,7 +212,8 @@ class Worker:
         self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "faust", "-A", "app", "worker", "-l", "info"],
-            cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=REPO, env={**os.environ, **self.stack.env, **self.extra_env},
+            stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)
         return self
 
@@ -250,6 +292,10 @@ async def stack(services: None, tmp_path: Path) -> AsyncIterator[Stack]:
         "MARKETFLOW_WINDOW__IDLE_TIMEOUT_S": "2",
         "MARKETFLOW_WINDOW__IDLE_CHECK_INTERVAL_S": "0.5",
         "MARKETFLOW_SINK__FLUSH_INTERVAL_S": "0.5",
+        "MARKETFLOW_FEEDS__IDLE_TIMEOUT_S": "3",
+        "MARKETFLOW_FEEDS__BACKOFF_INITIAL_S": "0.2",
+        "MARKETFLOW_FEEDS__BACKOFF_MAX_S": "1",
+        "MARKETFLOW_LOG__FORMAT": "json",
     }
     st = Stack(name, env, _settings_with(env), dsn, tmp_path)
     try:
@@ -258,6 +304,8 @@ async def stack(services: None, tmp_path: Path) -> AsyncIterator[Stack]:
         for w in st.workers:
             if w.proc is not None:
                 w.stop(timeout=20)
+        for e in st.emus:
+            await e.stop()
         r = st.redis()
         keys = [k async for k in r.scan_iter(f"{name}:*")]
         if keys:
