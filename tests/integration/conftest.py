@@ -109,7 +109,9 @@ class Stack:
             await prod.stop()
 
     async def read_topic(self, topic: str, idle_s: float = 2.0) -> list[tuple[bytes, bytes]]:
-        """Every message currently in ``topic`` (reads until ``idle_s`` without news)."""
+        """Every message in ``topic`` produced before this call: a partition is done once
+        it returns a record stamped after the call, or nothing for ``idle_s``."""
+        start_ms = int(time.time() * 1000)
         cons = AIOKafkaConsumer(bootstrap_servers=self.settings.broker.bootstrap_servers,
                                 enable_auto_commit=False, auto_offset_reset="earliest")
         await cons.start()
@@ -122,12 +124,19 @@ class Stack:
             cons.assign(tps)
             await cons.seek_to_beginning(*tps)
             out: list[tuple[bytes, bytes]] = []
-            while True:
-                got = await cons.getmany(timeout_ms=int(idle_s * 1000), max_records=10_000)
+            pending = set(tps)
+            while pending:
+                got = await cons.getmany(*pending, timeout_ms=int(idle_s * 1000),
+                                         max_records=10_000)
                 if not got:
                     return out
-                for recs in got.values():
-                    out += [(r.key, r.value) for r in recs]
+                for tp, recs in got.items():
+                    for r in recs:
+                        if r.timestamp > start_ms:
+                            pending.discard(tp)
+                            break
+                        out.append((r.key, r.value))
+            return out
         finally:
             await cons.stop()
 
