@@ -42,6 +42,8 @@ class SyntheticTicks:
         self._price = {k: START_PRICES.get(k[1], 100.0) * self._rng.uniform(0.995, 1.005)
                        for k in self.keys}
         self._seq = 0
+        #: distinguishes this walk's trade ids (``<run_id>-<seq>``) from other runs'
+        self.run_id = f"{self._rng.getrandbits(32):08x}" if seed is None else f"s{seed}"
 
     def next(self, ts_ms: int) -> Tick:
         """One tick of a random key, stamped ``ts_ms`` (UTC epoch ms)."""
@@ -52,7 +54,7 @@ class SyntheticTicks:
         digits = 2 if p >= 1000 else 3 if p >= 1 else 6
         qty = round(self._rng.expovariate(1.0) * 1000 / max(p, 1e-9), 6) or 1e-6
         return Tick(key[0], key[1], round(p, digits) or 10.0 ** -digits, qty, ts_ms,
-                    f"t{self._seq}", "test", ts_ms)
+                    f"{self.run_id}-{self._seq}", "test", ts_ms)
 
 
 class TestGenerator:

@@ -153,8 +153,11 @@ async def test_mode_switch_both_ways_with_two_workers(stack: Stack) -> None:
         ing = body.get("ingest") or {}
         return ing if body["mode"] == mode and ing.get("mode") == mode else None
 
-    ing = await _until(lambda: ingesting("test"), 15, "test ingest running")
-    assert ing["feeds"]["generator"]["state"] == "connected"
+    async def generating() -> bool:
+        ing = await ingesting("test")
+        return bool(ing) and ing["feeds"]["generator"]["state"] == "connected"
+
+    await _until(generating, 15, "test ingest running")
     await asyncio.sleep(3)
     status, body = await stack.post("/mode/live")
     assert (status, body) == (200, {"mode": "live", "previous": "test"})
@@ -175,7 +178,14 @@ async def test_mode_switch_both_ways_with_two_workers(stack: Stack) -> None:
                    if t["source"] == "live")
     assert max(live.values()) == 1, [k for k, n in live.items() if n > 1][:5]
     test_ids = Counter(t["trade_id"] for t in ticks if t["source"] == "test")
-    assert max(test_ids.values()) == 1  # one generator: its ids never repeat
+    assert max(test_ids.values()) == 1
+    runs: dict[str, list[int]] = {}
+    for t in ticks:
+        if t["source"] == "test":
+            runs.setdefault(t["trade_id"].split("-")[0], []).append(t["ts_ms"])
+    spans = sorted((min(v), max(v)) for v in runs.values())
+    assert len(spans) == 2  # one generator per test period, never two at once
+    assert spans[0][1] < spans[1][0]
     # after the switch back to test, live ticks stop within about a second
     late_live = [t for t in ticks if t["source"] == "live" and t["recv_ms"] > switched_ms + 2000]
     assert late_live == []
