@@ -58,11 +58,14 @@ class BrokerSection(BaseModel):
     session/rebalance timeouts, one record per produce batch); leave it off for
     Redpanda or Kafka. ``fetch_max_wait_ms`` overrides Faust's fixed 1500 ms consumer
     fetch wait (``None`` keeps it); Tansu needs a short one (100) for throughput.
+    ``connect_timeout_s``: how long a starting worker retries an unreachable broker
+    before exiting non-zero.
     """
 
     url: str = "kafka://127.0.0.1:9092"
     tansu_compat: bool = False
     fetch_max_wait_ms: int | None = Field(default=None, ge=1, le=60_000)
+    connect_timeout_s: float = Field(default=30.0, gt=0, le=3_600)
 
     @field_validator("url")
     @classmethod
@@ -205,7 +208,8 @@ class CryptoCompareSection(BaseModel):
     url: str = "wss://streamer.cryptocompare.com/v2"
     api_key: str = ""
     subs: list[str] = Field(default_factory=lambda: ["0~Coinbase~BTC~USD", "0~Coinbase~ETH~USD"])
-    idle_timeout_s: float = Field(default=30.0, gt=0)
+    #: the streamer heartbeats every 30-60 s; two missed ones mean a stale connection
+    idle_timeout_s: float = Field(default=90.0, gt=0)
 
     @model_validator(mode="after")
     def _key_when_enabled(self) -> CryptoCompareSection:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaConnectionError
 from faust.transport.drivers import aiokafka as aiokafka_driver
 
 from app.config import Settings
@@ -128,12 +131,32 @@ class MarketflowApp(faust.App):
         return super()._new_transport()
 
     async def on_first_start(self) -> None:
-        """Create topics first: auto-created ones would get the broker's default count."""
+        """Create topics first (auto-created ones would get the broker's default count),
+        retrying an unreachable broker for ``broker.connect_timeout_s``.
+
+        Raises:
+            ConfigError: the broker stayed unreachable (the worker exits non-zero).
+        """
         from app import settings
         from app.admin import ensure_topics
+        from app.errors import ConfigError
 
         await super().on_first_start()
-        await ensure_topics(settings)
+        deadline = time.monotonic() + settings.broker.connect_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                await ensure_topics(settings)
+                return
+            except KafkaConnectionError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise ConfigError(
+                        f"broker unreachable at {settings.broker.url} for "
+                        f"{settings.broker.connect_timeout_s:g} s: {exc}") from exc
+                self.log.warning("broker not reachable yet (%s); retrying in %.1f s",
+                                 exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
 
 def _make_app() -> MarketflowApp:
