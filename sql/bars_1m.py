@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-__all__ = ["fetch_bars", "symbol_known", "upsert_bars"]
+__all__ = ["fetch_bars", "fetch_rollup", "symbol_known", "upsert_bars"]
 
 _UPSERT = """
 INSERT INTO bars_1m (exchange, symbol, bucket_start, open, high, low, close, volume,
@@ -30,6 +30,27 @@ WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
   AND bucket_start >= $3 AND bucket_start < $4
 ORDER BY bucket_start, exchange
 LIMIT $5
+"""
+
+_ROLLUP = """
+SELECT time_bucket($5::interval, bucket_start) AS b,
+       first(open, open_ts_ms)  AS open,
+       max(high)                AS high,
+       min(low)                 AS low,
+       last(close, close_ts_ms) AS close,
+       sum(volume)              AS volume,
+       sum(trade_count)::bigint AS trade_count,
+       sum(avg_price * trade_count) / sum(trade_count) AS avg_price,
+       sum(vwap * volume) FILTER (WHERE vwap IS NOT NULL)
+         / nullif(sum(volume) FILTER (WHERE vwap IS NOT NULL), 0) AS vwap,
+       min(open_ts_ms)          AS open_ts_ms,
+       max(close_ts_ms)         AS close_ts_ms
+FROM bars_1m
+WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
+  AND bucket_start >= $3 AND bucket_start < $4
+GROUP BY b
+ORDER BY b
+LIMIT $6
 """
 
 _KNOWN = """
@@ -80,6 +101,28 @@ async def fetch_bars(
     """1-minute bars of ``symbol`` (optionally one exchange) with start in
     ``[start_ms, end_ms)``, oldest first, at most ``limit`` rows."""
     return await conn.fetch(_SELECT, symbol, exchange, _ts(start_ms), _ts(end_ms), limit)
+
+
+async def fetch_rollup(
+    conn: asyncpg.Connection, symbol: str, exchange: str | None, start_ms: int, end_ms: int,
+    interval_ms: int, limit: int,
+) -> Sequence[asyncpg.Record]:
+    """OHLCV of ``symbol`` rolled up from the 1-minute bars into ``interval_ms`` buckets.
+
+    Buckets are ``time_bucket`` aligned (UTC midnight origin for sub-day intervals); a
+    bucket is included when its 1-minute bars start in ``[start_ms, end_ms)`` (callers
+    align ``start_ms`` down to the interval for whole buckets). With ``exchange=None`` the
+    exchanges are consolidated: open of the earliest trade (by ``open_ts_ms``), close of the
+    latest (by ``close_ts_ms``), high max, low min, volume and trade count summed, average
+    price count-weighted, VWAP volume-weighted over bars that have one.
+
+    Returns:
+        Records ``b`` (bucket start, timestamptz), ``open``, ``high``, ``low``, ``close``,
+        ``volume``, ``trade_count``, ``avg_price``, ``vwap``, ``open_ts_ms``,
+        ``close_ts_ms``, oldest first, at most ``limit``.
+    """
+    return await conn.fetch(_ROLLUP, symbol, exchange, _ts(start_ms), _ts(end_ms),
+                            timedelta(milliseconds=interval_ms), limit)
 
 
 async def symbol_known(conn: asyncpg.Connection, symbol: str, exchange: str | None) -> bool:

@@ -38,16 +38,39 @@ def test_names() -> None:
 
 
 def test_ohlcv_query_rules() -> None:
-    from views.ohlcv import MAX_RANGE_MS, parse_ohlcv_query
+    from views.ohlcv import MAX_BARS, parse_ohlcv_query
 
-    now = 1_732_170_000_000
-    assert parse_ohlcv_query({"symbol": "BTCUSDT"}, now) == ("BTCUSDT", None, now - 3_600_000,
-                                                             now)
-    for q in [{}, {"symbol": "BTCUSDT", "start": "5", "end": "5"},
-              {"symbol": "BTCUSDT", "start": "0", "end": str(MAX_RANGE_MS + 1)},
-              {"symbol": "BTCUSDT", "interval": "5m"}, {"symbol": "BTCUSDT", "foo": "1"}]:
+    now = 1_732_170_000_123
+    assert parse_ohlcv_query({"symbol": "BTCUSDT"}, now) == (
+        "BTCUSDT", None, (now - 100 * 60_000) // 60_000 * 60_000, now, "1m", "none")
+    _s, e, start, _end, iv, fill = parse_ohlcv_query(
+        {"symbol": "BTCUSDT", "exchange": "x", "interval": "4h", "fill": "previous",
+         "start": "2024-08-08T05:30:00Z", "end": "2024-08-09T00:00:00Z"}, now)
+    assert (e, iv, fill) == ("x", "4h", "previous")
+    assert start == 1_723_089_600_000  # 2024-08-08T04:00Z: aligned down to the interval
+    assert parse_ohlcv_query({"symbol": "B", "start": "0", "end": str(MAX_BARS * 60_000)},
+                             now)[3] == MAX_BARS * 60_000
+    for q in [{}, {"symbol": "BTCUSDT", "start": "60000", "end": "60000"},
+              {"symbol": "BTCUSDT", "start": "0", "end": str(MAX_BARS * 60_000 + 1)},
+              {"symbol": "BTCUSDT", "interval": "2m"}, {"symbol": "BTCUSDT", "fill": "zero"},
+              {"symbol": "BTCUSDT", "foo": "1"}]:
         with pytest.raises(QueryError):
             parse_ohlcv_query(q, now)
+
+
+def test_fill_previous_flat_bars() -> None:
+    from views.ohlcv import fill_previous
+
+    def bar(m: int, c: float) -> dict:
+        return {"bucket_start_ms": m * 60_000, "time": "", "open": c, "high": c, "low": c,
+                "close": c, "volume": 1.0, "trade_count": 3}
+
+    out = fill_previous([bar(1, 10.0), bar(4, 12.0)], 60_000, 6 * 60_000)
+    assert [b["bucket_start_ms"] // 60_000 for b in out] == [1, 2, 3, 4, 5]
+    assert [(b["open"], b["close"], b["trade_count"], b["volume"]) for b in out] == [
+        (10.0, 10.0, 3, 1.0), (10.0, 10.0, 0, 0.0), (10.0, 10.0, 0, 0.0),
+        (12.0, 12.0, 3, 1.0), (12.0, 12.0, 0, 0.0)]
+    assert fill_previous([], 60_000, 10**9) == []
 
 
 def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
