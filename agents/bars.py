@@ -50,6 +50,7 @@ from app.services import latest_prices
 from app.topics import bars_topic, dead_letter_topic, ticks_topic
 from tables.aggregator import BatchResult, WindowAggregator
 from tables.bars import window_state
+from tables.price_stats import per_second
 
 __all__ = ["aggregate_ticks", "aggregator", "idle_check"]
 
@@ -138,6 +139,7 @@ async def handle_event(event: EventT) -> list[Any]:
                 event, wall_ms))
         if res.latest:
             latest_prices.update(res.latest)
+            latest_prices.update_seconds(per_second(res.applied_ticks))
         WATERMARK_MS.labels(str(msg.partition)).set(aggregator.watermark(msg.partition))
         trigger = "watermark"
     pending.extend(await _publish_closed(res, trigger))

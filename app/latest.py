@@ -8,6 +8,14 @@ Keys (``<p>`` is ``redis.key_prefix``, default ``mf``), each a hash
 
 A write only replaces a value whose ``ts_ms`` is not newer (one Lua script, atomic), so
 re-delivered or out-of-order batches never move the latest price backwards.
+
+Recent per-second state for price statistics (:mod:`tables.price_stats`):
+
+* ``<p>:sec:<exchange>:<symbol>:<minute>`` — hash ``<second> -> "min,max,sum,count"`` of
+  the ticks with event time in that second (``minute``/``second`` are epoch minutes and
+  seconds); merged atomically by a Lua script, expiring 16 minutes after its last write,
+  so stale data deletes itself and memory stays bounded;
+* ``<p>:exchanges:<symbol>`` — set of exchanges that traded the symbol.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from redis.exceptions import RedisError
 
 from app.metrics import SINK_ERRORS, SINK_RETRIES
 
-__all__ = ["LatestPrices", "latest_key"]
+__all__ = ["SECONDS_TTL_MS", "LatestPrices", "exchanges_key", "latest_key", "seconds_key"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,37 @@ for i, k in ipairs(KEYS) do
 end
 return n
 """
+
+
+_MERGE_SECONDS = """
+for i = 2, #ARGV, 5 do
+  local f = ARGV[i]
+  local lo, hi, sum, n = tonumber(ARGV[i+1]), tonumber(ARGV[i+2]), tonumber(ARGV[i+3]),
+                         tonumber(ARGV[i+4])
+  local cur = redis.call('HGET', KEYS[1], f)
+  if cur then
+    local a, b, c, d = string.match(cur, '([^,]+),([^,]+),([^,]+),([^,]+)')
+    lo = math.min(lo, tonumber(a)); hi = math.max(hi, tonumber(b))
+    sum = sum + tonumber(c); n = n + tonumber(d)
+  end
+  redis.call('HSET', KEYS[1], f, string.format('%.17g,%.17g,%.17g,%d', lo, hi, sum, n))
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
+return 1
+"""
+
+#: how long a per-minute hash of per-second state lives after its last write
+SECONDS_TTL_MS = 16 * 60_000
+
+
+def seconds_key(prefix: str, exchange: str, symbol: str, minute: int) -> str:
+    """Redis key of one minute of per-second state (``minute`` = epoch minutes)."""
+    return f"{prefix}:sec:{exchange}:{symbol}:{minute}"
+
+
+def exchanges_key(prefix: str, symbol: str) -> str:
+    """Redis key of the set of exchanges trading ``symbol``."""
+    return f"{prefix}:exchanges:{symbol}"
 
 
 def latest_key(prefix: str, symbol: str, exchange: str | None = None) -> str:
@@ -68,8 +107,10 @@ class LatestPrices(Service):
         self.ttl_s = ttl_s
         self.client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
         self._pending: dict[str, tuple[float, int]] = {}
+        self._pending_secs: dict[tuple[str, int], list[float]] = {}
         self._wake = asyncio.Event()
         self._script = self.client.register_script(_SET_IF_NEWER)
+        self._merge_seconds = self.client.register_script(_MERGE_SECONDS)
 
     def update(self, latest: dict[str, tuple[float, int]]) -> None:
         """Queue ``"exchange:symbol" -> (price, ts_ms)`` for writing (newest wins)."""
@@ -80,17 +121,45 @@ class LatestPrices(Service):
                 pending[key] = val
         self._wake.set()
 
+    def update_seconds(self, aggs: dict[tuple[str, int], list[float]]) -> None:
+        """Queue per-second aggregates ``(exchange:symbol, second) -> [min, max, sum,
+        count]`` (merged with anything pending)."""
+        pending = self._pending_secs
+        for k, a in aggs.items():
+            cur = pending.get(k)
+            if cur is None:
+                pending[k] = list(a)
+            else:
+                cur[0] = min(cur[0], a[0])
+                cur[1] = max(cur[1], a[1])
+                cur[2] += a[2]
+                cur[3] += a[3]
+        self._wake.set()
+
     async def flush(self) -> int:
         """Write everything pending now. Returns the number of keys written.
 
         Raises:
             redis.exceptions.RedisError: the write failed (pending values are kept).
         """
-        if not self._pending:
+        if not self._pending and not self._pending_secs:
             return 0
         batch, self._pending = self._pending, {}
+        secs, self._pending_secs = self._pending_secs, {}
+        by_minute: dict[tuple[str, int], list[str]] = {}
+        for (key, sec), a in secs.items():
+            by_minute.setdefault((key, sec // 60), []).extend(
+                (str(sec), repr(a[0]), repr(a[1]), repr(a[2]), str(int(a[3]))))
         try:
             async with self.client.pipeline(transaction=False) as pipe:
+                for (key, minute), args in by_minute.items():
+                    exchange, symbol = key.split(":", 1)
+                    await self._merge_seconds(
+                        keys=[seconds_key(self.prefix, exchange, symbol, minute)],
+                        args=[SECONDS_TTL_MS, *args], client=pipe)
+                for key in {k for k, _ in by_minute}:
+                    exchange, symbol = key.split(":", 1)
+                    pipe.sadd(exchanges_key(self.prefix, symbol), exchange)
                 for key, (price, ts_ms) in batch.items():
                     exchange, symbol = key.split(":", 1)
                     await self._script(
@@ -104,8 +173,10 @@ class LatestPrices(Service):
             batch.update({k: v for k, v in self._pending.items()
                           if k not in batch or v[1] >= batch[k][1]})
             self._pending = batch
+            later, self._pending_secs = self._pending_secs, secs
+            self.update_seconds(later)
             raise
-        return len(batch)
+        return len(batch) + len(secs)
 
     @Service.task
     async def _writer(self) -> None:
@@ -143,6 +214,36 @@ class LatestPrices(Service):
         if not h:
             return None
         return {"price": float(h["price"]), "ts_ms": int(h["ts_ms"]), "exchange": h["exchange"]}
+
+    async def seconds(self, symbol: str, exchange: str | None, first_s: int, last_s: int
+                      ) -> list[list[float]] | None:
+        """Per-second aggregates of ``symbol`` (one exchange or all) for seconds
+        ``first_s..last_s`` inclusive; None when the symbol (on that exchange) is unknown.
+
+        Raises:
+            redis.exceptions.RedisError: Redis is unreachable.
+        """
+        if exchange is None:
+            exchanges = sorted(str(e) for e in
+                               await self.client.smembers(exchanges_key(self.prefix, symbol)))
+            if not exchanges:
+                return None
+        else:
+            if not await self.client.sismember(exchanges_key(self.prefix, symbol), exchange):
+                return None
+            exchanges = [exchange]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for ex in exchanges:
+                for minute in range(first_s // 60, last_s // 60 + 1):
+                    pipe.hgetall(seconds_key(self.prefix, ex, symbol, minute))
+            hashes = await pipe.execute()
+        out = []
+        for h in hashes:
+            for f, v in h.items():
+                if first_s <= int(f) <= last_s:
+                    lo, hi, total, n = v.split(",")
+                    out.append([float(lo), float(hi), float(total), float(n)])
+        return out
 
     async def ping(self) -> bool:
         """True when Redis answers PING."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import asyncpg
 
-__all__ = ["fetch_bars", "fetch_rollup", "symbol_known", "upsert_bars"]
+__all__ = ["fetch_bars", "fetch_rollup", "price_stats", "symbol_known", "upsert_bars"]
 
 _UPSERT = """
 INSERT INTO bars_1m (exchange, symbol, bucket_start, open, high, low, close, volume,
@@ -51,6 +51,14 @@ WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
 GROUP BY b
 ORDER BY b
 LIMIT $6
+"""
+
+_STATS = """
+SELECT max(high) AS high, min(low) AS low, sum(avg_price * trade_count) AS price_sum,
+       sum(trade_count)::bigint AS n
+FROM bars_1m
+WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
+  AND bucket_start >= $3 AND bucket_start < $4
 """
 
 _KNOWN = """
@@ -123,6 +131,17 @@ async def fetch_rollup(
     """
     return await conn.fetch(_ROLLUP, symbol, exchange, _ts(start_ms), _ts(end_ms),
                             timedelta(milliseconds=interval_ms), limit)
+
+
+async def price_stats(conn: asyncpg.Connection, symbol: str, exchange: str | None,
+                      start_ms: int, end_ms: int) -> list[float] | None:
+    """``[low, high, price_sum, count]`` over the 1-minute bars starting in
+    ``[start_ms, end_ms)`` (the per-second aggregate shape of :mod:`tables.price_stats`),
+    None when there are none."""
+    r = await conn.fetchrow(_STATS, symbol, exchange, _ts(start_ms), _ts(end_ms))
+    if r is None or not r["n"]:
+        return None
+    return [r["low"], r["high"], r["price_sum"], float(r["n"])]
 
 
 async def symbol_known(conn: asyncpg.Connection, symbol: str, exchange: str | None) -> bool:

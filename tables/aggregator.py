@@ -42,6 +42,7 @@ class BatchResult:
         late: ticks whose window had already closed.
         closed: closed bars (see :func:`tables.window.finalize_bar`), oldest first per key.
         latest: ``key -> (price, ts_ms)``, the newest applied trade per key.
+        applied_ticks: the ticks counted into windows, in order.
         dirty: keys whose state changed and must be written back.
     """
 
@@ -50,6 +51,7 @@ class BatchResult:
     late: list[Tick] = field(default_factory=list)
     closed: list[dict[str, Any]] = field(default_factory=list)
     latest: dict[str, tuple[float, int]] = field(default_factory=dict)
+    applied_ticks: list[Tick] = field(default_factory=list)
     dirty: set[str] = field(default_factory=set)
 
 
@@ -149,6 +151,7 @@ class WindowAggregator:
                 continue
             apply_tick(st["bars"], t.price, t.qty, ts, wall_ms, size)
             res.applied += 1
+            res.applied_ticks.append(t)
             if ts > mx:
                 mx = ts
             if ts > st["max_ts"]:

@@ -1,24 +1,42 @@
-"""``GET /prices/latest/{symbol}`` and ``GET /prices/latest/{exchange}/{symbol}``.
+"""Price endpoints.
 
-Response 200::
+``GET /prices/latest/{symbol}`` and ``GET /prices/latest/{exchange}/{symbol}`` — 200::
 
     {"symbol": "BTCUSDT", "exchange": "binance", "price": 61837.63,
      "timestamp": 1723161255342, "time": "2024-08-08T23:54:15.342Z"}
 
-404 when no price is known, 400 on a malformed name, 503 when Redis is unreachable.
+``GET /prices/{highest|lowest|average}/{symbol}`` and ``.../{exchange}/{symbol}``,
+``?period=<n>s|m|h|d`` (e.g. 1s, 3s, 5s, 10s, 30s, 1m, 3m, 5m, 15m, 1h, 24h, 7d; at most
+31d; **default 24h**) — over the ticks with event time in the period (see
+:mod:`tables.price_stats` for the exact bounds): exact to the second for periods up to
+15 minutes, exact to the minute at the start of longer ones. Average is the mean of the
+tick prices. 200::
+
+    {"symbol": "BTCUSDT", "exchange": null, "stat": "highest", "price": 61860.8,
+     "period": "5m", "period_s": 300, "from": 1723161300000, "to": 1723161600999,
+     "count": 4321, "granularity": "second"}
+
+``price`` is null (count 0) when the symbol traded, but not in the period. 404 when the
+symbol (on that exchange) never traded, 400 on a malformed name or period, 503 when Redis
+or the database is unreachable.
 """
 
 from __future__ import annotations
 
+import time
+
+import asyncpg
 from faust.web import Request, Response, View
 from redis.exceptions import RedisError
 
 from app.errors import QueryError
 from app.faust_app import app
-from app.services import latest_prices
+from app.services import database, latest_prices
+from sql.bars_1m import price_stats, symbol_known
+from tables.price_stats import RECENT_S, parse_period_s, seconds_in_period, stats
 from views.params import iso_ms, parse_name
 
-__all__ = ["LatestPrice", "LatestPriceOnExchange"]
+__all__ = ["LatestPrice", "LatestPriceOnExchange", "PriceStat", "PriceStatOnExchange"]
 
 
 async def _latest(view: View, symbol: str, exchange: str | None) -> Response:
@@ -42,6 +60,82 @@ async def _latest(view: View, symbol: str, exchange: str | None) -> Response:
         "timestamp": found["ts_ms"],
         "time": iso_ms(found["ts_ms"]),
     })
+
+
+_STATS = ("highest", "lowest", "average")
+_DEFAULT_PERIOD = "24h"
+
+
+async def _stat(view: View, request: Request, stat: str, symbol: str,
+                exchange: str | None) -> Response:
+    try:
+        if stat not in _STATS:
+            raise QueryError(f"unknown statistic {stat[:20]!r}: use highest, lowest or average")
+        parse_name(symbol, "symbol")
+        parse_name(exchange, "exchange", required=False)
+        unknown = set(request.query) - {"period"}
+        if unknown:
+            raise QueryError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        period = request.query.get("period") or _DEFAULT_PERIOD
+        period_s = parse_period_s(period)
+    except QueryError as exc:
+        return view.json({"error": str(exc)}, status=400)
+    now_ms = time.time_ns() // 1_000_000
+    first_s, last_s = seconds_in_period(now_ms, period_s)
+    granularity = "second"
+    try:
+        if period_s <= RECENT_S:
+            aggs = await latest_prices.seconds(symbol, exchange, first_s, last_s)
+        else:
+            granularity = "minute"
+            cut_s = last_s - RECENT_S
+            cut_s -= cut_s % 60
+            first_s -= first_s % 60
+            aggs = await latest_prices.seconds(symbol, exchange, cut_s, last_s)
+            pool = await database.pool()
+            async with pool.acquire() as conn:
+                stored = await price_stats(conn, symbol, exchange, first_s * 1000,
+                                           cut_s * 1000)
+                if aggs is None and stored is None and not await symbol_known(
+                        conn, symbol, exchange):
+                    aggs = None
+                else:
+                    aggs = (aggs or []) + ([stored] if stored else [])
+    except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return view.json({"error": f"storage unavailable: {type(exc).__name__}"}, status=503)
+    if aggs is None:
+        where = f" on exchange {exchange!r}" if exchange else ""
+        return view.json({"error": f"unknown symbol {symbol!r}{where}: no trades seen"},
+                         status=404)
+    result = stats(aggs)
+    price = None
+    count = 0
+    if result is not None:
+        high, low, avg, count = result
+        price = {"highest": high, "lowest": low, "average": avg}[stat]
+    return view.json({"symbol": symbol, "exchange": exchange, "stat": stat, "price": price,
+                      "period": period, "period_s": period_s, "from": first_s * 1000,
+                      "to": last_s * 1000 + 999, "count": count, "granularity": granularity})
+
+
+@app.page("/prices/{stat}/{exchange}/{symbol}")
+class PriceStatOnExchange(View):
+    """Highest / lowest / average price of ``symbol`` on ``exchange`` over a period."""
+
+    async def get(self, request: Request, stat: str, exchange: str, symbol: str) -> Response:
+        if stat == "latest":
+            return await _latest(self, symbol, exchange)
+        return await _stat(self, request, stat, symbol, exchange)
+
+
+@app.page("/prices/{stat}/{symbol}")
+class PriceStat(View):
+    """Highest / lowest / average price of ``symbol`` on all exchanges over a period."""
+
+    async def get(self, request: Request, stat: str, symbol: str) -> Response:
+        if stat == "latest":
+            return await _latest(self, symbol, None)
+        return await _stat(self, request, stat, symbol, None)
 
 
 @app.page("/prices/latest/{symbol}")

@@ -1,0 +1,391 @@
+"""HTTP API access control: bearer tokens (static API keys, HS256 JWTs) and a per-client
+token-bucket rate limit. Pure: no I/O except :func:`load_auth_settings`, no Faust imports.
+
+Configuration (the ``[auth]`` table of the TOML file, or environment overrides)::
+
+    [auth]
+    enabled = true                       # MARKETFLOW_AUTH__ENABLED=true
+    api_keys = ["<16+ visible chars>"]   # MARKETFLOW_AUTH__API_KEYS='["...", "..."]'
+    jwt_hs256_secret = "<32+ bytes>"     # MARKETFLOW_AUTH__JWT_HS256_SECRET=...
+    rate_limit_per_s = 10                # MARKETFLOW_AUTH__RATE_LIMIT_PER_S (0 = off)
+    rate_limit_burst = 20                # MARKETFLOW_AUTH__RATE_LIMIT_BURST
+
+Until :class:`AuthSection` is a field of :class:`app.config.Settings`, the main settings
+refuse an ``[auth]`` table in the TOML file (``extra="forbid"``), so only the environment
+variables can be used; :func:`load_auth_settings` already reads both. To fold it in: add
+``auth: AuthSection = AuthSection()`` to ``Settings`` and replace
+``load_auth_settings()`` by ``settings.auth``.
+
+Rules:
+
+* A request carries ``Authorization: Bearer <token>``. The token is accepted when it
+  equals one of ``api_keys`` (constant-time comparison) or, when ``jwt_hs256_secret`` is
+  set, is a JWT signed with it using HS256 (any other algorithm, ``none`` included, is
+  refused; ``exp`` and ``nbf`` are checked when present; a token carrying ``aud`` is
+  refused since no audience is configured).
+* The client id (rate-limit key, safe to log) is ``key:<sha256(key)[:12]>`` for an API
+  key, ``jwt:<sub>`` for a JWT (``jwt:<sha256(token)[:12]>`` without ``sub``), and
+  ``addr:<remote address>`` for requests that are not authenticated (auth off, or a
+  failed attempt: failed attempts are throttled per address).
+* Rate limit: a token bucket per client, ``rate_limit_per_s`` tokens per second up to
+  ``rate_limit_burst``; per worker process (N workers allow N times the rate).
+
+Secrets are :class:`pydantic.SecretStr` (hidden in ``repr``); nothing here logs a token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import jwt
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from app.config import CONFIG_ENV, DEFAULT_CONFIG_FILE
+from app.errors import ConfigError, MarketflowError
+
+__all__ = [
+    "MAX_CLIENTS",
+    "AccessDenied",
+    "AccessGuard",
+    "AuthSection",
+    "RateLimited",
+    "RateLimiter",
+    "Unauthorized",
+    "check_token",
+    "load_auth_settings",
+]
+
+#: realm announced in ``WWW-Authenticate``
+REALM = "marketflow"
+#: most clients the rate limiter remembers (least recently seen are forgotten first)
+MAX_CLIENTS = 10_000
+
+_API_KEY_RE = re.compile(r"^[\x21-\x7e]{16,}$")
+_MIN_JWT_SECRET_BYTES = 32  # RFC 7518 3.2: a key at least as long as the hash output
+
+
+class AuthSection(BaseModel):
+    """The ``[auth]`` settings (see the module docstring); a plain section model, ready to
+    become ``Settings.auth``.
+
+    Attributes:
+        enabled: require a bearer token on every API view except ``/health``.
+        api_keys: static bearer tokens, each at least 16 visible ASCII characters.
+        jwt_hs256_secret: also accept HS256 JWTs signed with this secret (>= 32 bytes).
+        rate_limit_per_s: sustained requests per second per client; 0 turns it off.
+        rate_limit_burst: requests a client may make at once (bucket size).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    jwt_hs256_secret: SecretStr | None = None
+    rate_limit_per_s: float = Field(default=0.0, ge=0, le=1_000_000, allow_inf_nan=False)
+    rate_limit_burst: int = Field(default=20, ge=1, le=1_000_000)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: list[SecretStr]) -> list[SecretStr]:
+        for i, key in enumerate(v):
+            if not _API_KEY_RE.match(key.get_secret_value()):
+                raise ValueError(f"api_keys[{i}]: must be at least 16 visible ASCII "
+                                 "characters without spaces")
+        return v
+
+    @field_validator("jwt_hs256_secret")
+    @classmethod
+    def _check_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().encode()) < _MIN_JWT_SECRET_BYTES:
+            raise ValueError(f"must be at least {_MIN_JWT_SECRET_BYTES} bytes (HS256)")
+        return v
+
+    @model_validator(mode="after")
+    def _credentials_when_enabled(self) -> AuthSection:
+        if self.enabled and not self.api_keys and self.jwt_hs256_secret is None:
+            raise ValueError("auth.enabled needs api_keys or jwt_hs256_secret")
+        return self
+
+
+class _AuthSettings(BaseSettings, AuthSection):
+    """:class:`AuthSection` read from ``MARKETFLOW_AUTH__*`` and the TOML ``[auth]`` table
+    (goes away once the section is part of :class:`app.config.Settings`)."""
+
+    model_config = SettingsConfigDict(env_prefix="MARKETFLOW_AUTH__", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_path()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path,
+                                                    toml_table_header=("auth",)))
+        return tuple(sources)
+
+
+def _config_path() -> Path | None:
+    """The TOML file :mod:`app.config` reads (``MARKETFLOW_CONFIG`` or ./marketflow.toml)."""
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise ConfigError(f"{CONFIG_ENV}={explicit}: no such file")
+        return p
+    p = Path(DEFAULT_CONFIG_FILE)
+    return p if p.is_file() else None
+
+
+def load_auth_settings(**overrides: Any) -> AuthSection:
+    """Load the ``[auth]`` settings: ``overrides`` > ``MARKETFLOW_AUTH__*`` > TOML > defaults.
+
+    Raises:
+        ConfigError: unreadable file or invalid values (every problem listed, no secret
+            values in the message).
+    """
+    try:
+        loaded = _AuthSettings(**overrides)
+        return AuthSection.model_validate(loaded.model_dump())
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"auth.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors(include_input=False)
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+    except (OSError, ValueError) as exc:  # TOML decode errors are ValueError subclasses
+        raise ConfigError(f"cannot read configuration: {exc}") from exc
+
+
+class AccessDenied(MarketflowError):
+    """A request is refused before reaching its view.
+
+    Attributes:
+        status: HTTP status.
+        message: human-readable reason (never contains the token).
+        headers: headers the response must carry.
+    """
+
+    status = 403
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class Unauthorized(AccessDenied):
+    """401: missing, malformed, unknown, expired or badly signed bearer token.
+
+    ``error`` is the RFC 6750 error code announced in ``WWW-Authenticate`` (none when
+    the request carried no bearer token at all, as RFC 6750 3.1 asks).
+    """
+
+    status = 401
+
+    def __init__(self, message: str, error: str | None = "invalid_token") -> None:
+        challenge = f'Bearer realm="{REALM}"'
+        if error:
+            challenge += f', error="{error}", error_description="{message}"'
+        super().__init__(message, {"WWW-Authenticate": challenge})
+        self.error = error
+
+
+class RateLimited(AccessDenied):
+    """429: the client's bucket is empty; retry after ``retry_after_s`` seconds."""
+
+    status = 429
+
+    def __init__(self, retry_after_s: float) -> None:
+        seconds = max(1, math.ceil(retry_after_s))
+        super().__init__(f"rate limit exceeded: retry in {seconds} s",
+                         {"Retry-After": str(seconds)})
+        self.retry_after_s = retry_after_s
+
+
+def _fingerprint(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+def check_token(header_value: str | None, settings: AuthSection) -> str:
+    """Authenticate an ``Authorization`` header value.
+
+    Args:
+        header_value: the raw header (``Bearer <token>``), or None when absent.
+        settings: the auth settings (keys, JWT secret).
+
+    Returns:
+        str: the client id, ``key:<fingerprint>`` or ``jwt:<sub>`` (safe to log).
+
+    Raises:
+        Unauthorized: missing or non-bearer header, unknown key, invalid/expired JWT.
+    """
+    if not header_value or not header_value.strip():
+        raise Unauthorized("missing bearer token", error=None)
+    parts = header_value.split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        raise Unauthorized("expected 'Authorization: Bearer <token>'", error=None)
+    token = parts[1].strip()
+    if not token or any(c.isspace() for c in token):
+        raise Unauthorized("malformed bearer token", error="invalid_request")
+    token_b = token.encode("utf-8", "surrogateescape")
+    matched: str | None = None
+    for key in settings.api_keys:  # compare with every key: no early exit
+        value = key.get_secret_value()
+        if hmac.compare_digest(token_b, value.encode()):
+            matched = value
+    if matched is not None:
+        return "key:" + _fingerprint(matched)
+    secret = settings.jwt_hs256_secret
+    if secret is not None and token.count(".") == 2:
+        try:
+            claims = jwt.decode(token, secret.get_secret_value(), algorithms=["HS256"])
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("token expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthorized("token not yet valid") from None
+        except jwt.InvalidTokenError:
+            raise Unauthorized("invalid token") from None
+        sub = claims.get("sub")
+        if isinstance(sub, str) and sub:
+            return "jwt:" + sub[:64]
+        return "jwt:" + _fingerprint(token)
+    raise Unauthorized("invalid token")
+
+
+class RateLimiter:
+    """Token buckets keyed by client id, with bounded memory.
+
+    Each client may spend ``burst`` requests at once and then ``rate_per_s`` per second.
+    A bucket idle long enough to be full again (``burst / rate_per_s`` seconds) is
+    forgotten, which changes nothing; beyond ``max_clients`` the least recently seen
+    client is forgotten too (it then starts with a full bucket again). Not thread-safe:
+    meant for one event loop.
+    """
+
+    def __init__(self, rate_per_s: float, burst: int, max_clients: int = MAX_CLIENTS) -> None:
+        if not (rate_per_s > 0 and math.isfinite(rate_per_s)):
+            raise ValueError("rate_per_s must be a positive number")
+        if burst < 1 or max_clients < 1:
+            raise ValueError("burst and max_clients must be >= 1")
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_clients = max_clients
+        self._full_after_s = burst / rate_per_s
+        #: client id -> (tokens, last update), least recently seen first
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def acquire(self, client_id: str, now_s: float) -> float | None:
+        """Take one token for ``client_id`` at monotonic time ``now_s``.
+
+        Returns:
+            None when the request may proceed, else the seconds until a token is
+            available (the request must be refused; nothing is taken).
+        """
+        self._evict_idle(now_s)
+        entry = self._buckets.pop(client_id, None)
+        if entry is None:
+            tokens = float(self.burst)
+        else:
+            tokens, last = entry
+            now_s = max(now_s, last)
+            tokens = min(float(self.burst), tokens + (now_s - last) * self.rate_per_s)
+        retry: float | None = None
+        if tokens >= 1.0:
+            tokens -= 1.0
+        else:
+            retry = (1.0 - tokens) / self.rate_per_s
+        self._buckets[client_id] = (tokens, now_s)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return retry
+
+    def _evict_idle(self, now_s: float) -> None:
+        while self._buckets:
+            _, last = next(iter(self._buckets.values()))
+            if now_s - last < self._full_after_s:
+                return
+            self._buckets.popitem(last=False)
+
+
+class AccessGuard:
+    """The access policy of one worker: authentication, then the rate limit.
+
+    ``admit`` is all an HTTP layer needs: it returns the client id or raises
+    :class:`Unauthorized` / :class:`RateLimited`.
+    """
+
+    def __init__(self, settings: AuthSection, max_clients: int = MAX_CLIENTS) -> None:
+        self.settings = settings
+        self.limiter: RateLimiter | None = None
+        if settings.rate_limit_per_s > 0:
+            self.limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst,
+                                       max_clients)
+
+    @property
+    def active(self) -> bool:
+        """Whether any check applies (auth on or a rate limit set)."""
+        return self.settings.enabled or self.limiter is not None
+
+    def admit(self, authorization: str | None, remote: str | None, now_s: float) -> str:
+        """Check one request.
+
+        Args:
+            authorization: the ``Authorization`` header, or None.
+            remote: the peer address (for unauthenticated clients).
+            now_s: monotonic time in seconds.
+
+        Returns:
+            str: the client id.
+
+        Raises:
+            Unauthorized: auth is on and the token is missing or invalid (failed attempts
+                also spend the address's rate-limit tokens).
+            RateLimited: the client's bucket is empty.
+        """
+        address = "addr:" + (remote or "unknown")
+        if not self.settings.enabled:
+            self._limit(address, now_s)
+            return address
+        try:
+            client = check_token(authorization, self.settings)
+        except Unauthorized:
+            self._limit(address, now_s)
+            raise
+        self._limit(client, now_s)
+        return client
+
+    def _limit(self, client: str, now_s: float) -> None:
+        if self.limiter is not None:
+            retry = self.limiter.acquire(client, now_s)
+            if retry is not None:
+                raise RateLimited(retry)

@@ -1,0 +1,185 @@
+"""``ApiView``: the base class of every HTTP API view.
+
+Every response of an :class:`ApiView` that is not a success has one shape::
+
+    {"error": {"status": 400, "message": "invalid symbol 'x y'", "param": "symbol"}}
+
+``status`` repeats the HTTP status, ``message`` is for humans, ``param`` (present only
+when the error concerns one request parameter) names the query or path parameter at
+fault. Views produce it with ``self.fail(status, message, param=None)`` and successes
+with ``self.ok(body)``.
+
+What :meth:`ApiView.dispatch` adds to Faust's ``View``:
+
+* **Access control** (:mod:`app.auth`) on every path except ``/health``: with
+  ``auth.enabled`` a missing/invalid bearer token gets 401 with
+  ``WWW-Authenticate: Bearer ...``; with ``auth.rate_limit_per_s`` > 0 a client over its
+  limit gets 429 with ``Retry-After: <seconds>``. The client id is kept in
+  ``request["marketflow.client_id"]``.
+* **405** as JSON with an ``Allow`` header for a method the view does not implement
+  (routes are registered for every standard method, so aiohttp's plain-text 405 never
+  answers); ``OPTIONS`` is answered 204 with ``Allow`` unless the view defines it.
+* **500** as JSON without any stack trace for an unexpected exception; the traceback is
+  logged server-side with a short ``ref`` that the response message repeats.
+* Faust ``WebError`` exceptions (``raise self.NotFound("...")``) become the error shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
+
+from faust.web import Request, Response, View
+from faust.web.exceptions import WebError
+
+from app.auth import AccessDenied, AccessGuard, load_auth_settings
+from app.errors import ConfigError
+
+__all__ = ["CLIENT_ID_KEY", "PUBLIC_PATHS", "ApiView", "access_guard", "error_body",
+           "set_access_guard"]
+
+log = logging.getLogger(__name__)
+
+#: view paths served without authentication or rate limit
+PUBLIC_PATHS: frozenset[str] = frozenset({"/health"})
+#: request key under which the authenticated client id is stored
+CLIENT_ID_KEY = "marketflow.client_id"
+
+#: methods routed to every ApiView (the view answers 405 for those it lacks)
+_ROUTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_HANDLERS = ("get", "head", "post", "put", "patch", "delete", "options")
+
+_guard: AccessGuard | None = None
+
+
+def access_guard() -> AccessGuard:
+    """The process-wide :class:`AccessGuard`, built from :func:`load_auth_settings` on
+    first use.
+
+    Raises:
+        ConfigError: invalid ``[auth]`` settings.
+    """
+    global _guard
+    if _guard is None:
+        _guard = AccessGuard(load_auth_settings())
+    return _guard
+
+
+def set_access_guard(guard: AccessGuard | None) -> None:
+    """Replace the process-wide guard (tests); None reloads the settings on next use."""
+    global _guard
+    _guard = guard
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """The documented error body."""
+    err: dict[str, Any] = {"status": status, "message": message}
+    if param is not None:
+        err["param"] = param
+    return {"error": err}
+
+
+class ApiView(View):
+    """Faust ``View`` with access control, JSON 405/500 and the one error shape.
+
+    Subclass it exactly like ``View`` (``@app.page(path)``, ``async def get(self,
+    request, **match_info)``) and answer with :meth:`ok` / :meth:`fail`.
+    """
+
+    #: set by ``@app.page``
+    view_path: str
+
+    def __post_init__(self) -> None:
+        # Load the auth settings when the view is registered (worker start), so an
+        # invalid configuration stops the process like any other (exit status 2).
+        try:
+            access_guard()
+        except ConfigError as exc:
+            print(f"marketflow: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    # -- helpers for views ------------------------------------------------------------
+
+    def ok(self, body: Any, status: int = 200, *,
+           headers: Mapping[str, str] | None = None) -> Response:
+        """A JSON success response (``body`` serialised as is)."""
+        return self.json(body, status=status, headers=dict(headers) if headers else None)
+
+    def fail(self, status: int, message: str, param: str | None = None, *,
+             headers: Mapping[str, str] | None = None) -> Response:
+        """A JSON error response ``{"error": {"status", "message"[, "param"]}}``.
+
+        Args:
+            status: HTTP status (4xx/5xx).
+            message: human-readable reason; never put secrets or tracebacks in it.
+            param: the query/path parameter at fault, if any.
+            headers: extra response headers (e.g. ``Retry-After``).
+        """
+        return self.json(error_body(status, message, param), status=status,
+                         headers=dict(headers) if headers else None)
+
+    # -- method handling --------------------------------------------------------------
+
+    def get_methods(self) -> set[str]:
+        """Methods Faust registers routes for: all standard ones, so that
+        :meth:`dispatch` (not aiohttp) answers the unsupported ones."""
+        return set(_ROUTED_METHODS)
+
+    @classmethod
+    def allowed_methods(cls) -> frozenset[str]:
+        """Methods this view answers (its ``Allow`` header)."""
+        names = {m.upper() for m in _overridden(cls)}
+        if "GET" in names:
+            names.add("HEAD")
+        names.add("OPTIONS")
+        return frozenset(names)
+
+    async def dispatch(self, request: Any) -> Any:
+        """Method check, access control, then the handler; errors become JSON."""
+        app = self.app
+        sensor_state = app.sensors.on_web_request_start(app, request, view=self)
+        response: Response | None = None
+        try:
+            response = await self._dispatch(request)
+        finally:
+            app.sensors.on_web_request_end(app, request, response, sensor_state, view=self)
+        return response
+
+    async def _dispatch(self, request: Any) -> Response:
+        method = str(request.method).upper()
+        allowed = self.allowed_methods()
+        allow_header = {"Allow": ", ".join(sorted(allowed))}
+        if method not in allowed:
+            return self.fail(405, f"method {method} not allowed", headers=allow_header)
+        if method == "OPTIONS" and "options" not in _overridden(type(self)):
+            return self.bytes(b"", status=204, headers=allow_header)
+        if getattr(self, "view_path", None) not in PUBLIC_PATHS:
+            guard = access_guard()
+            if guard.active:
+                try:
+                    request[CLIENT_ID_KEY] = guard.admit(
+                        request.headers.get("Authorization"),
+                        getattr(request, "remote", None), time.monotonic())
+                except AccessDenied as exc:
+                    return self.fail(exc.status, exc.message, headers=exc.headers)
+        handler = cast(Callable[..., Awaitable[Response]], self.methods[method.lower()])
+        try:
+            return await handler(cast(Request, request), **(request.match_info or {}))
+        except WebError as exc:
+            status = int(exc.code or 500)
+            if status >= 500:
+                log.error("%s %s failed: %s", method, getattr(request, "path", "?"), exc.detail)
+            return self.fail(status, str(exc.detail))
+        except Exception:
+            ref = secrets.token_hex(4)
+            log.exception("unhandled error in %s %s (ref %s)", method,
+                          getattr(request, "path", "?"), ref)
+            return self.fail(500, f"internal server error (ref {ref})")
+
+
+def _overridden(cls: type[View]) -> set[str]:
+    return {m for m in _HANDLERS if getattr(cls, m) is not getattr(View, m)}

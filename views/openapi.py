@@ -1,0 +1,458 @@
+"""``GET /openapi.json`` (OpenAPI 3.0 document of the HTTP API) and ``GET /docs`` (the
+same document as a self-contained HTML page, rendered server-side: no script, no CDN).
+
+The document is built in one place, :data:`PATHS` plus :data:`SCHEMAS`: a new view adds
+its path entry (and its response schemas) there. Every operation gets the common error
+responses (401, 429, 500; 405 is implicit) from :func:`build_spec` unless it is public
+(``security: []``, like ``/health``).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from importlib import metadata
+from typing import Any
+
+from faust.web import Request, Response
+
+from app.faust_app import app
+from views.base import ApiView
+
+__all__ = ["PATHS", "SCHEMAS", "Docs", "OpenApi", "build_spec", "render_html"]
+
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/\-]{0,39}$"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: str, description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": _ref(schema)}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json("Error", description)
+
+
+def _name_param(name: str, where: str, description: str, required: bool = True
+                ) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": required, "description": description,
+            "schema": {"type": "string", "pattern": _NAME_PATTERN},
+            "example": "BTCUSDT" if name == "symbol" else "binance"}
+
+
+_NUMBER = {"type": "number", "format": "double"}
+_MS = {"type": "integer", "format": "int64", "description": "UTC epoch milliseconds"}
+_ISO = {"type": "string", "format": "date-time",
+        "description": "UTC ISO-8601 with milliseconds, e.g. 2024-08-08T23:55:00.000Z"}
+
+
+def _obj(props: dict[str, Any], required: list[str] | None = None,
+         description: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "properties": props}
+    if required:
+        out["required"] = required
+    if description:
+        out["description"] = description
+    return out
+
+
+#: reusable response bodies (``components.schemas``)
+SCHEMAS: dict[str, Any] = {
+    "Error": _obj(
+        {"error": _obj({
+            "status": {"type": "integer", "description": "the HTTP status", "example": 400},
+            "message": {"type": "string", "description": "human-readable reason",
+                        "example": "missing required parameter 'symbol'"},
+            "param": {"type": "string", "example": "symbol",
+                      "description": "query or path parameter at fault (only when one is)"},
+        }, ["status", "message"])},
+        ["error"],
+        "The one error shape of the API (every 4xx/5xx JSON response)."),
+    "LatestPrice": _obj({
+        "symbol": {"type": "string", "example": "BTCUSDT"},
+        "exchange": {"type": "string", "example": "binance",
+                     "description": "exchange of the newest trade"},
+        "price": {**_NUMBER, "example": 61837.63},
+        "timestamp": {**_MS, "example": 1723161255342,
+                      "description": "trade event time, UTC epoch milliseconds"},
+        "time": {**_ISO, "example": "2024-08-08T23:54:15.342Z"},
+    }, ["symbol", "exchange", "price", "timestamp", "time"], "Newest trade price."),
+    "Bar": _obj({
+        "exchange": {"type": "string", "example": "binance-usdm"},
+        "symbol": {"type": "string", "example": "BTCUSDT"},
+        "bucket_start_ms": {**_MS, "description": "bar start (window [start, start+60 s))"},
+        "time": _ISO,
+        "open": _NUMBER, "high": _NUMBER, "low": _NUMBER, "close": _NUMBER,
+        "volume": {**_NUMBER, "description": "sum of quantities (base units)"},
+        "trade_count": {"type": "integer"},
+        "avg_price": {**_NUMBER, "description": "mean trade price"},
+        "vwap": {**_NUMBER, "nullable": True,
+                 "description": "volume-weighted average price; null without quantities"},
+        "min_price": {**_NUMBER, "description": "= low"},
+        "max_price": {**_NUMBER, "description": "= high"},
+    }, ["exchange", "symbol", "bucket_start_ms", "time", "open", "high", "low", "close",
+        "volume", "trade_count", "avg_price", "vwap", "min_price", "max_price"],
+        "One closed 1-minute OHLCV bar."),
+    "Ohlcv": _obj({
+        "symbol": {"type": "string"},
+        "exchange": {"type": "string", "nullable": True,
+                     "description": "null when bars of every exchange were asked for"},
+        "interval": {"type": "string", "enum": ["1m"]},
+        "start": {**_MS, "description": "range start (inclusive), epoch ms"},
+        "end": {**_MS, "description": "range end (exclusive), epoch ms"},
+        "bars": {"type": "array", "items": _ref("Bar")},
+    }, ["symbol", "exchange", "interval", "start", "end", "bars"], "1-minute bars."),
+    "FeedStatus": _obj({
+        "kind": {"type": "string", "example": "marketflow_tcp"},
+        "state": {"type": "string", "enum": ["starting", "connected", "reconnecting",
+                                             "stopped"]},
+        "last_message_ms": {**_MS, "nullable": True},
+        "messages": {"type": "integer"},
+        "ticks": {"type": "integer"},
+        "dead_lettered": {"type": "integer"},
+        "ignored": {"type": "integer"},
+        "reconnects": {"type": "integer"},
+        "last_error": {"type": "string", "nullable": True},
+    }, description="One live/test feed of the ingesting worker."),
+    "IngestStatus": _obj({
+        "worker": {"type": "string", "example": "host:6066",
+                   "description": "the ingesting worker (consumer-group leader)"},
+        "mode": {"type": "string", "enum": ["live", "test", "off"]},
+        "updated_ms": _MS,
+        "feeds": {"type": "object", "additionalProperties": _ref("FeedStatus"),
+                  "description": "by feed name (exchange1, cryptocompare, ...)"},
+    }, description="Status written by the ingesting worker; null when none ingests."),
+    "Health": _obj({
+        "status": {"type": "string", "enum": ["ok", "degraded"]},
+        "broker": {"type": "string", "enum": ["up", "down"]},
+        "database": {"type": "string", "enum": ["up", "down"]},
+        "redis": {"type": "string", "enum": ["up", "down"]},
+        "details": {"type": "object", "additionalProperties": {"type": "string"},
+                    "description": "error of each dependency that is down"},
+        "mode": {"type": "string", "enum": ["live", "test", "off"],
+                 "description": "requested ingest mode (absent when Redis is down)"},
+        "ingest": {"allOf": [_ref("IngestStatus")], "nullable": True},
+    }, ["status", "broker", "database", "redis", "details"],
+        "Dependency health; a feed outage shows in ingest.feeds but keeps status ok."),
+    "Mode": _obj({
+        "mode": {"type": "string", "enum": ["live", "test", "off"]},
+        "ingest": {"allOf": [_ref("IngestStatus")], "nullable": True},
+    }, ["mode", "ingest"], "Requested mode and the ingesting worker's status."),
+    "ModeSwitched": _obj({
+        "mode": {"type": "string", "enum": ["live", "test"]},
+        "previous": {"type": "string", "enum": ["live", "test", "off"]},
+    }, ["mode", "previous"]),
+}
+
+_LATEST_RESPONSES = {
+    "200": _json("LatestPrice", "the newest price"),
+    "400": _error("malformed symbol or exchange name"),
+    "404": _error("no price known for the symbol (on that exchange)"),
+    "503": _error("Redis unreachable"),
+}
+
+#: every path of the API: one entry per view (method -> OpenAPI operation)
+PATHS: dict[str, dict[str, Any]] = {
+    "/prices/latest/{symbol}": {"get": {
+        "operationId": "latestPrice", "tags": ["prices"],
+        "summary": "Newest trade price of a symbol on any exchange",
+        "parameters": [_name_param("symbol", "path", "trading pair, e.g. BTCUSDT")],
+        "responses": _LATEST_RESPONSES,
+    }},
+    "/prices/latest/{exchange}/{symbol}": {"get": {
+        "operationId": "latestPriceOnExchange", "tags": ["prices"],
+        "summary": "Newest trade price of a symbol on one exchange",
+        "parameters": [_name_param("exchange", "path", "exchange name, e.g. binance"),
+                       _name_param("symbol", "path", "trading pair, e.g. BTCUSDT")],
+        "responses": _LATEST_RESPONSES,
+    }},
+    "/ohlcv": {"get": {
+        "operationId": "ohlcv", "tags": ["bars"],
+        "summary": "1-minute OHLCV bars from TimescaleDB",
+        "description": "Half-open range [start, end) on bar start; at most 31 days. "
+                       "Defaults: end = now, start = end - 1 hour.",
+        "parameters": [
+            _name_param("symbol", "query", "trading pair, e.g. BTCUSDT"),
+            _name_param("exchange", "query", "only bars of this exchange", required=False),
+            {"name": "start", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "epoch milliseconds or ISO-8601 (naive = UTC)",
+             "example": "2024-08-08T23:50:00Z"},
+            {"name": "end", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "epoch milliseconds or ISO-8601 (naive = UTC), exclusive",
+             "example": "2024-08-09T00:10:00Z"},
+            {"name": "interval", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": ["1m"], "default": "1m"},
+             "description": "bar interval (only 1m)"},
+        ],
+        "responses": {
+            "200": _json("Ohlcv", "bars in the range, oldest first"),
+            "400": _error("unknown parameter, bad name or time, unsupported interval, "
+                          "start >= end, or a range over 31 days"),
+            "404": _error("the symbol (on that exchange) has no bars at all"),
+            "503": _error("database unavailable"),
+        },
+    }},
+    "/health": {"get": {
+        "operationId": "health", "tags": ["operations"], "security": [],
+        "summary": "Broker, database and Redis health (never needs a token)",
+        "responses": {
+            "200": _json("Health", "every dependency is up"),
+            "503": _json("Health", "a dependency is down (status degraded)"),
+        },
+    }},
+    "/metrics": {"get": {
+        "operationId": "metrics", "tags": ["operations"],
+        "summary": "Prometheus metrics (text exposition format)",
+        "responses": {"200": {"description": "Prometheus text exposition",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    }},
+    "/mode": {"get": {
+        "operationId": "getMode", "tags": ["mode"],
+        "summary": "Requested ingest mode and the ingesting worker's status",
+        "responses": {
+            "200": _json("Mode", "the mode"),
+            "503": _error("Redis unavailable"),
+        },
+    }},
+    "/mode/{mode}": {"post": {
+        "operationId": "switchMode", "tags": ["mode"],
+        "summary": "Switch the cluster's ingest to live or test",
+        "description": "Any worker accepts it; the ingesting worker (the group leader) "
+                       "applies it within about a second.",
+        "parameters": [{"name": "mode", "in": "path", "required": True,
+                        "schema": {"type": "string", "enum": ["live", "test"]}}],
+        "responses": {
+            "200": _json("ModeSwitched", "switched"),
+            "400": _error("unknown mode"),
+            "409": _error("already in that mode"),
+            "503": _error("Redis unavailable"),
+        },
+    }},
+    "/openapi.json": {"get": {
+        "operationId": "openapi", "tags": ["documentation"],
+        "summary": "This OpenAPI 3.0 document",
+        "responses": {"200": {"description": "the document",
+                              "content": {"application/json": {
+                                  "schema": {"type": "object"}}}}},
+    }},
+    "/docs": {"get": {
+        "operationId": "docs", "tags": ["documentation"],
+        "summary": "This document as an HTML page",
+        "responses": {"200": {"description": "HTML page",
+                              "content": {"text/html": {"schema": {"type": "string"}}}}},
+    }},
+}
+
+_COMMON_ERRORS = {
+    "401": {"description": "missing or invalid bearer token (when auth is enabled)",
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"},
+                                             "description": "Bearer challenge"}},
+            "content": {"application/json": {"schema": _ref("Error")}}},
+    "429": {"description": "rate limit exceeded",
+            "headers": {"Retry-After": {"schema": {"type": "integer"},
+                                        "description": "seconds to wait"}},
+            "content": {"application/json": {"schema": _ref("Error")}}},
+    "500": _error("unexpected server error (no details; the server logs it with the ref)"),
+}
+
+_DESCRIPTION = """Real-time crypto market data: latest prices and 1-minute OHLCV bars.
+
+**Authentication.** When the server enables it (`auth.enabled`), every path except
+`/health` needs `Authorization: Bearer <token>`: a configured API key or an HS256 JWT
+signed with the configured secret (`exp`/`nbf` checked). A per-client rate limit
+(`auth.rate_limit_per_s`, `auth.rate_limit_burst`) answers 429 with `Retry-After`.
+
+**Errors.** Every error is `{"error": {"status": 400, "message": "...", "param": "symbol"}}`
+(`param` only when one parameter is at fault); a method a path does not support gets 405
+with an `Allow` header."""
+
+
+def _version() -> str:
+    try:
+        return metadata.version("marketflow")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def build_spec() -> dict[str, Any]:
+    """The OpenAPI 3.0 document: :data:`PATHS` and :data:`SCHEMAS` plus the bearer
+    security scheme and, on every operation not marked public, the common errors."""
+    paths: dict[str, Any] = {}
+    for path, ops in PATHS.items():
+        paths[path] = {}
+        for method, op in ops.items():
+            op = {**op, "responses": dict(op["responses"])}
+            public = op.get("security") == []
+            for code, resp in _COMMON_ERRORS.items():
+                if public and code in ("401", "429"):
+                    continue
+                op["responses"].setdefault(code, resp)
+            paths[path][method] = op
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "marketflow HTTP API", "version": _version(),
+                 "description": _DESCRIPTION,
+                 "license": {"name": "Apache-2.0"}},
+        "tags": [{"name": t} for t in
+                 ("prices", "bars", "mode", "operations", "documentation")],
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer",
+                "description": "API key or HS256 JWT (only when auth.enabled)"}},
+        },
+        "security": [{"bearerAuth": []}],
+    }
+
+
+# -- HTML rendering -----------------------------------------------------------------------
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _schema_type(schema: dict[str, Any]) -> str:
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[1]
+        return f'<a href="#schema-{_e(name)}">{_e(name)}</a>'
+    if "allOf" in schema:
+        out = " &amp; ".join(_schema_type(s) for s in schema["allOf"])
+    elif schema.get("type") == "array":
+        out = "array of " + _schema_type(schema.get("items", {}))
+    elif schema.get("type") == "object" and "additionalProperties" in schema:
+        out = "map of " + _schema_type(schema["additionalProperties"])
+    else:
+        out = _e(schema.get("type", "any"))
+        if "format" in schema:
+            out += f" ({_e(schema['format'])})"
+    if "enum" in schema:
+        out += ": " + " | ".join(f"<code>{_e(v)}</code>" for v in schema["enum"])
+    if schema.get("nullable"):
+        out += " or null"
+    return out
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return ""
+    th = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _paragraphs(text: str) -> str:
+    """Escaped paragraphs; ``code`` and **bold** spans become tags."""
+    out = []
+    for p in text.split("\n\n"):
+        h = _e(p).replace("\n", " ")
+        h = re.sub(r"`([^`]+)`", r"<code>\1</code>", h)
+        h = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", h)
+        out.append(f"<p>{h}</p>")
+    return "".join(out)
+
+
+def _operation(path: str, method: str, op: dict[str, Any], spec: dict[str, Any]) -> str:
+    anchor = _e(op.get("operationId", f"{method}-{path}"))
+    open_ = op.get("security", spec.get("security")) == []
+    lock = "" if open_ else ' <span class="lock">bearer token when auth is enabled</span>'
+    parts = [f'<section class="op" id="{anchor}"><h3><span class="method">'
+             f"{_e(method.upper())}</span> <code>{_e(path)}</code>{lock}</h3>",
+             f"<p>{_e(op.get('summary', ''))}</p>"]
+    if op.get("description"):
+        parts.append(_paragraphs(op["description"]))
+    params = [[f"<code>{_e(p['name'])}</code>", _e(p["in"]),
+               "yes" if p.get("required") else "no", _schema_type(p.get("schema", {})),
+               _e(p.get("description", "")),
+               f"<code>{_e(p['example'])}</code>" if "example" in p else ""]
+              for p in op.get("parameters", [])]
+    if params:
+        parts.append("<h4>Parameters</h4>" + _table(
+            ["name", "in", "required", "type", "description", "example"], params))
+    rows = []
+    for code, resp in sorted(op["responses"].items()):
+        content = resp.get("content", {})
+        kinds = ", ".join(f"<code>{_e(ct)}</code> {_schema_type(c.get('schema', {}))}"
+                          for ct, c in content.items())
+        headers = ", ".join(f"<code>{_e(h)}</code>" for h in resp.get("headers", {}))
+        rows.append([f"<b>{_e(code)}</b>", _e(resp.get("description", "")), kinds, headers])
+    parts.append("<h4>Responses</h4>" + _table(
+        ["status", "meaning", "body", "headers"], rows))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _schema_section(name: str, schema: dict[str, Any]) -> str:
+    required = set(schema.get("required", []))
+    rows = [[f"<code>{_e(prop)}</code>", _schema_type(sub),
+             "yes" if prop in required else "no", _e(sub.get("description", "")),
+             f"<code>{_e(json.dumps(sub['example']))}</code>" if "example" in sub else ""]
+            for prop, sub in schema.get("properties", {}).items()]
+    out = [f'<section class="schema" id="schema-{_e(name)}"><h3>{_e(name)}</h3>']
+    if schema.get("description"):
+        out.append(f"<p>{_e(schema['description'])}</p>")
+    out.append(_table(["field", "type", "required", "description", "example"], rows))
+    for prop, sub in schema.get("properties", {}).items():
+        if sub.get("type") == "object" and "properties" in sub:
+            out.append(f"<h4><code>{_e(name)}.{_e(prop)}</code></h4>")
+            out.append(_schema_section(f"{name}.{prop}", sub))
+    out.append("</section>")
+    return "".join(out)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;
+padding:0 1rem;color:#222;line-height:1.4}
+table{border-collapse:collapse;width:100%;margin:.5rem 0 1rem}
+th,td{border:1px solid #ccc;padding:.3rem .5rem;text-align:left;vertical-align:top}
+th{background:#f3f3f3}code{background:#f5f5f5;padding:0 .2rem}
+.op{border-top:2px solid #ddd;padding-top:.5rem}.method{background:#246;color:#fff;
+padding:.1rem .4rem;border-radius:3px;font-size:.9em}
+.lock{font-size:.75em;font-weight:normal;color:#a40}"""
+
+
+def render_html(spec: dict[str, Any]) -> str:
+    """A standalone HTML page for an OpenAPI 3.0 document (every value escaped)."""
+    info = spec["info"]
+    toc, ops = [], []
+    for path, methods in spec["paths"].items():
+        for method, op in methods.items():
+            anchor = _e(op.get("operationId", f"{method}-{path}"))
+            toc.append(f'<li><a href="#{anchor}">{_e(method.upper())} {_e(path)}</a> '
+                       f"&mdash; {_e(op.get('summary', ''))}</li>")
+            ops.append(_operation(path, method, op, spec))
+    schemas = [_schema_section(n, s) for n, s in spec["components"]["schemas"].items()]
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(info['title'])}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_e(info['title'])} <small>{_e(info['version'])}</small></h1>"
+        f"{_paragraphs(info.get('description', ''))}"
+        f'<p>Machine-readable: <a href="openapi.json">/openapi.json</a> '
+        f"(OpenAPI {_e(spec['openapi'])}).</p>"
+        f"<h2>Endpoints</h2><ul>{''.join(toc)}</ul>{''.join(ops)}"
+        f"<h2>Schemas</h2>{''.join(schemas)}</body></html>"
+    )
+
+
+SPEC: dict[str, Any] = build_spec()
+_HTML = render_html(SPEC)
+
+
+@app.page("/openapi.json")
+class OpenApi(ApiView):
+    """The OpenAPI 3.0 document."""
+
+    async def get(self, request: Request) -> Response:
+        return self.ok(SPEC)
+
+
+@app.page("/docs")
+class Docs(ApiView):
+    """The API documentation page."""
+
+    async def get(self, request: Request) -> Response:
+        return self.html(_HTML)
