@@ -40,6 +40,7 @@ import hmac
 import math
 import os
 import re
+import tomllib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -56,9 +57,9 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from app.config import CONFIG_ENV, DEFAULT_CONFIG_FILE
@@ -146,8 +147,7 @@ class _AuthSettings(BaseSettings, AuthSection):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         path = _config_path()
         if path is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path,
-                                                    toml_table_header=("auth",)))
+            sources.append(InitSettingsSource(settings_cls, _toml_auth_table(path)))
         return tuple(sources)
 
 
@@ -161,6 +161,15 @@ def _config_path() -> Path | None:
         return p
     p = Path(DEFAULT_CONFIG_FILE)
     return p if p.is_file() else None
+
+
+def _toml_auth_table(path: Path) -> dict[str, Any]:
+    """The ``[auth]`` table of ``path`` (empty when there is none)."""
+    with path.open("rb") as fh:
+        table = tomllib.load(fh).get("auth", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: 'auth' must be a table")
+    return table
 
 
 def load_auth_settings(**overrides: Any) -> AuthSection:
