@@ -51,6 +51,7 @@ from app.topics import bars_topic, dead_letter_topic, ticks_topic
 from tables.aggregator import BatchResult, WindowAggregator
 from tables.bars import window_state
 from tables.price_stats import per_second
+from tables.window import finalize_bar
 
 __all__ = ["aggregate_ticks", "aggregator", "idle_check"]
 
@@ -142,6 +143,13 @@ async def handle_event(event: EventT) -> list[Any]:
             latest_prices.update_seconds(per_second(res.applied_ticks))
         WATERMARK_MS.labels(str(msg.partition)).set(aggregator.watermark(msg.partition))
         trigger = "watermark"
+    live = [{**bar, "closed": True} for bar in res.closed]
+    for key in res.dirty:
+        exchange, symbol = key.split(":", 1)
+        live += [{**finalize_bar(exchange, symbol, bar, settings.window.size_ms), "closed": False}
+                 for bar in store[key]["bars"].values()]
+    if live:
+        latest_prices.update_bars(live)
     pending.extend(await _publish_closed(res, trigger))
     if pending:
         await asyncio.gather(*pending)  # broker acks before the state moves on

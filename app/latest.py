@@ -16,6 +16,12 @@ Recent per-second state for price statistics (:mod:`tables.price_stats`):
   seconds); merged atomically by a Lua script, expiring 16 minutes after its last write,
   so stale data deletes itself and memory stays bounded;
 * ``<p>:exchanges:<symbol>`` — set of exchanges that traded the symbol.
+
+Live 1-minute bars for ``/ohlcv``'s still-open bucket:
+
+* ``<p>:bar:<exchange>:<symbol>:<bucket_start_ms>`` — JSON closed-bar schema plus
+  ``"closed": false|true``; open bars live 20 minutes after their last update, closed ones
+  3 minutes (long enough for the sink to have written them to TimescaleDB).
 """
 
 from __future__ import annotations
@@ -24,13 +30,15 @@ import asyncio
 import logging
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from mode import Service
 from redis.exceptions import RedisError
 
 from app.metrics import SINK_ERRORS, SINK_RETRIES
 
-__all__ = ["SECONDS_TTL_MS", "LatestPrices", "exchanges_key", "latest_key", "seconds_key"]
+__all__ = ["CLOSED_BAR_TTL_MS", "OPEN_BAR_TTL_MS", "SECONDS_TTL_MS", "LatestPrices", "bar_key",
+           "exchanges_key", "latest_key", "seconds_key"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +73,10 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
 return 1
 """
 
+#: live-bar TTLs (open / just closed)
+OPEN_BAR_TTL_MS = 20 * 60_000
+CLOSED_BAR_TTL_MS = 3 * 60_000
+
 #: how long a per-minute hash of per-second state lives after its last write
 SECONDS_TTL_MS = 16 * 60_000
 
@@ -72,6 +84,11 @@ SECONDS_TTL_MS = 16 * 60_000
 def seconds_key(prefix: str, exchange: str, symbol: str, minute: int) -> str:
     """Redis key of one minute of per-second state (``minute`` = epoch minutes)."""
     return f"{prefix}:sec:{exchange}:{symbol}:{minute}"
+
+
+def bar_key(prefix: str, exchange: str, symbol: str, bucket_start_ms: int) -> str:
+    """Redis key of one live 1-minute bar."""
+    return f"{prefix}:bar:{exchange}:{symbol}:{bucket_start_ms}"
 
 
 def exchanges_key(prefix: str, symbol: str) -> str:
@@ -108,6 +125,7 @@ class LatestPrices(Service):
         self.client: aioredis.Redis = aioredis.Redis.from_url(url, decode_responses=True)
         self._pending: dict[str, tuple[float, int]] = {}
         self._pending_secs: dict[tuple[str, int], list[float]] = {}
+        self._pending_bars: dict[tuple[str, str, int], dict[str, Any]] = {}
         self._wake = asyncio.Event()
         self._script = self.client.register_script(_SET_IF_NEWER)
         self._merge_seconds = self.client.register_script(_MERGE_SECONDS)
@@ -136,16 +154,28 @@ class LatestPrices(Service):
                 cur[3] += a[3]
         self._wake.set()
 
+    def update_bars(self, bars: list[dict[str, Any]]) -> None:
+        """Queue live 1-minute bar snapshots (closed-bar schema + ``closed``); a closed
+        snapshot is never replaced by an open one."""
+        pending = self._pending_bars
+        for b in bars:
+            k = (b["exchange"], b["symbol"], b["bucket_start_ms"])
+            cur = pending.get(k)
+            if cur is None or b["closed"] or not cur["closed"]:
+                pending[k] = b
+        self._wake.set()
+
     async def flush(self) -> int:
         """Write everything pending now. Returns the number of keys written.
 
         Raises:
             redis.exceptions.RedisError: the write failed (pending values are kept).
         """
-        if not self._pending and not self._pending_secs:
+        if not self._pending and not self._pending_secs and not self._pending_bars:
             return 0
         batch, self._pending = self._pending, {}
         secs, self._pending_secs = self._pending_secs, {}
+        bars, self._pending_bars = self._pending_bars, {}
         by_minute: dict[tuple[str, int], list[str]] = {}
         for (key, sec), a in secs.items():
             by_minute.setdefault((key, sec // 60), []).extend(
@@ -157,6 +187,9 @@ class LatestPrices(Service):
                     await self._merge_seconds(
                         keys=[seconds_key(self.prefix, exchange, symbol, minute)],
                         args=[SECONDS_TTL_MS, *args], client=pipe)
+                for (ex, sym, b), bar in bars.items():
+                    pipe.set(bar_key(self.prefix, ex, sym, b), orjson.dumps(bar),
+                             px=CLOSED_BAR_TTL_MS if bar["closed"] else OPEN_BAR_TTL_MS)
                 for key in {k for k, _ in by_minute}:
                     exchange, symbol = key.split(":", 1)
                     pipe.sadd(exchanges_key(self.prefix, symbol), exchange)
@@ -175,8 +208,10 @@ class LatestPrices(Service):
             self._pending = batch
             later, self._pending_secs = self._pending_secs, secs
             self.update_seconds(later)
+            later_bars, self._pending_bars = self._pending_bars, bars
+            self.update_bars(list(later_bars.values()))
             raise
-        return len(batch) + len(secs)
+        return len(batch) + len(secs) + len(bars)
 
     @Service.task
     async def _writer(self) -> None:
@@ -244,6 +279,26 @@ class LatestPrices(Service):
                     lo, hi, total, n = v.split(",")
                     out.append([float(lo), float(hi), float(total), float(n)])
         return out
+
+    async def live_bars(self, symbol: str, exchange: str | None, start_ms: int, end_ms: int
+                        ) -> list[dict[str, Any]]:
+        """Live 1-minute bars of ``symbol`` (one exchange or all) with start in
+        ``[start_ms, end_ms)``.
+
+        Raises:
+            redis.exceptions.RedisError: Redis is unreachable.
+        """
+        if exchange is None:
+            exchanges = sorted(str(e) for e in
+                               await self.client.smembers(exchanges_key(self.prefix, symbol)))
+        else:
+            exchanges = [exchange]
+        first = start_ms - start_ms % 60_000
+        keys = [bar_key(self.prefix, ex, symbol, b) for ex in exchanges
+                for b in range(first, end_ms, 60_000)]
+        if not keys:
+            return []
+        return [orjson.loads(v) for v in await self.client.mget(keys) if v]
 
     async def ping(self) -> bool:
         """True when Redis answers PING."""

@@ -8,7 +8,8 @@ from typing import Any
 
 import asyncpg
 
-__all__ = ["fetch_bars", "fetch_rollup", "price_stats", "symbol_known", "upsert_bars"]
+__all__ = ["fetch_bars", "fetch_rollup", "price_stats", "stored_minutes", "symbol_known",
+           "upsert_bars"]
 
 _UPSERT = """
 INSERT INTO bars_1m (exchange, symbol, bucket_start, open, high, low, close, volume,
@@ -56,6 +57,13 @@ LIMIT $6
 _STATS = """
 SELECT max(high) AS high, min(low) AS low, sum(avg_price * trade_count) AS price_sum,
        sum(trade_count)::bigint AS n
+FROM bars_1m
+WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
+  AND bucket_start >= $3 AND bucket_start < $4
+"""
+
+_STORED_MINUTES = """
+SELECT exchange, (extract(epoch from bucket_start) * 1000)::bigint AS b
 FROM bars_1m
 WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
   AND bucket_start >= $3 AND bucket_start < $4
@@ -142,6 +150,13 @@ async def price_stats(conn: asyncpg.Connection, symbol: str, exchange: str | Non
     if r is None or not r["n"]:
         return None
     return [r["low"], r["high"], r["price_sum"], float(r["n"])]
+
+
+async def stored_minutes(conn: asyncpg.Connection, symbol: str, exchange: str | None,
+                         start_ms: int, end_ms: int) -> set[tuple[str, int]]:
+    """``(exchange, bucket_start_ms)`` of the stored 1-minute bars in ``[start_ms, end_ms)``."""
+    rows = await conn.fetch(_STORED_MINUTES, symbol, exchange, _ts(start_ms), _ts(end_ms))
+    return {(r["exchange"], int(r["b"])) for r in rows}
 
 
 async def symbol_known(conn: asyncpg.Connection, symbol: str, exchange: str | None) -> bool:

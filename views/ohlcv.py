@@ -24,7 +24,13 @@ Response 200::
                "vwap": 61802.1, "min_price": 61760.3, "max_price": 61839.9,
                "closed": true}, ...]}
 
-404 when the symbol (on that exchange) has no bars at all; 503 when the database is down.
+The still-open bucket is included from live state (the bar agent mirrors its open and
+just-closed 1-minute bars into Redis) and marked ``"closed": false``; minutes not yet in
+TimescaleDB (the last :data:`LIVE_WINDOW_MS`) come from there, the rest from the
+database, so there is no gap and no overlap at the boundary.
+
+404 when the symbol (on that exchange) has no bars at all; 503 when the database or Redis
+is down.
 """
 
 from __future__ import annotations
@@ -34,18 +40,22 @@ from typing import Any
 
 import asyncpg
 from faust.web import Request, Response, View
+from redis.exceptions import RedisError
 
 from app.errors import QueryError
 from app.faust_app import app
-from app.services import database
-from sql.bars_1m import fetch_rollup, symbol_known
+from app.services import database, latest_prices
+from sql.bars_1m import fetch_rollup, stored_minutes, symbol_known
 from views.params import iso_ms, parse_name, parse_time_ms
 
-__all__ = ["INTERVALS_MS", "MAX_BARS", "Ohlcv", "fill_previous", "parse_ohlcv_query"]
+__all__ = ["INTERVALS_MS", "LIVE_WINDOW_MS", "MAX_BARS", "Ohlcv", "fill_previous", "merge_live",
+           "parse_ohlcv_query"]
 
 INTERVALS_MS = {"1m": 60_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
                 "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000}
 MAX_BARS = 5_000
+#: minutes this recent may not be in the database yet: taken from the live bars in Redis
+LIVE_WINDOW_MS = 5 * 60_000
 _DEFAULT_BARS = 100
 _ALLOWED = {"symbol", "exchange", "start", "end", "interval", "fill"}
 
@@ -85,6 +95,58 @@ def parse_ohlcv_query(q: dict[str, str], now_ms: int
         raise QueryError(f"range too large: more than {MAX_BARS} {interval} bars; "
                          "narrow start/end or use a larger interval")
     return symbol, exchange, start_ms, end_ms, interval, fill
+
+
+def merge_live(bars: list[dict[str, Any]], live: list[dict[str, Any]], interval_ms: int,
+               now_ms: int) -> list[dict[str, Any]]:
+    """Fold live 1-minute bars (not yet in the database) into stored interval buckets.
+
+    Consolidation rules as in the SQL rollup: open of the earliest trade (``open_ts_ms``),
+    close of the latest (``close_ts_ms``), high max, low min, volume and trade count summed,
+    average price count-weighted, VWAP volume-weighted. A bucket is ``closed`` when its end
+    has passed and none of its minutes is still open. Pure; returns bars oldest first.
+
+    Args:
+        bars: stored buckets (response shape plus ``open_ts_ms``/``close_ts_ms``).
+        live: live 1-minute bars (closed-bar schema plus ``closed``) whose minutes are not
+            in the database.
+        interval_ms: bucket length.
+        now_ms: wall clock, UTC epoch ms.
+    """
+    by_start = {b["bucket_start_ms"]: dict(b) for b in bars}
+    for m in live:
+        start = m["bucket_start_ms"] - m["bucket_start_ms"] % interval_ms
+        cur = by_start.get(start)
+        if cur is None:
+            by_start[start] = {
+                "exchange": None, "symbol": m["symbol"], "bucket_start_ms": start,
+                "time": iso_ms(start), "open": m["open"], "high": m["high"], "low": m["low"],
+                "close": m["close"], "volume": m["volume"], "trade_count": m["trade_count"],
+                "avg_price": m["avg_price"], "vwap": m["vwap"], "min_price": m["low"],
+                "max_price": m["high"], "closed": bool(m["closed"]),
+                "open_ts_ms": m["open_ts_ms"], "close_ts_ms": m["close_ts_ms"]}
+            continue
+        n_old, n_new = cur["trade_count"], m["trade_count"]
+        v_old = cur["volume"] if cur["vwap"] is not None else 0.0
+        v_new = m["volume"] if m["vwap"] is not None else 0.0
+        if m["open_ts_ms"] < cur["open_ts_ms"]:
+            cur["open"], cur["open_ts_ms"] = m["open"], m["open_ts_ms"]
+        if m["close_ts_ms"] >= cur["close_ts_ms"]:
+            cur["close"], cur["close_ts_ms"] = m["close"], m["close_ts_ms"]
+        cur["high"] = cur["max_price"] = max(cur["high"], m["high"])
+        cur["low"] = cur["min_price"] = min(cur["low"], m["low"])
+        cur["volume"] += m["volume"]
+        cur["trade_count"] = n_old + n_new
+        cur["avg_price"] = ((cur["avg_price"] or 0.0) * n_old + m["avg_price"] * n_new) / (
+            n_old + n_new)
+        if v_old + v_new > 0:
+            cur["vwap"] = ((cur["vwap"] or 0.0) * v_old + (m["vwap"] or 0.0) * v_new) / (
+                v_old + v_new)
+        cur["closed"] = cur["closed"] and bool(m["closed"])
+    out = sorted(by_start.values(), key=lambda b: b["bucket_start_ms"])
+    for b in out:
+        b["closed"] = b["closed"] and b["bucket_start_ms"] + interval_ms <= now_ms
+    return out
 
 
 def fill_previous(bars: list[dict[str, Any]], interval_ms: int, end_ms: int
@@ -127,9 +189,7 @@ class Ohlcv(View):
             async with pool.acquire() as conn:
                 rows = await fetch_rollup(conn, symbol, exchange, start_ms, end_ms, iv,
                                           MAX_BARS)
-                if not rows and not await symbol_known(conn, symbol, exchange):
-                    where = f" on exchange {exchange!r}" if exchange else ""
-                    return self.json({"error": f"unknown symbol {symbol!r}{where}"}, status=404)
+                known = bool(rows) or await symbol_known(conn, symbol, exchange)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             return self.json({"error": f"database unavailable: {type(exc).__name__}"},
                              status=503)
@@ -143,7 +203,32 @@ class Ohlcv(View):
                 "avg_price": r["avg_price"], "vwap": r["vwap"],
                 "min_price": r["low"], "max_price": r["high"],
                 "closed": ms + iv <= now_ms,
+                "open_ts_ms": r["open_ts_ms"], "close_ts_ms": r["close_ts_ms"],
             })
+        live_from = now_ms - now_ms % 60_000 - LIVE_WINDOW_MS
+        if end_ms > live_from:
+            try:
+                live = await latest_prices.live_bars(symbol, exchange, max(start_ms, live_from),
+                                                     end_ms)
+                if live:
+                    async with pool.acquire() as conn:
+                        stored = await stored_minutes(conn, symbol, exchange,
+                                                      max(start_ms, live_from), end_ms)
+                    live = [m for m in live
+                            if (m["exchange"], m["bucket_start_ms"]) not in stored]
+                    bars = merge_live(bars, live, iv, now_ms)
+                    for b in bars:
+                        b["exchange"] = exchange
+                    known = True
+            except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                return self.json({"error": f"storage unavailable: {type(exc).__name__}"},
+                                 status=503)
+        if not known:
+            where = f" on exchange {exchange!r}" if exchange else ""
+            return self.json({"error": f"unknown symbol {symbol!r}{where}"}, status=404)
+        for b in bars:
+            b.pop("open_ts_ms", None)
+            b.pop("close_ts_ms", None)
         if fill == "previous":
             bars = fill_previous(bars, iv, min(end_ms, now_ms - now_ms % iv + iv))
         return self.json({"symbol": symbol, "exchange": exchange, "interval": interval,

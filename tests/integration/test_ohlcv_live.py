@@ -1,0 +1,59 @@
+"""The still-open bucket joins the stored bars without gap or overlap."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+
+import orjson
+import pytest
+
+from tests.integration.conftest import Stack
+
+pytestmark = pytest.mark.integration
+
+
+async def test_live_bucket_joins_stored_bars(stack: Stack) -> None:
+    w = stack.worker(MARKETFLOW_FEEDS__EXCHANGES="[]", MARKETFLOW_WINDOW__GRACE_MS="1000",
+                     MARKETFLOW_FEEDS__GENERATOR__RATE_PER_S="300").start()
+    await w.wait_ready()
+    t0 = int(time.time() * 1000)
+    assert (await stack.post("/mode/test"))[0] == 200
+    q = (f"/ohlcv?symbol=BTCUSDT&exchange=exchange1&interval=1m&start={t0}"
+         f"&end={t0 + 10 * 60_000}")
+    # while ticks keep arriving: wait until at least one minute is stored and one is live
+    deadline = time.monotonic() + 100
+    while True:
+        status, body = await stack.http(q)
+        if status == 404:  # no tick of the pair seen yet
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.5)
+            continue
+        assert status == 200, body
+        bars = body["bars"]
+        starts = [b["bucket_start_ms"] for b in bars]
+        assert starts == sorted(set(starts))  # each minute once
+        assert all(b - a == 60_000 for a, b in itertools.pairwise(starts))  # no gap
+        if len(bars) >= 2 and bars[0]["closed"] and not bars[-1]["closed"]:
+            stored = await stack.bars("exchange1", "BTCUSDT")
+            if bars[0]["bucket_start_ms"] in stored:
+                break
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(1.0)
+    assert [b["closed"] for b in bars[:-1]] == [True] * (len(bars) - 1)
+
+    # freeze ingest (live mode with no exchange configured) and compare views with the ticks
+    assert (await stack.post("/mode/live"))[0] == 200
+    await asyncio.sleep(3)
+    _, one_min = await stack.http(q)
+    _, hour = await stack.http(q.replace("interval=1m", "interval=1h"))
+    ticks = [t for _, v in await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0)
+             for t in orjson.loads(v) if "control" not in t
+             and t["exchange"] == "exchange1" and t["symbol"] == "BTCUSDT"]
+    assert sum(b["trade_count"] for b in one_min["bars"]) == len(ticks)
+    assert sum(b["trade_count"] for b in hour["bars"]) == len(ticks)
+    assert max(b["high"] for b in hour["bars"]) == max(t["price"] for t in ticks)
+    assert min(b["low"] for b in hour["bars"]) == min(t["price"] for t in ticks)
+    last = max(ticks, key=lambda t: t["ts_ms"])
+    assert hour["bars"][-1]["close"] == last["price"]
