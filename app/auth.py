@@ -62,7 +62,6 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from app.config import CONFIG_ENV, DEFAULT_CONFIG_FILE
 from app.errors import ConfigError, MarketflowError
 
 __all__ = [
@@ -153,6 +152,8 @@ class _AuthSettings(BaseSettings, AuthSection):
 
 def _config_path() -> Path | None:
     """The TOML file :mod:`app.config` reads (``MARKETFLOW_CONFIG`` or ./marketflow.toml)."""
+    from app.config import CONFIG_ENV, DEFAULT_CONFIG_FILE  # app.config imports this module
+
     explicit = os.environ.get(CONFIG_ENV)
     if explicit:
         p = Path(explicit)

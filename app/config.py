@@ -26,6 +26,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from app.auth import AuthSection
 from app.errors import ConfigError
 
 __all__ = [
@@ -294,6 +295,7 @@ class Settings(BaseSettings):
     sink: SinkSection = SinkSection()
     feeds: FeedsSection = FeedsSection()
     log: LogSection = LogSection()
+    auth: AuthSection = AuthSection()
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> Settings:

@@ -30,7 +30,15 @@ class InvalidTick(MarketflowError):
 
 
 class QueryError(MarketflowError):
-    """A malformed API query parameter (reported as HTTP 400)."""
+    """A malformed API query parameter (reported as HTTP 400).
+
+    Attributes:
+        param: the offending parameter's name, when known.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ReplayError(MarketflowError):

@@ -8,8 +8,8 @@ from typing import Any
 
 import asyncpg
 
-__all__ = ["fetch_bars", "fetch_rollup", "price_stats", "stored_minutes", "symbol_known",
-           "upsert_bars"]
+__all__ = ["fetch_bars", "fetch_rollup", "newest_bar_before", "pairs", "price_stats",
+           "recent_prices", "stored_minutes", "symbol_known", "upsert_bars"]
 
 _UPSERT = """
 INSERT INTO bars_1m (exchange, symbol, bucket_start, open, high, low, close, volume,
@@ -67,6 +67,46 @@ SELECT exchange, (extract(epoch from bucket_start) * 1000)::bigint AS b
 FROM bars_1m
 WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
   AND bucket_start >= $3 AND bucket_start < $4
+"""
+
+#: Distinct (exchange, symbol) pairs as a loose index scan over the primary key (one index
+#: probe per pair and chunk instead of reading every bar), filtered by exchange
+#: (case-insensitive equality, NULL = any; $1), a case-insensitive substring of
+#: ``exchange:symbol`` ($2, '' = any), at most $3 rows ordered by symbol, exchange.
+_PAIRS = """
+WITH RECURSIVE pairs (exchange, symbol) AS (
+    (SELECT exchange, symbol FROM bars_1m ORDER BY exchange, symbol LIMIT 1)
+    UNION ALL
+    SELECT nxt.exchange, nxt.symbol
+    FROM pairs AS p
+    CROSS JOIN LATERAL (
+        SELECT b.exchange, b.symbol FROM bars_1m AS b
+        WHERE (b.exchange, b.symbol) > (p.exchange, p.symbol)
+        ORDER BY b.exchange, b.symbol
+        LIMIT 1
+    ) AS nxt
+)
+SELECT exchange, symbol FROM pairs
+WHERE ($1::text IS NULL OR lower(exchange) = lower($1::text))
+  AND strpos(lower(exchange || ':' || symbol), lower($2::text)) > 0
+ORDER BY symbol, exchange
+LIMIT $3
+"""
+
+#: Start of the newest 1-minute bar of $1 (on exchange $2, NULL = any) before $3.
+_NEWEST_BEFORE = """
+SELECT bucket_start FROM bars_1m
+WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2) AND bucket_start < $3
+ORDER BY bucket_start DESC
+LIMIT 1
+"""
+
+#: Prices of the newest $3 1-minute bars of $1 (on exchange $2, NULL = any).
+_RECENT_PRICES = """
+SELECT open, high, low, close FROM bars_1m
+WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
+ORDER BY bucket_start DESC
+LIMIT $3
 """
 
 _KNOWN = """
@@ -157,6 +197,26 @@ async def stored_minutes(conn: asyncpg.Connection, symbol: str, exchange: str | 
     """``(exchange, bucket_start_ms)`` of the stored 1-minute bars in ``[start_ms, end_ms)``."""
     rows = await conn.fetch(_STORED_MINUTES, symbol, exchange, _ts(start_ms), _ts(end_ms))
     return {(r["exchange"], int(r["b"])) for r in rows}
+
+
+async def pairs(conn: asyncpg.Connection, exchange: str | None, query: str, limit: int
+                ) -> Sequence[asyncpg.Record]:
+    """Distinct ``(exchange, symbol)`` pairs matching ``query`` (case-insensitive substring
+    of ``exchange:symbol``; '' = any) on ``exchange`` (None = any), at most ``limit``."""
+    return await conn.fetch(_PAIRS, exchange, query, limit)
+
+
+async def newest_bar_before(conn: asyncpg.Connection, symbol: str, exchange: str | None,
+                            before_ms: int) -> int | None:
+    """Start (UTC epoch ms) of the newest 1-minute bar before ``before_ms``, or None."""
+    found = await conn.fetchval(_NEWEST_BEFORE, symbol, exchange, _ts(before_ms))
+    return None if found is None else int(found.timestamp() * 1000)
+
+
+async def recent_prices(conn: asyncpg.Connection, symbol: str, exchange: str | None,
+                        n: int) -> Sequence[asyncpg.Record]:
+    """``open, high, low, close`` of the newest ``n`` 1-minute bars."""
+    return await conn.fetch(_RECENT_PRICES, symbol, exchange, n)
 
 
 async def symbol_known(conn: asyncpg.Connection, symbol: str, exchange: str | None) -> bool:

@@ -43,10 +43,11 @@ def parse_period_s(text: str) -> int:
     """
     m = _PERIOD_RE.match(text.strip())
     if not m:
-        raise QueryError(f"invalid period {text[:20]!r}: use e.g. {', '.join(PERIODS_EXAMPLES)}")
+        raise QueryError(f"invalid period {text[:20]!r}: use e.g. {', '.join(PERIODS_EXAMPLES)}",
+                         "period")
     s = int(m.group(1)) * _UNITS[m.group(2)]
     if s > MAX_PERIOD_S:
-        raise QueryError("period too long: at most 31d")
+        raise QueryError("period too long: at most 31d", "period")
     return s
 
 

@@ -15,7 +15,7 @@ What :meth:`ApiView.dispatch` adds to Faust's ``View``:
   ``auth.enabled`` a missing/invalid bearer token gets 401 with
   ``WWW-Authenticate: Bearer ...``; with ``auth.rate_limit_per_s`` > 0 a client over its
   limit gets 429 with ``Retry-After: <seconds>``. The client id is kept in
-  ``request["marketflow.client_id"]``.
+  ``request[CLIENT_ID_KEY]``.
 * **405** as JSON with an ``Allow`` header for a method the view does not implement
   (routes are registered for every standard method, so aiohttp's plain-text 405 never
   answers); ``OPTIONS`` is answered 204 with ``Allow`` unless the view defines it.
@@ -46,8 +46,15 @@ log = logging.getLogger(__name__)
 
 #: view paths served without authentication or rate limit
 PUBLIC_PATHS: frozenset[str] = frozenset({"/health"})
-#: request key under which the authenticated client id is stored
-CLIENT_ID_KEY = "marketflow.client_id"
+#: request key of the client id (``request.get(CLIENT_ID_KEY)``, ``key:...``/``jwt:...``/
+#: ``addr:...``; set only when access control is active)
+CLIENT_ID_KEY: Any
+try:
+    from aiohttp.web import RequestKey
+
+    CLIENT_ID_KEY = RequestKey("marketflow.client_id", str)
+except ImportError:  # aiohttp < 3.13
+    CLIENT_ID_KEY = "marketflow.client_id"
 
 #: methods routed to every ApiView (the view answers 405 for those it lacks)
 _ROUTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

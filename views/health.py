@@ -19,13 +19,14 @@ import asyncio
 from typing import Any
 
 from aiokafka import AIOKafkaClient
-from faust.web import Request, Response, View
+from faust.web import Request, Response
 from redis.exceptions import RedisError
 
 from app import settings
 from app.faust_app import app
 from app.mode import get_mode, read_ingest_status
 from app.services import database, latest_prices
+from views.base import ApiView
 
 __all__ = ["Health", "check_all"]
 
@@ -78,9 +79,9 @@ async def check_all() -> dict[str, Any]:
 
 
 @app.page("/health")
-class Health(View):
+class Health(ApiView):
     """Dependency health."""
 
     async def get(self, request: Request) -> Response:
         body = await check_all()
-        return self.json(body, status=200 if body["status"] == "ok" else 503)
+        return self.ok(body, status=200 if body["status"] == "ok" else 503)

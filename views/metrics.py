@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from faust.web import Request, Response, View
+from faust.web import Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.faust_app import app
+from views.base import ApiView
 
 __all__ = ["Metrics"]
 
 
 @app.page("/metrics")
-class Metrics(View):
+class Metrics(ApiView):
     """Prometheus scrape endpoint."""
 
     async def get(self, request: Request) -> Response:

@@ -1,7 +1,8 @@
 """Runtime mode switch: ``GET /mode``, ``POST /mode/live``, ``POST /mode/test``.
 
 * ``POST /mode/{live|test}`` — 200 ``{"mode": "test", "previous": "live"}`` when switched;
-  **409** ``{"error": "already in test mode", "mode": "test"}`` when that mode is already
+  **409** ``{"error": {"status": 409, "message": "already in test mode", "param": "mode"}}``
+  when that mode is already
   requested; 400 for another mode name; 503 when Redis is down. Any worker accepts it;
   the ingesting worker (the group leader) applies it within about a second.
 * ``GET /mode`` — ``{"mode": <requested>, "ingest": <status of the ingesting worker or
@@ -10,13 +11,14 @@
 
 from __future__ import annotations
 
-from faust.web import Request, Response, View
+from faust.web import Request, Response
 from redis.exceptions import RedisError
 
 from app import settings
 from app.faust_app import app
 from app.mode import get_mode, read_ingest_status, set_mode
 from app.services import latest_prices
+from views.base import ApiView
 
 __all__ = ["Mode", "SwitchMode"]
 
@@ -24,7 +26,7 @@ _SWITCHABLE = ("live", "test")
 
 
 @app.page("/mode")
-class Mode(View):
+class Mode(ApiView):
     """The requested mode and the ingesting worker's status."""
 
     async def get(self, request: Request) -> Response:
@@ -33,23 +35,22 @@ class Mode(View):
             mode = await get_mode(latest_prices.client, prefix, settings.feeds.mode)
             status = await read_ingest_status(latest_prices.client, prefix)
         except (RedisError, OSError) as exc:
-            return self.json({"error": f"redis unavailable: {type(exc).__name__}"}, status=503)
-        return self.json({"mode": mode, "ingest": status})
+            return self.fail(503, f"redis unavailable: {type(exc).__name__}")
+        return self.ok({"mode": mode, "ingest": status})
 
 
 @app.page("/mode/{mode}")
-class SwitchMode(View):
+class SwitchMode(ApiView):
     """Switch the cluster to ``live`` or ``test`` ingest."""
 
     async def post(self, request: Request, mode: str) -> Response:
         if mode not in _SWITCHABLE:
-            return self.json({"error": f"unknown mode {mode[:20]!r}: use live or test"},
-                             status=400)
+            return self.fail(400, f"unknown mode {mode[:20]!r}: use live or test", param="mode")
         try:
             previous = await set_mode(latest_prices.client, settings.redis.key_prefix, mode,
                                       settings.feeds.mode)
         except (RedisError, OSError) as exc:
-            return self.json({"error": f"redis unavailable: {type(exc).__name__}"}, status=503)
+            return self.fail(503, f"redis unavailable: {type(exc).__name__}")
         if previous == mode:
-            return self.json({"error": f"already in {mode} mode", "mode": mode}, status=409)
-        return self.json({"mode": mode, "previous": previous})
+            return self.fail(409, f"already in {mode} mode", param="mode")
+        return self.ok({"mode": mode, "previous": previous})

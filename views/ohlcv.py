@@ -39,13 +39,14 @@ import time
 from typing import Any
 
 import asyncpg
-from faust.web import Request, Response, View
+from faust.web import Request, Response
 from redis.exceptions import RedisError
 
 from app.errors import QueryError
 from app.faust_app import app
 from app.services import database, latest_prices
 from sql.bars_1m import fetch_rollup, stored_minutes, symbol_known
+from views.base import ApiView
 from views.params import iso_ms, parse_name, parse_time_ms
 
 __all__ = ["INTERVALS_MS", "LIVE_WINDOW_MS", "MAX_BARS", "Ohlcv", "fill_previous", "merge_live",
@@ -74,26 +75,28 @@ def parse_ohlcv_query(q: dict[str, str], now_ms: int
     """
     unknown = set(q) - _ALLOWED
     if unknown:
-        raise QueryError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+        raise QueryError(f"unknown parameter(s): {', '.join(sorted(unknown))}",
+                         sorted(unknown)[0])
     symbol = parse_name(q.get("symbol"), "symbol")
     assert symbol is not None
     exchange = parse_name(q.get("exchange"), "exchange", required=False)
     interval = q.get("interval") or "1m"
     if interval not in INTERVALS_MS:
-        raise QueryError(f"interval {interval[:10]!r}: use one of {', '.join(INTERVALS_MS)}")
+        raise QueryError(f"interval {interval[:10]!r}: use one of {', '.join(INTERVALS_MS)}",
+                         "interval")
     fill = q.get("fill") or "none"
     if fill not in ("none", "previous"):
-        raise QueryError("fill: use none or previous")
+        raise QueryError("fill: use none or previous", "fill")
     iv = INTERVALS_MS[interval]
     end_ms = parse_time_ms(q["end"], "end") if q.get("end") else now_ms
     start_ms = (parse_time_ms(q["start"], "start") if q.get("start")
                 else end_ms - _DEFAULT_BARS * iv)
     start_ms -= start_ms % iv
     if start_ms >= end_ms:
-        raise QueryError("start must be before end")
+        raise QueryError("start must be before end", "start")
     if -(-(end_ms - start_ms) // iv) > MAX_BARS:
         raise QueryError(f"range too large: more than {MAX_BARS} {interval} bars; "
-                         "narrow start/end or use a larger interval")
+                         "narrow start/end or use a larger interval", "start")
     return symbol, exchange, start_ms, end_ms, interval, fill
 
 
@@ -173,7 +176,7 @@ def _flat(prev: dict[str, Any], start_ms: int) -> dict[str, Any]:
 
 
 @app.page("/ohlcv")
-class Ohlcv(View):
+class Ohlcv(ApiView):
     """1-minute OHLCV history of a symbol, optionally on one exchange."""
 
     async def get(self, request: Request) -> Response:
@@ -182,7 +185,7 @@ class Ohlcv(View):
             symbol, exchange, start_ms, end_ms, interval, fill = parse_ohlcv_query(
                 dict(request.query), now_ms)
         except QueryError as exc:
-            return self.json({"error": str(exc)}, status=400)
+            return self.fail(400, str(exc), param=exc.param)
         iv = INTERVALS_MS[interval]
         try:
             pool = await database.pool()
@@ -191,8 +194,7 @@ class Ohlcv(View):
                                           MAX_BARS)
                 known = bool(rows) or await symbol_known(conn, symbol, exchange)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            return self.json({"error": f"database unavailable: {type(exc).__name__}"},
-                             status=503)
+            return self.fail(503, f"database unavailable: {type(exc).__name__}")
         bars = []
         for r in rows:
             ms = int(r["b"].timestamp() * 1000)
@@ -221,15 +223,14 @@ class Ohlcv(View):
                         b["exchange"] = exchange
                     known = True
             except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                return self.json({"error": f"storage unavailable: {type(exc).__name__}"},
-                                 status=503)
+                return self.fail(503, f"storage unavailable: {type(exc).__name__}")
         if not known:
             where = f" on exchange {exchange!r}" if exchange else ""
-            return self.json({"error": f"unknown symbol {symbol!r}{where}"}, status=404)
+            return self.fail(404, f"unknown symbol {symbol!r}{where}", param="symbol")
         for b in bars:
             b.pop("open_ts_ms", None)
             b.pop("close_ts_ms", None)
         if fill == "previous":
             bars = fill_previous(bars, iv, min(end_ms, now_ms - now_ms % iv + iv))
-        return self.json({"symbol": symbol, "exchange": exchange, "interval": interval,
+        return self.ok({"symbol": symbol, "exchange": exchange, "interval": interval,
                           "fill": fill, "start": start_ms, "end": end_ms, "bars": bars})

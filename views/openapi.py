@@ -46,6 +46,7 @@ def _name_param(name: str, where: str, description: str, required: bool = True
 
 
 _NUMBER = {"type": "number", "format": "double"}
+_INTERVALS = ["1m", "5m", "15m", "30m", "1h", "4h", "1d"]
 _MS = {"type": "integer", "format": "int64", "description": "UTC epoch milliseconds"}
 _ISO = {"type": "string", "format": "date-time",
         "description": "UTC ISO-8601 with milliseconds, e.g. 2024-08-08T23:55:00.000Z"}
@@ -83,30 +84,57 @@ SCHEMAS: dict[str, Any] = {
         "time": {**_ISO, "example": "2024-08-08T23:54:15.342Z"},
     }, ["symbol", "exchange", "price", "timestamp", "time"], "Newest trade price."),
     "Bar": _obj({
-        "exchange": {"type": "string", "example": "binance-usdm"},
+        "exchange": {"type": "string", "example": "binance-usdm", "nullable": True,
+                     "description": "the requested exchange; null for bars consolidated "
+                                    "across exchanges"},
         "symbol": {"type": "string", "example": "BTCUSDT"},
-        "bucket_start_ms": {**_MS, "description": "bar start (window [start, start+60 s))"},
+        "bucket_start_ms": {**_MS, "description": "bucket start (UTC-aligned to the interval)"},
         "time": _ISO,
         "open": _NUMBER, "high": _NUMBER, "low": _NUMBER, "close": _NUMBER,
         "volume": {**_NUMBER, "description": "sum of quantities (base units)"},
         "trade_count": {"type": "integer"},
-        "avg_price": {**_NUMBER, "description": "mean trade price"},
+        "avg_price": {**_NUMBER, "nullable": True,
+                      "description": "mean trade price; null on a filled (empty) bucket"},
         "vwap": {**_NUMBER, "nullable": True,
-                 "description": "volume-weighted average price; null without quantities"},
+                 "description": "volume-weighted average price; null without quantities "
+                                "or on a filled bucket"},
         "min_price": {**_NUMBER, "description": "= low"},
         "max_price": {**_NUMBER, "description": "= high"},
+        "closed": {"type": "boolean",
+                   "description": "false for the still-open bucket (from live state)"},
     }, ["exchange", "symbol", "bucket_start_ms", "time", "open", "high", "low", "close",
-        "volume", "trade_count", "avg_price", "vwap", "min_price", "max_price"],
-        "One closed 1-minute OHLCV bar."),
+        "volume", "trade_count", "avg_price", "vwap", "min_price", "max_price", "closed"],
+        "One OHLCV bucket."),
     "Ohlcv": _obj({
         "symbol": {"type": "string"},
         "exchange": {"type": "string", "nullable": True,
                      "description": "null when bars of every exchange were asked for"},
-        "interval": {"type": "string", "enum": ["1m"]},
-        "start": {**_MS, "description": "range start (inclusive), epoch ms"},
+        "interval": {"type": "string", "enum": _INTERVALS},
+        "fill": {"type": "string", "enum": ["none", "previous"]},
+        "start": {**_MS, "description": "range start aligned down to the interval "
+                                        "(inclusive), epoch ms"},
         "end": {**_MS, "description": "range end (exclusive), epoch ms"},
         "bars": {"type": "array", "items": _ref("Bar")},
-    }, ["symbol", "exchange", "interval", "start", "end", "bars"], "1-minute bars."),
+    }, ["symbol", "exchange", "interval", "fill", "start", "end", "bars"],
+        "OHLCV buckets, oldest first."),
+    "PriceStat": _obj({
+        "symbol": {"type": "string", "example": "BTCUSDT"},
+        "exchange": {"type": "string", "nullable": True,
+                     "description": "the requested exchange; null for all exchanges"},
+        "stat": {"type": "string", "enum": ["highest", "lowest", "average"]},
+        "price": {**_NUMBER, "nullable": True, "example": 61860.8,
+                  "description": "null (count 0) when the symbol traded, but not in the "
+                                 "period"},
+        "period": {"type": "string", "example": "5m"},
+        "period_s": {"type": "integer", "example": 300},
+        "from": {**_MS, "description": "first millisecond of the period covered"},
+        "to": {**_MS, "description": "last millisecond of the period covered (inclusive)"},
+        "count": {"type": "integer", "description": "ticks in the period"},
+        "granularity": {"type": "string", "enum": ["second", "minute"],
+                        "description": "second: exact to the second (periods up to 15 "
+                                       "minutes); minute: exact to the minute at the start"},
+    }, ["symbol", "exchange", "stat", "price", "period", "period_s", "from", "to", "count",
+        "granularity"], "Highest, lowest or average tick price over a period."),
     "FeedStatus": _obj({
         "kind": {"type": "string", "example": "marketflow_tcp"},
         "state": {"type": "string", "enum": ["starting", "connected", "reconnecting",
@@ -156,6 +184,24 @@ _LATEST_RESPONSES = {
     "503": _error("Redis unreachable"),
 }
 
+_STAT_DESCRIPTION = (
+    "Over the ticks with event time in the period: exact to the second for periods up to "
+    "15 minutes, exact to the minute at the start of longer ones. average is the mean of "
+    "the tick prices.")
+_STAT_PARAM = {"name": "stat", "in": "path", "required": True,
+               "schema": {"type": "string", "enum": ["highest", "lowest", "average"]}}
+_PERIOD_PARAM = {"name": "period", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": r"^[0-9]+[smhd]$",
+                            "default": "24h"},
+                 "description": "<n>s|m|h|d, e.g. 1s, 30s, 5m, 15m, 1h, 24h, 7d; at most 31d",
+                 "example": "5m"}
+_STAT_RESPONSES = {
+    "200": _json("PriceStat", "the statistic"),
+    "400": _error("malformed name or period, unknown statistic or parameter"),
+    "404": _error("the symbol (on that exchange) never traded"),
+    "503": _error("Redis or the database unavailable"),
+}
+
 #: every path of the API: one entry per view (method -> OpenAPI operation)
 PATHS: dict[str, dict[str, Any]] = {
     "/prices/latest/{symbol}": {"get": {
@@ -171,14 +217,39 @@ PATHS: dict[str, dict[str, Any]] = {
                        _name_param("symbol", "path", "trading pair, e.g. BTCUSDT")],
         "responses": _LATEST_RESPONSES,
     }},
+    "/prices/{stat}/{symbol}": {"get": {
+        "operationId": "priceStat", "tags": ["prices"],
+        "summary": "Highest, lowest or average price of a symbol over a period, all "
+                   "exchanges",
+        "description": _STAT_DESCRIPTION,
+        "parameters": [_STAT_PARAM,
+                       _name_param("symbol", "path", "trading pair, e.g. BTCUSDT"),
+                       _PERIOD_PARAM],
+        "responses": _STAT_RESPONSES,
+    }},
+    "/prices/{stat}/{exchange}/{symbol}": {"get": {
+        "operationId": "priceStatOnExchange", "tags": ["prices"],
+        "summary": "Highest, lowest or average price of a symbol over a period, one "
+                   "exchange",
+        "description": _STAT_DESCRIPTION,
+        "parameters": [_STAT_PARAM,
+                       _name_param("exchange", "path", "exchange name, e.g. binance"),
+                       _name_param("symbol", "path", "trading pair, e.g. BTCUSDT"),
+                       _PERIOD_PARAM],
+        "responses": _STAT_RESPONSES,
+    }},
     "/ohlcv": {"get": {
         "operationId": "ohlcv", "tags": ["bars"],
-        "summary": "1-minute OHLCV bars from TimescaleDB",
-        "description": "Half-open range [start, end) on bar start; at most 31 days. "
-                       "Defaults: end = now, start = end - 1 hour.",
+        "summary": "OHLCV bars (1m to 1d) from TimescaleDB plus the live open bucket",
+        "description": "Buckets whose start lies in [start aligned down to the interval, "
+                       "end); larger intervals are rolled up from the 1-minute bars, "
+                       "aligned to UTC midnight. Defaults: end = now, start = end - 100 "
+                       "intervals; more than 5000 buckets is refused. The still-open "
+                       "bucket is included from live state with closed = false.",
         "parameters": [
             _name_param("symbol", "query", "trading pair, e.g. BTCUSDT"),
-            _name_param("exchange", "query", "only bars of this exchange", required=False),
+            _name_param("exchange", "query", "only bars of this exchange; absent: one bar "
+                        "per bucket consolidated across exchanges", required=False),
             {"name": "start", "in": "query", "required": False, "schema": {"type": "string"},
              "description": "epoch milliseconds or ISO-8601 (naive = UTC)",
              "example": "2024-08-08T23:50:00Z"},
@@ -186,15 +257,19 @@ PATHS: dict[str, dict[str, Any]] = {
              "description": "epoch milliseconds or ISO-8601 (naive = UTC), exclusive",
              "example": "2024-08-09T00:10:00Z"},
             {"name": "interval", "in": "query", "required": False,
-             "schema": {"type": "string", "enum": ["1m"], "default": "1m"},
-             "description": "bar interval (only 1m)"},
+             "schema": {"type": "string", "enum": _INTERVALS, "default": "1m"},
+             "description": "bucket length"},
+            {"name": "fill", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": ["none", "previous"], "default": "none"},
+             "description": "none: omit buckets without trades; previous: fill gaps after "
+                          "the first bar with a flat bar at the previous close, volume 0"},
         ],
         "responses": {
-            "200": _json("Ohlcv", "bars in the range, oldest first"),
-            "400": _error("unknown parameter, bad name or time, unsupported interval, "
-                          "start >= end, or a range over 31 days"),
+            "200": _json("Ohlcv", "buckets in the range, oldest first"),
+            "400": _error("unknown parameter, bad name, time, interval or fill, "
+                          "start >= end, or more than 5000 buckets"),
             "404": _error("the symbol (on that exchange) has no bars at all"),
-            "503": _error("database unavailable"),
+            "503": _error("database or Redis unavailable"),
         },
     }},
     "/health": {"get": {
@@ -232,6 +307,65 @@ PATHS: dict[str, dict[str, Any]] = {
             "409": _error("already in that mode"),
             "503": _error("Redis unavailable"),
         },
+    }},
+    "/udf/config": {"get": {
+        "operationId": "udfConfig", "tags": ["tradingview"],
+        "summary": "TradingView UDF configuration (supported resolutions, exchanges)",
+        "responses": {"200": {"description": "UDF config",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}},
+    }},
+    "/udf/symbols": {"get": {
+        "operationId": "udfSymbols", "tags": ["tradingview"],
+        "summary": "LibrarySymbolInfo of SYMBOL (consolidated) or EXCHANGE:SYMBOL",
+        "parameters": [{"name": "symbol", "in": "query", "required": True,
+                        "schema": {"type": "string", "maxLength": 81}}],
+        "responses": {"200": {"description": "symbol info",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "400": {"description": "bad name",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "404": {"description": "unknown symbol",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}},
+    }},
+    "/udf/search": {"get": {
+        "operationId": "udfSearch", "tags": ["tradingview"],
+        "summary": "Symbols whose exchange:symbol contains the query (case-insensitive)",
+        "parameters": [
+            {"name": "query", "in": "query", "schema": {"type": "string", "maxLength": 64}},
+            {"name": "type", "in": "query", "schema": {"type": "string"}},
+            {"name": "exchange", "in": "query", "schema": {"type": "string"}},
+            {"name": "limit", "in": "query",
+             "schema": {"type": "integer", "minimum": 1, "maximum": 100}}],
+        "responses": {"200": {"description": "matches",
+                              "content": {"application/json": {"schema": {"type": "array"}}}},
+                      "400": {"description": "bad parameter",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}},
+    }},
+    "/udf/history": {"get": {
+        "operationId": "udfHistory", "tags": ["tradingview"],
+        "summary": "Bars {s, t, o, h, l, c, v} (t in Unix seconds); s=no_data with nextTime",
+        "parameters": [
+            {"name": "symbol", "in": "query", "required": True,
+             "schema": {"type": "string", "maxLength": 81}},
+            {"name": "resolution", "in": "query", "required": True,
+             "schema": {"type": "string",
+                        "enum": ["1", "5", "15", "30", "60", "240", "1D", "D"]}},
+            {"name": "from", "in": "query", "required": True, "schema": {"type": "integer"}},
+            {"name": "to", "in": "query", "required": True, "schema": {"type": "integer"}},
+            {"name": "countback", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+        "responses": {"200": {"description": "bars or no_data",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "400": {"description": "bad parameter",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "404": {"description": "unknown symbol",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "503": {"description": "database unavailable",
+                              "content": {"application/json": {"schema": {"type": "object"}}}}},
+    }},
+    "/udf/time": {"get": {
+        "operationId": "udfTime", "tags": ["tradingview"],
+        "summary": "Server time, Unix seconds (text/plain)",
+        "responses": {"200": {"description": "seconds",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
     }},
     "/openapi.json": {"get": {
         "operationId": "openapi", "tags": ["documentation"],

@@ -22,10 +22,11 @@ def parse_name(value: str | None, field: str, required: bool = True) -> str | No
     """
     if value is None or value == "":
         if required:
-            raise QueryError(f"missing required parameter {field!r}")
+            raise QueryError(f"missing required parameter {field!r}", field)
         return None
     if not _NAME_RE.match(value):
-        raise QueryError(f"invalid {field} {value[:60]!r}: expected letters, digits, . _ / -")
+        raise QueryError(f"invalid {field} {value[:60]!r}: expected letters, digits, . _ / -",
+                         field)
     return value
 
 
@@ -43,13 +44,13 @@ def parse_time_ms(value: str, field: str) -> int:
             dt = datetime.fromisoformat(v)
         except ValueError:
             raise QueryError(
-                f"invalid {field} {value[:40]!r}: use epoch milliseconds or ISO-8601"
+                f"invalid {field} {value[:40]!r}: use epoch milliseconds or ISO-8601", field
             ) from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=UTC)
         ms = int(dt.timestamp() * 1000)
     if not 0 <= ms <= _MAX_MS:
-        raise QueryError(f"{field} out of range (1970-01-01 .. 2100-01-01)")
+        raise QueryError(f"{field} out of range (1970-01-01 .. 2100-01-01)", field)
     return ms
 
 

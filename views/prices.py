@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 
 import asyncpg
-from faust.web import Request, Response, View
+from faust.web import Request, Response
 from redis.exceptions import RedisError
 
 from app.errors import QueryError
@@ -34,26 +34,26 @@ from app.faust_app import app
 from app.services import database, latest_prices
 from sql.bars_1m import price_stats, symbol_known
 from tables.price_stats import RECENT_S, parse_period_s, seconds_in_period, stats
+from views.base import ApiView
 from views.params import iso_ms, parse_name
 
 __all__ = ["LatestPrice", "LatestPriceOnExchange", "PriceStat", "PriceStatOnExchange"]
 
 
-async def _latest(view: View, symbol: str, exchange: str | None) -> Response:
+async def _latest(view: ApiView, symbol: str, exchange: str | None) -> Response:
     try:
         parse_name(symbol, "symbol")
         parse_name(exchange, "exchange", required=False)
     except QueryError as exc:
-        return view.json({"error": str(exc)}, status=400)
+        return view.fail(400, str(exc), param=exc.param)
     try:
         found = await latest_prices.get(symbol, exchange)
     except (RedisError, OSError) as exc:
-        return view.json({"error": f"redis unavailable: {type(exc).__name__}"}, status=503)
+        return view.fail(503, f"redis unavailable: {type(exc).__name__}")
     if found is None:
         where = f" on exchange {exchange!r}" if exchange else ""
-        return view.json({"error": f"unknown symbol {symbol!r}{where}: no price seen"},
-                         status=404)
-    return view.json({
+        return view.fail(404, f"unknown symbol {symbol!r}{where}: no price seen", param="symbol")
+    return view.ok({
         "symbol": symbol,
         "exchange": found["exchange"],
         "price": found["price"],
@@ -66,20 +66,22 @@ _STATS = ("highest", "lowest", "average")
 _DEFAULT_PERIOD = "24h"
 
 
-async def _stat(view: View, request: Request, stat: str, symbol: str,
+async def _stat(view: ApiView, request: Request, stat: str, symbol: str,
                 exchange: str | None) -> Response:
     try:
         if stat not in _STATS:
-            raise QueryError(f"unknown statistic {stat[:20]!r}: use highest, lowest or average")
+            raise QueryError(f"unknown statistic {stat[:20]!r}: use highest, lowest or average",
+                             "stat")
         parse_name(symbol, "symbol")
         parse_name(exchange, "exchange", required=False)
         unknown = set(request.query) - {"period"}
         if unknown:
-            raise QueryError(f"unknown parameter(s): {', '.join(sorted(unknown))}")
+            raise QueryError(f"unknown parameter(s): {', '.join(sorted(unknown))}",
+                             sorted(unknown)[0])
         period = request.query.get("period") or _DEFAULT_PERIOD
         period_s = parse_period_s(period)
     except QueryError as exc:
-        return view.json({"error": str(exc)}, status=400)
+        return view.fail(400, str(exc), param=exc.param)
     now_ms = time.time_ns() // 1_000_000
     first_s, last_s = seconds_in_period(now_ms, period_s)
     granularity = "second"
@@ -102,24 +104,24 @@ async def _stat(view: View, request: Request, stat: str, symbol: str,
                 else:
                     aggs = (aggs or []) + ([stored] if stored else [])
     except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        return view.json({"error": f"storage unavailable: {type(exc).__name__}"}, status=503)
+        return view.fail(503, f"storage unavailable: {type(exc).__name__}")
     if aggs is None:
         where = f" on exchange {exchange!r}" if exchange else ""
-        return view.json({"error": f"unknown symbol {symbol!r}{where}: no trades seen"},
-                         status=404)
+        return view.fail(404, f"unknown symbol {symbol!r}{where}: no trades seen",
+                         param="symbol")
     result = stats(aggs)
     price = None
     count = 0
     if result is not None:
         high, low, avg, count = result
         price = {"highest": high, "lowest": low, "average": avg}[stat]
-    return view.json({"symbol": symbol, "exchange": exchange, "stat": stat, "price": price,
+    return view.ok({"symbol": symbol, "exchange": exchange, "stat": stat, "price": price,
                       "period": period, "period_s": period_s, "from": first_s * 1000,
                       "to": last_s * 1000 + 999, "count": count, "granularity": granularity})
 
 
 @app.page("/prices/{stat}/{exchange}/{symbol}")
-class PriceStatOnExchange(View):
+class PriceStatOnExchange(ApiView):
     """Highest / lowest / average price of ``symbol`` on ``exchange`` over a period."""
 
     async def get(self, request: Request, stat: str, exchange: str, symbol: str) -> Response:
@@ -129,7 +131,7 @@ class PriceStatOnExchange(View):
 
 
 @app.page("/prices/{stat}/{symbol}")
-class PriceStat(View):
+class PriceStat(ApiView):
     """Highest / lowest / average price of ``symbol`` on all exchanges over a period."""
 
     async def get(self, request: Request, stat: str, symbol: str) -> Response:
@@ -139,7 +141,7 @@ class PriceStat(View):
 
 
 @app.page("/prices/latest/{symbol}")
-class LatestPrice(View):
+class LatestPrice(ApiView):
     """Newest trade price of ``symbol`` on any exchange."""
 
     async def get(self, request: Request, symbol: str) -> Response:
@@ -147,7 +149,7 @@ class LatestPrice(View):
 
 
 @app.page("/prices/latest/{exchange}/{symbol}")
-class LatestPriceOnExchange(View):
+class LatestPriceOnExchange(ApiView):
     """Newest trade price of ``symbol`` on ``exchange``."""
 
     async def get(

@@ -74,6 +74,6 @@ async def test_every_interval_per_exchange_and_consolidated(stack: Stack) -> Non
                 assert g["volume"] == pytest.approx(e["volume"], rel=1e-9)
                 assert g["closed"] is True and g["exchange"] == exchange
     status, body = await stack.http("/ohlcv?symbol=BTCUSDT&interval=1m&start=0&end=1723161600000")
-    assert status == 400 and "range too large" in body["error"]
+    assert status == 400 and "range too large" in body["error"]["message"]
     status, body = await stack.http("/ohlcv?symbol=BTCUSDT&interval=7m")
     assert status == 400

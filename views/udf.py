@@ -1,0 +1,498 @@
+"""TradingView UDF (Universal Data Feed) endpoints under ``/udf``, served from the 1-minute
+bars in TimescaleDB.
+
+Protocol source: the TradingView Charting Library UDF specification,
+https://www.tradingview.com/charting-library-docs/latest/connecting_data/UDF/ (mirrored
+at github.com/m-ahmadi/cw/wiki/UDF), summarised in
+``/work/shared/reference/formats-and-traps.md`` section 5.1. Point the library's
+``UDFCompatibleDatafeed`` at ``http://<host>:6066/udf``.
+
+Endpoints (all ``GET``):
+
+* ``/udf/config``: datafeed configuration (resolutions, search on, group requests off,
+  ``exchanges`` from the stored bars; ``value ""`` = all exchanges).
+* ``/udf/symbols?symbol=BTCUSDT`` or ``?symbol=binance-usdm:BTCUSDT``: LibrarySymbolInfo.
+  Without an exchange prefix the symbol is consolidated across exchanges (``exchange``
+  ``""``), exactly like ``/ohlcv`` without ``exchange``. ``pricescale`` is 10 to the
+  number of decimals of the newest 100 bars' prices (100 when unknown).
+* ``/udf/search?query=&type=&exchange=&limit=``: the stored (exchange, symbol) pairs
+  whose ``exchange:SYMBOL`` contains ``query`` (case-insensitive); ``limit`` default 30,
+  capped at 100; ``type`` other than ``crypto`` matches nothing.
+* ``/udf/history?symbol=&resolution=&from=&to=&countback=``: bars whose start lies in
+  ``[from, to]`` (Unix **seconds**, UTC; both included), each bar with all its data (a
+  bucket starting before ``from`` is not returned). Resolutions: ``1`` ``5`` ``15``
+  ``30`` ``60`` ``240`` minutes and ``1D`` (alias ``D``), rolled up like ``/ohlcv``
+  (buckets aligned to UTC midnight). With ``countback=N`` ``from`` is ignored and the
+  newest ``N`` bars starting at or before ``to`` are returned, searched further back past
+  gaps (up to :data:`COUNTBACK_STEPS` jumps; fewer bars come back when the history is
+  shorter or more fragmented). Response::
+
+      {"s": "ok", "t": [1723161300, ...], "o": [...], "h": [...], "l": [...],
+       "c": [...], "v": [...]}
+
+  ``t`` is the bucket start in seconds, ``v`` the volume in base units. Nothing in range:
+  ``{"s": "no_data", "nextTime": <start second of the newest bar before from>}`` when
+  older data exists, else ``{"s": "no_data"}`` (so the chart stops paging back).
+* ``/udf/time``: server time, Unix seconds, ``text/plain``.
+
+Errors use the UDF shape ``{"s": "error", "errmsg": "..."}``: 400 for a bad parameter
+(missing or non-integer ``from``/``to``, ``from > to``, unknown resolution, more than
+:data:`views.ohlcv.MAX_BARS` bars), 404 for an unknown symbol, 503 when the database is
+unreachable. Unknown query parameters are ignored (UDF clients add their own). Access
+control, 405, 429 and 500 come from :class:`views.base.ApiView` in its error shape.
+
+Symbol and exchange names are matched exactly first; when nothing is stored under them, a
+case-insensitive match is tried (the chart may upper-case a typed ``exchange:SYMBOL``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+from faust.web import Request, Response
+
+import sql.bars_1m as bars_sql
+from app.errors import QueryError
+from app.faust_app import app
+from app.services import database
+from sql.bars_1m import fetch_rollup, symbol_known
+from views.base import ApiView
+from views.ohlcv import INTERVALS_MS, MAX_BARS
+from views.params import parse_name
+
+__all__ = [
+    "COUNTBACK_STEPS",
+    "RESOLUTIONS",
+    "SEARCH_LIMIT_DEFAULT",
+    "SEARCH_LIMIT_MAX",
+    "SUPPORTED_RESOLUTIONS",
+    "HistoryQuery",
+    "UdfConfig",
+    "UdfHistory",
+    "UdfSearch",
+    "UdfSymbols",
+    "UdfTime",
+    "bucket_range_ms",
+    "parse_history_query",
+    "parse_ticker",
+    "price_scale",
+]
+
+#: UDF resolution -> ``/ohlcv`` interval (:data:`views.ohlcv.INTERVALS_MS` key)
+RESOLUTIONS: dict[str, str] = {"1": "1m", "5": "5m", "15": "15m", "30": "30m", "60": "1h",
+                               "240": "4h", "1D": "1d", "D": "1d"}
+#: resolutions advertised by ``/udf/config`` and ``/udf/symbols``
+SUPPORTED_RESOLUTIONS: list[str] = ["1", "5", "15", "30", "60", "240", "1D"]
+SEARCH_LIMIT_DEFAULT = 30
+SEARCH_LIMIT_MAX = 100
+#: how many times a ``countback`` request jumps back over a gap in the data
+COUNTBACK_STEPS = 16
+#: ``pricescale`` when the decimals cannot be derived from the data
+DEFAULT_PRICESCALE = 100
+_MAX_DECIMALS = 10
+_PRICESCALE_SAMPLE = 100
+#: accepted Unix seconds: 1970-01-01 .. 2100-01-01 (as views.params)
+_MAX_S = 4_102_444_800
+_INT_RE = re.compile(r"^[+-]?\d{1,15}$")
+_MAX_QUERY_LEN = 64
+_TYPE = "crypto"
+
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+# ---- pure helpers -----------------------------------------------------------------------
+
+
+def parse_ticker(value: str | None) -> tuple[str | None, str]:
+    """Split a UDF ticker into exchange and symbol.
+
+    Args:
+        value: ``SYMBOL`` (consolidated across exchanges) or ``EXCHANGE:SYMBOL``.
+
+    Returns:
+        ``(exchange or None, symbol)``.
+
+    Raises:
+        QueryError: missing, or a part is not a valid name (see :func:`parse_name`).
+    """
+    if not value:
+        raise QueryError("missing required parameter 'symbol'")
+    exchange: str | None = None
+    symbol = value
+    if ":" in value:
+        exchange, _, symbol = value.partition(":")
+        exchange = parse_name(exchange, "exchange")
+    parsed = parse_name(symbol, "symbol")
+    assert parsed is not None
+    return exchange, parsed
+
+
+def price_scale(prices: Iterable[float | None]) -> int:
+    """TradingView ``pricescale``: 10 to the largest number of decimals in ``prices``.
+
+    Args:
+        prices: traded prices (quote currency per base unit); ``None``/non-finite skipped.
+
+    Returns:
+        ``10 ** decimals`` (at most ``10 ** 10``; 1 for whole prices), or
+        :data:`DEFAULT_PRICESCALE` when there is no usable price.
+    """
+    decimals = -1
+    for p in prices:
+        if p is None or not math.isfinite(p):
+            continue
+        exponent = Decimal(repr(float(p))).normalize().as_tuple().exponent
+        places = -exponent if isinstance(exponent, int) and exponent < 0 else 0
+        decimals = max(decimals, places)
+    if decimals < 0:
+        return DEFAULT_PRICESCALE
+    return int(10 ** min(decimals, _MAX_DECIMALS))
+
+
+def bucket_range_ms(from_s: int, to_s: int, interval_ms: int) -> tuple[int, int]:
+    """The ``[start_ms, end_ms)`` range of 1-minute bars making up the whole buckets whose
+    start lies in ``[from_s, to_s]``.
+
+    Args:
+        from_s: first bar time, Unix seconds (included).
+        to_s: last bar time, Unix seconds (included).
+        interval_ms: bucket length in milliseconds (divides a day: buckets are aligned to
+            UTC midnight, as ``time_bucket`` and ``/ohlcv`` align them).
+
+    Returns:
+        ``(start_ms, end_ms)``: ``from`` aligned up and ``to`` aligned down to the
+        interval, plus one interval; ``start_ms == end_ms`` when no bucket starts in range.
+    """
+    start_ms = -(-from_s * 1000 // interval_ms) * interval_ms
+    end_ms = to_s * 1000 - (to_s * 1000) % interval_ms + interval_ms
+    return start_ms, max(start_ms, end_ms)
+
+
+def _int_param(q: dict[str, str], name: str, required: bool = True) -> int | None:
+    raw = q.get(name, "").strip()
+    if not raw:
+        if required:
+            raise QueryError(f"missing required parameter {name!r}")
+        return None
+    if not _INT_RE.match(raw):
+        raise QueryError(f"{name} {raw[:20]!r} is not an integer")
+    return int(raw)
+
+
+@dataclass(frozen=True)
+class HistoryQuery:
+    """A validated ``/udf/history`` request.
+
+    Attributes:
+        exchange: one exchange, or None for the consolidated series.
+        symbol: symbol name as requested.
+        resolution: UDF resolution (``"1"`` ... ``"1D"``).
+        interval_ms: bar length, milliseconds.
+        from_s: first bar time, Unix seconds (ignored when ``countback`` is set).
+        to_s: last bar time, Unix seconds (included).
+        countback: number of bars wanted ending at ``to_s``, or None.
+    """
+
+    exchange: str | None
+    symbol: str
+    resolution: str
+    interval_ms: int
+    from_s: int
+    to_s: int
+    countback: int | None
+
+
+def parse_history_query(q: dict[str, str]) -> HistoryQuery:
+    """Validate ``/udf/history`` parameters (unknown parameters are ignored).
+
+    Raises:
+        QueryError: missing/invalid ``symbol``; unknown ``resolution``; missing or
+            non-integer ``from``/``to``, outside 1970..2100 or ``from > to``; ``countback``
+            not an integer in ``1..MAX_BARS``; without ``countback``, more than
+            :data:`~views.ohlcv.MAX_BARS` bars between ``from`` and ``to``.
+    """
+    exchange, symbol = parse_ticker(q.get("symbol"))
+    resolution = q.get("resolution", "")
+    if resolution not in RESOLUTIONS:
+        raise QueryError(f"unknown resolution {resolution[:10]!r}: use one of "
+                         f"{', '.join(SUPPORTED_RESOLUTIONS)}")
+    iv = INTERVALS_MS[RESOLUTIONS[resolution]]
+    from_s = _int_param(q, "from")
+    to_s = _int_param(q, "to")
+    assert from_s is not None and to_s is not None
+    for name, v in (("from", from_s), ("to", to_s)):
+        if not 0 <= v <= _MAX_S:
+            raise QueryError(f"{name} out of range: Unix seconds in 0..{_MAX_S}")
+    if from_s > to_s:
+        raise QueryError("from must not be after to")
+    countback = _int_param(q, "countback", required=False)
+    if countback is not None and not 1 <= countback <= MAX_BARS:
+        raise QueryError(f"countback must be between 1 and {MAX_BARS}")
+    if countback is None:
+        start_ms, end_ms = bucket_range_ms(from_s, to_s, iv)
+        if (end_ms - start_ms) // iv > MAX_BARS:
+            raise QueryError(f"range too large: more than {MAX_BARS} bars at resolution "
+                             f"{resolution}; narrow from/to or use a larger resolution")
+    return HistoryQuery(exchange, symbol, resolution, iv, from_s, to_s, countback)
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def _ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def _full_name(exchange: str | None, symbol: str) -> str:
+    return f"{exchange}:{symbol}" if exchange else symbol
+
+
+def _description(exchange: str | None, symbol: str) -> str:
+    return f"{symbol} on {exchange}" if exchange else f"{symbol}, consolidated across exchanges"
+
+
+# ---- database helpers -------------------------------------------------------------------
+
+
+async def _pairs(conn: asyncpg.Connection, exchange: str | None, query: str,
+                 limit: int) -> Sequence[asyncpg.Record]:
+    return await bars_sql.pairs(conn, exchange, query, limit)
+
+
+async def _newest_before(conn: asyncpg.Connection, symbol: str, exchange: str | None,
+                         before_ms: int) -> int | None:
+    """Start (ms) of the newest 1-minute bar before ``before_ms``, None if there is none."""
+    return await bars_sql.newest_bar_before(conn, symbol, exchange, before_ms)
+
+
+async def _canonical(conn: asyncpg.Connection, exchange: str | None, symbol: str
+                     ) -> tuple[str | None, str] | None:
+    """The stored spelling of ``exchange``/``symbol`` matched case-insensitively, None when
+    no bar exists under any spelling."""
+    for r in await _pairs(conn, exchange, symbol, SEARCH_LIMIT_MAX):
+        if r["symbol"].lower() == symbol.lower():
+            return (r["exchange"] if exchange else None), r["symbol"]
+    return None
+
+
+async def _countback_rows(conn: asyncpg.Connection, h: HistoryQuery, symbol: str,
+                          exchange: str | None) -> list[asyncpg.Record]:
+    """The newest ``h.countback`` buckets starting at or before ``h.to_s``: query the
+    ``n`` buckets before the end, and while some are missing jump to the newest older bar
+    (skipping the gap) for the remaining ones."""
+    iv = h.interval_ms
+    assert h.countback is not None
+    _, hi = bucket_range_ms(h.to_s, h.to_s, iv)
+    lo = max(0, hi - h.countback * iv)
+    rows: list[asyncpg.Record] = []
+    for _ in range(COUNTBACK_STEPS):
+        got = await fetch_rollup(conn, symbol, exchange, lo, hi, iv, h.countback - len(rows))
+        rows = list(got) + rows
+        if len(rows) >= h.countback or lo <= 0:
+            break
+        prev = await _newest_before(conn, symbol, exchange, lo)
+        if prev is None:
+            break
+        hi = prev - prev % iv + iv
+        lo = max(0, hi - (h.countback - len(rows)) * iv)
+    return rows[-h.countback:]
+
+
+async def _history(conn: asyncpg.Connection, h: HistoryQuery, symbol: str,
+                   exchange: str | None) -> dict[str, Any] | None:
+    """The UDF history body, or None when the symbol has no bar at all."""
+    iv = h.interval_ms
+    if h.countback is not None:
+        rows = await _countback_rows(conn, h, symbol, exchange)
+        start_ms = bucket_range_ms(h.to_s, h.to_s, iv)[1]  # only used when rows is empty
+    else:
+        start_ms, end_ms = bucket_range_ms(h.from_s, h.to_s, iv)
+        rows = (list(await fetch_rollup(conn, symbol, exchange, start_ms, end_ms, iv,
+                                        MAX_BARS))
+                if end_ms > start_ms else [])
+    if rows:
+        return {"s": "ok",
+                "t": [_ms(r["b"]) // 1000 for r in rows],
+                "o": [r["open"] for r in rows], "h": [r["high"] for r in rows],
+                "l": [r["low"] for r in rows], "c": [r["close"] for r in rows],
+                "v": [r["volume"] for r in rows]}
+    prev = await _newest_before(conn, symbol, exchange, start_ms)
+    if prev is not None:
+        return {"s": "no_data", "nextTime": (prev - prev % iv) // 1000}
+    if await symbol_known(conn, symbol, exchange):
+        return {"s": "no_data"}
+    return None
+
+
+async def _symbol_info(conn: asyncpg.Connection, ticker: str, symbol: str,
+                       exchange: str | None) -> dict[str, Any] | None:
+    rows = await bars_sql.recent_prices(conn, symbol, exchange, _PRICESCALE_SAMPLE)
+    if not rows:
+        return None
+    return {
+        "name": symbol,
+        "ticker": ticker,
+        "full_name": _full_name(exchange, symbol),
+        "description": _description(exchange, symbol),
+        "type": _TYPE,
+        "session": "24x7",
+        "timezone": "Etc/UTC",
+        "exchange": exchange or "",
+        "listed_exchange": exchange or "",
+        "format": "price",
+        "minmov": 1,
+        "pricescale": price_scale(p for r in rows for p in r.values()),
+        "has_intraday": True,
+        "intraday_multipliers": [r for r in SUPPORTED_RESOLUTIONS if r != "1D"],
+        "has_daily": True,
+        "daily_multipliers": ["1"],
+        "has_weekly_and_monthly": False,
+        "supported_resolutions": SUPPORTED_RESOLUTIONS,
+        "volume_precision": 8,
+        "data_status": "streaming",
+    }
+
+
+def _unknown(exchange: str | None, symbol: str) -> str:
+    where = f" on exchange {exchange!r}" if exchange else ""
+    return f"unknown symbol {symbol!r}{where}"
+
+
+# ---- views ------------------------------------------------------------------------------
+
+
+class _UdfView(ApiView):
+    def udf_error(self, status: int, message: str) -> Response:
+        """A UDF error response ``{"s": "error", "errmsg": message}``."""
+        return self.json({"s": "error", "errmsg": message}, status=status)
+
+    def db_down(self, exc: BaseException) -> Response:
+        return self.udf_error(503, f"database unavailable: {type(exc).__name__}")
+
+
+@app.page("/udf/config")
+class UdfConfig(_UdfView):
+    """``GET /udf/config``: the datafeed configuration (UDF ``/config``)."""
+
+    async def get(self, request: Request) -> Response:
+        try:
+            pool = await database.pool()
+            async with pool.acquire() as conn:
+                pairs = await _pairs(conn, None, "", 10_000)
+        except _DB_ERRORS as exc:
+            return self.db_down(exc)
+        exchanges = sorted({r["exchange"] for r in pairs})
+        return self.json({
+            "supported_resolutions": SUPPORTED_RESOLUTIONS,
+            "supports_search": True,
+            "supports_group_request": False,
+            "supports_marks": False,
+            "supports_timescale_marks": False,
+            "supports_time": True,
+            "exchanges": [{"value": "", "name": "All Exchanges", "desc": ""}]
+            + [{"value": ex, "name": ex, "desc": ex} for ex in exchanges],
+            "symbols_types": [{"name": _TYPE, "value": _TYPE}],
+        })
+
+
+@app.page("/udf/symbols")
+class UdfSymbols(_UdfView):
+    """``GET /udf/symbols?symbol=[EXCHANGE:]SYMBOL``: LibrarySymbolInfo (UDF ``/symbols``)."""
+
+    async def get(self, request: Request) -> Response:
+        ticker = request.query.get("symbol", "")
+        try:
+            exchange, symbol = parse_ticker(ticker)
+        except QueryError as exc:
+            return self.udf_error(400, str(exc))
+        try:
+            pool = await database.pool()
+            async with pool.acquire() as conn:
+                info = await _symbol_info(conn, ticker, symbol, exchange)
+                if info is None:
+                    found = await _canonical(conn, exchange, symbol)
+                    if found is not None and found != (exchange, symbol):
+                        info = await _symbol_info(conn, ticker, found[1], found[0])
+        except _DB_ERRORS as exc:
+            return self.db_down(exc)
+        if info is None:
+            return self.udf_error(404, _unknown(exchange, symbol))
+        return self.json(info)
+
+
+@app.page("/udf/search")
+class UdfSearch(_UdfView):
+    """``GET /udf/search?query=&type=&exchange=&limit=``: symbol search (UDF ``/search``)."""
+
+    async def get(self, request: Request) -> Response:
+        q = request.query
+        query = q.get("query", "").strip()
+        kind = q.get("type", "")
+        exchange = q.get("exchange", "") or None
+        try:
+            if len(query) > _MAX_QUERY_LEN:
+                raise QueryError(f"query longer than {_MAX_QUERY_LEN} characters")
+            parse_name(exchange, "exchange", required=False)
+            limit = _int_param(dict(q), "limit", required=False)
+            if limit is None:
+                limit = SEARCH_LIMIT_DEFAULT
+            elif limit < 1:
+                raise QueryError("limit must be positive")
+        except QueryError as exc:
+            return self.udf_error(400, str(exc))
+        if kind not in ("", _TYPE):
+            return self.json([])
+        try:
+            pool = await database.pool()
+            async with pool.acquire() as conn:
+                rows = await _pairs(conn, exchange, query, min(limit, SEARCH_LIMIT_MAX))
+        except _DB_ERRORS as exc:
+            return self.db_down(exc)
+        return self.json([
+            {"symbol": r["symbol"], "full_name": _full_name(r["exchange"], r["symbol"]),
+             "description": _description(r["exchange"], r["symbol"]),
+             "exchange": r["exchange"], "ticker": _full_name(r["exchange"], r["symbol"]),
+             "type": _TYPE}
+            for r in rows])
+
+
+@app.page("/udf/history")
+class UdfHistory(_UdfView):
+    """``GET /udf/history?symbol=&resolution=&from=&to=&countback=``: bars (UDF
+    ``/history``), times in Unix seconds."""
+
+    async def get(self, request: Request) -> Response:
+        try:
+            h = parse_history_query(dict(request.query))
+        except QueryError as exc:
+            return self.udf_error(400, str(exc))
+        try:
+            pool = await database.pool()
+            async with pool.acquire() as conn:
+                body = await _history(conn, h, h.symbol, h.exchange)
+                if body is None:
+                    found = await _canonical(conn, h.exchange, h.symbol)
+                    if found is not None and found != (h.exchange, h.symbol):
+                        body = await _history(conn, h, found[1], found[0])
+        except _DB_ERRORS as exc:
+            return self.db_down(exc)
+        if body is None:
+            return self.udf_error(404, _unknown(h.exchange, h.symbol))
+        return self.json(body)
+
+
+@app.page("/udf/time")
+class UdfTime(_UdfView):
+    """``GET /udf/time``: server time, Unix seconds (UTC), ``text/plain``."""
+
+    async def get(self, request: Request) -> Response:
+        return self.text(str(int(time.time())), content_type="text/plain")
