@@ -38,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import os
 import re
 import tomllib
 from collections import OrderedDict
@@ -152,16 +151,9 @@ class _AuthSettings(BaseSettings, AuthSection):
 
 def _config_path() -> Path | None:
     """The TOML file :mod:`app.config` reads (``MARKETFLOW_CONFIG`` or ./marketflow.toml)."""
-    from app.config import CONFIG_ENV, DEFAULT_CONFIG_FILE  # app.config imports this module
+    from app.config import config_path  # app.config imports this module
 
-    explicit = os.environ.get(CONFIG_ENV)
-    if explicit:
-        p = Path(explicit)
-        if not p.is_file():
-            raise ConfigError(f"{CONFIG_ENV}={explicit}: no such file")
-        return p
-    p = Path(DEFAULT_CONFIG_FILE)
-    return p if p.is_file() else None
+    return config_path()
 
 
 def _toml_auth_table(path: Path) -> dict[str, Any]:

@@ -45,6 +45,7 @@ __all__ = [
     "TopicsSection",
     "WebSection",
     "WindowSection",
+    "config_path",
     "load_settings",
 ]
 
@@ -313,14 +314,20 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = _config_path()
+        path = config_path()
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
 
 
-def _config_path() -> Path | None:
+def config_path() -> Path | None:
+    """The TOML file to read: ``$MARKETFLOW_CONFIG`` (must exist) or ./marketflow.toml if
+    present, else None.
+
+    Raises:
+        ConfigError: ``MARKETFLOW_CONFIG`` names a missing file.
+    """
     explicit = os.environ.get(CONFIG_ENV)
     if explicit:
         p = Path(explicit)
