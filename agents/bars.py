@@ -23,7 +23,7 @@ from typing import Any, cast
 
 import faust
 import orjson
-from faust.types import EventT, StreamT
+from faust.types import TP, EventT, StreamT
 
 from app import settings
 from app.errors import InvalidTick
@@ -53,7 +53,7 @@ from tables.bars import window_state
 from tables.price_stats import per_second
 from tables.window import finalize_bar
 
-__all__ = ["aggregate_ticks", "aggregator", "idle_check"]
+__all__ = ["aggregate_ticks", "aggregator", "idle_check", "resume_offset"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,28 @@ async def _ack_in_order(stream: StreamT, queue: asyncio.Queue[tuple[EventT, list
         await stream.ack(event)
 
 
+#: partitions whose resume point was checked since the last rebalance
+_resume_checked: set[int] = set()
+#: partition -> offset of the message that triggered a rewind (drop until below it)
+_rewinding: dict[int, int] = {}
+#: keys idle longer than this do not hold back a rewind (their state is old, not stale)
+_REWIND_HORIZON_MS = 3_600_000
+
+
+def resume_offset(partition: int, now_ms: int) -> int | None:
+    """First source offset the recovered window state has not applied on ``partition``:
+    ``min(off + 1)`` over its keys with open windows or recent activity, None if none.
+
+    Recovery reads the changelog up to the broker's reported end offset, and Tansu can
+    report one below records it already acknowledged; the state is then older than the
+    committed source offset. Re-reading from here is safe: keys skip offsets they applied.
+    """
+    offs = [st["off"] + 1 for st in store.values()
+            if st.get("p") == partition and st["off"] >= 0
+            and (st["bars"] or st["seen_ms"] >= now_ms - _REWIND_HORIZON_MS)]
+    return min(offs) if offs else None
+
+
 @app.agent(ticks_topic)
 async def aggregate_ticks(stream: StreamT) -> None:
     """Consume ``ticks`` and maintain the windows; one event per message (a tick batch).
@@ -182,6 +204,24 @@ async def aggregate_ticks(stream: StreamT) -> None:
         async for event in manual.events():
             if acker.done():
                 acker.result()  # re-raise the changelog failure: crash, do not ack
+            p, off = event.message.partition, event.message.offset
+            trigger = _rewinding.get(p)
+            if trigger is not None:
+                if off >= trigger:  # fetched before the seek: it comes again
+                    await queue.put((event, []))
+                    continue
+                del _rewinding[p]
+            elif p not in _resume_checked:
+                _resume_checked.add(p)
+                resume = resume_offset(p, _now_ms())
+                if resume is not None and off > resume:
+                    log.warning("partition %d: window state resumes at offset %d but the "
+                                "consumer is at %d; re-reading from %d", p, resume, off, resume,
+                                extra={"partition": p, "resume_offset": resume})
+                    await app.consumer.seek(TP(event.message.topic, p), resume)
+                    _rewinding[p] = off
+                    await queue.put((event, []))
+                    continue
             await queue.put((event, await handle_event(event)))
     finally:
         acker.cancel()
@@ -202,8 +242,12 @@ async def idle_check() -> None:
 @app.on_partitions_revoked.connect
 def _on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
     aggregator.reset()
+    _resume_checked.clear()
+    _rewinding.clear()
 
 
 @app.on_partitions_assigned.connect
 def _on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
     aggregator.reset()
+    _resume_checked.clear()
+    _rewinding.clear()
