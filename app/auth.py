@@ -39,10 +39,7 @@ import hashlib
 import hmac
 import math
 import re
-import tomllib
 from collections import OrderedDict
-from pathlib import Path
-from typing import Any
 
 import jwt
 from pydantic import (
@@ -50,18 +47,11 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import (
-    BaseSettings,
-    InitSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-)
 
-from app.errors import ConfigError, MarketflowError
+from app.errors import MarketflowError
 
 __all__ = [
     "MAX_CLIENTS",
@@ -127,62 +117,17 @@ class AuthSection(BaseModel):
         return self
 
 
-class _AuthSettings(BaseSettings, AuthSection):
-    """:class:`AuthSection` read from ``MARKETFLOW_AUTH__*`` and the TOML ``[auth]`` table
-    (goes away once the section is part of :class:`app.config.Settings`)."""
-
-    model_config = SettingsConfigDict(env_prefix="MARKETFLOW_AUTH__", extra="forbid")
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _config_path()
-        if path is not None:
-            sources.append(InitSettingsSource(settings_cls, _toml_auth_table(path)))
-        return tuple(sources)
-
-
-def _config_path() -> Path | None:
-    """The TOML file :mod:`app.config` reads (``MARKETFLOW_CONFIG`` or ./marketflow.toml)."""
-    from app.config import config_path  # app.config imports this module
-
-    return config_path()
-
-
-def _toml_auth_table(path: Path) -> dict[str, Any]:
-    """The ``[auth]`` table of ``path`` (empty when there is none)."""
-    with path.open("rb") as fh:
-        table = tomllib.load(fh).get("auth", {})
-    if not isinstance(table, dict):
-        raise ValueError(f"{path}: 'auth' must be a table")
-    return table
-
-
-def load_auth_settings(**overrides: Any) -> AuthSection:
-    """Load the ``[auth]`` settings: ``overrides`` > ``MARKETFLOW_AUTH__*`` > TOML > defaults.
+def load_auth_settings() -> AuthSection:
+    """The ``[auth]`` section of the one settings object (:func:`app.config.load_settings`:
+    ``MARKETFLOW_AUTH__*`` > TOML ``[auth]`` > defaults).
 
     Raises:
         ConfigError: unreadable file or invalid values (every problem listed, no secret
             values in the message).
     """
-    try:
-        loaded = _AuthSettings(**overrides)
-        return AuthSection.model_validate(loaded.model_dump())
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"auth.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-            for err in exc.errors(include_input=False)
-        )
-        raise ConfigError(f"invalid configuration: {problems}") from None
-    except (OSError, ValueError) as exc:  # TOML decode errors are ValueError subclasses
-        raise ConfigError(f"cannot read configuration: {exc}") from exc
+    from app.config import load_settings  # app.config imports this module
+
+    return load_settings().auth
 
 
 class AccessDenied(MarketflowError):

@@ -355,8 +355,10 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+            for err in exc.errors(include_input=False)
         )
-        raise ConfigError(f"invalid configuration: {problems}") from exc
+        # from None: the ValidationError's text would repeat the inputs (secrets included)
+        raise ConfigError(f"invalid configuration: {problems}") from None
     except (OSError, ValueError) as exc:  # TOML decode errors are ValueError subclasses
         raise ConfigError(f"cannot read configuration: {exc}") from exc
