@@ -120,26 +120,6 @@ async def _stat(view: ApiView, request: Request, stat: str, symbol: str,
                       "to": last_s * 1000 + 999, "count": count, "granularity": granularity})
 
 
-@app.page("/prices/{stat}/{exchange}/{symbol}")
-class PriceStatOnExchange(ApiView):
-    """Highest / lowest / average price of ``symbol`` on ``exchange`` over a period."""
-
-    async def get(self, request: Request, stat: str, exchange: str, symbol: str) -> Response:
-        if stat == "latest":
-            return await _latest(self, symbol, exchange)
-        return await _stat(self, request, stat, symbol, exchange)
-
-
-@app.page("/prices/{stat}/{symbol}")
-class PriceStat(ApiView):
-    """Highest / lowest / average price of ``symbol`` on all exchanges over a period."""
-
-    async def get(self, request: Request, stat: str, symbol: str) -> Response:
-        if stat == "latest":
-            return await _latest(self, symbol, None)
-        return await _stat(self, request, stat, symbol, None)
-
-
 @app.page("/prices/latest/{symbol}")
 class LatestPrice(ApiView):
     """Newest trade price of ``symbol`` on any exchange."""
@@ -156,3 +136,20 @@ class LatestPriceOnExchange(ApiView):
         self, request: Request, exchange: str, symbol: str
     ) -> Response:
         return await _latest(self, symbol, exchange)
+
+
+# registered after the /prices/latest/... pages, which therefore match first
+@app.page("/prices/{stat}/{exchange}/{symbol}")
+class PriceStatOnExchange(ApiView):
+    """Highest / lowest / average price of ``symbol`` on ``exchange`` over a period."""
+
+    async def get(self, request: Request, stat: str, exchange: str, symbol: str) -> Response:
+        return await _stat(self, request, stat, symbol, exchange)
+
+
+@app.page("/prices/{stat}/{symbol}")
+class PriceStat(ApiView):
+    """Highest / lowest / average price of ``symbol`` on all exchanges over a period."""
+
+    async def get(self, request: Request, stat: str, symbol: str) -> Response:
+        return await _stat(self, request, stat, symbol, None)
