@@ -5,6 +5,8 @@ committable only after the batch holding it is upserted. Batches flush when
 ``sink.batch_size`` bars are pending or ``sink.flush_interval_s`` after the oldest
 arrived. A failing database is retried with exponential backoff (capped at
 ``sink.retry_max_s``) while the agent waits, which pauses consumption (back-pressure).
+After a commit that holds bars older than :func:`app.ohlcv_cache.stale_write_ms`, the
+symbols' cached ``/ohlcv`` ranges are invalidated (:mod:`app.ohlcv_cache`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from app import settings
 from app.db import Database
 from app.faust_app import app
 from app.metrics import BARS_WRITTEN, FLUSH_SECONDS, SINK_ERRORS, SINK_RETRIES
-from app.services import database
+from app.ohlcv_cache import stale_write_ms
+from app.services import database, ohlcv_cache
 from app.topics import bars_topic
 from sql.bars_1m import upsert_bars
 
@@ -47,13 +50,19 @@ class BarWriter:
         flush_interval_s: flush when the oldest pending bar is this old (seconds).
         retry_max_s: cap of the exponential retry delay (seconds).
         upsert: ``async (conn, bars) -> rows`` (default :func:`sql.bars_1m.upsert_bars`).
+        invalidate: ``async (symbols) -> None`` called after a commit with the symbols of
+            the bars older than ``stale_ms`` (wall clock minus ``bucket_start_ms``).
+        stale_ms: see ``invalidate``.
     """
 
     def __init__(self, db: Database, batch_size: int, flush_interval_s: float,
-                 retry_max_s: float, upsert: Callable[..., Awaitable[int]] = upsert_bars
-                 ) -> None:
+                 retry_max_s: float, upsert: Callable[..., Awaitable[int]] = upsert_bars,
+                 invalidate: Callable[[set[str]], Awaitable[None]] | None = None,
+                 stale_ms: int = 0) -> None:
         self.db = db
         self.upsert = upsert
+        self.invalidate = invalidate
+        self.stale_ms = stale_ms
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.retry_max_s = retry_max_s
@@ -104,6 +113,11 @@ class BarWriter:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.retry_max_s)
             BARS_WRITTEN.inc(n)
+            if self.invalidate is not None:
+                old_before = time.time_ns() // 1_000_000 - self.stale_ms
+                stale = {b["symbol"] for b, _ in batch if b["bucket_start_ms"] < old_before}
+                if stale:
+                    await self.invalidate(stale)
             assert self.stream is not None
             for _, event in batch:
                 await self.stream.ack(event)
@@ -111,7 +125,8 @@ class BarWriter:
 
 
 writer = BarWriter(database, settings.sink.batch_size, settings.sink.flush_interval_s,
-                   settings.sink.retry_max_s)
+                   settings.sink.retry_max_s, invalidate=ohlcv_cache.invalidate,
+                   stale_ms=stale_write_ms(settings.window.grace_ms))
 
 
 def _decode_bar(raw: Any) -> dict[str, Any] | None:
@@ -143,8 +158,10 @@ async def persist_bars(stream: StreamT) -> None:
 
 @app.timer(interval=max(0.05, settings.sink.flush_interval_s / 4))
 async def flush_bars() -> None:
-    """Flush the bar batch when it is due (a quiet stream still gets its bars written)."""
+    """Flush the bar batch when it is due (a quiet stream still gets its bars written), and
+    retry cache invalidations that did not reach Redis."""
     await writer.flush_if_due()
+    await ohlcv_cache.retry_pending()
 
 
 class BarSinkService(Service):

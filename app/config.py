@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -94,11 +94,17 @@ class TopicsSection(BaseModel):
 
 
 class AppSection(BaseModel):
-    """Faust application identity and local state."""
+    """Faust application identity, local state and event loop.
+
+    Attributes:
+        event_loop: ``uvloop`` (default; faster HTTP and Kafka I/O) or ``asyncio``.
+            Faust's own ``-L/--loop`` option or ``FAUST_LOOP`` take precedence.
+    """
 
     id: str = "marketflow"
     datadir: str = "var/faust"
     log_level: str = "info"
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @field_validator("id")
     @classmethod
@@ -139,10 +145,20 @@ class RedisSection(BaseModel):
 
 
 class WebSection(BaseModel):
-    """HTTP API bind address."""
+    """HTTP API.
+
+    Attributes:
+        host: bind address.
+        port: bind port.
+        ohlcv_cache_ttl_s: lifetime of a cached sealed OHLCV range in Redis
+            (:mod:`app.ohlcv_cache`); 0 disables the cache.
+        ohlcv_cache_max_bytes: larger ranges are not cached.
+    """
 
     host: str = "127.0.0.1"
     port: int = Field(default=6066, ge=1, le=65535)
+    ohlcv_cache_ttl_s: int = Field(default=600, ge=0, le=86_400)
+    ohlcv_cache_max_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
 
 
 class WindowSection(BaseModel):

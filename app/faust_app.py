@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -159,9 +161,41 @@ class MarketflowApp(faust.App):
                 delay = min(delay * 2, 5.0)
 
 
+def _faust_cli() -> bool:
+    """Whether this process is the ``faust`` command (worker or one of its commands)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    return os.path.basename(argv0) == "faust" or argv0.endswith(
+        os.path.join("faust", "__main__.py"))
+
+
+def use_event_loop(name: str, *, cli_only: bool = True) -> str:
+    """Install the asyncio event-loop policy ``name`` (``uvloop`` or ``asyncio``) unless
+    Faust's ``-L/--loop`` option or ``FAUST_LOOP`` already chose one (Faust applies those
+    when ``faust`` is imported). Must run before the worker creates its loop.
+
+    With ``cli_only`` (the default) only the ``faust`` command changes the policy: a
+    process that merely imports the app (tests, scripts) keeps its own event loop.
+
+    Returns:
+        str: the loop implementation in effect.
+    """
+    chosen = os.environ.get("FAUST_LOOP") or os.environ.get("F_LOOP")
+    if chosen:
+        return chosen
+    if cli_only and not _faust_cli():
+        return "asyncio"
+    if name == "uvloop":
+        import uvloop
+
+        if not isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy):
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return name
+
+
 def _make_app() -> MarketflowApp:
     from app import settings
 
+    use_event_loop(settings.app.event_loop)
     opts = faust_options(settings)
     app = MarketflowApp(settings.app.id, **opts)
     app.fetch_max_wait_ms = settings.broker.fetch_max_wait_ms

@@ -7,6 +7,7 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "BARS_CLOSED",
     "BARS_WRITTEN",
+    "CACHE_REQUESTS",
     "DEAD_LETTERED",
     "DUPLICATE_TICKS",
     "LATE_TICKS",
@@ -32,3 +33,7 @@ SINK_ERRORS = Counter("marketflow_sink_errors_total", "Failed sink writes", ["si
 SINK_RETRIES = Counter("marketflow_sink_retries_total", "Sink write retries", ["sink"])
 WATERMARK_MS = Gauge("marketflow_watermark_ms", "Event-time watermark per partition", ["partition"])
 FLUSH_SECONDS = Histogram("marketflow_bar_flush_seconds", "TimescaleDB batch upsert duration")
+CACHE_REQUESTS = Counter(
+    "marketflow_ohlcv_cache_requests_total",
+    "Sealed-range cache lookups of /ohlcv and /udf/history", ["result"],
+)

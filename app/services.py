@@ -8,10 +8,11 @@ from app import settings
 from app.db import Database
 from app.faust_app import app
 from app.latest import LatestPrices
+from app.ohlcv_cache import OhlcvCache
 from app.topics import dead_letter_topic, ticks_topic
 from feeds.ingest import IngestManager, TickPublisher
 
-__all__ = ["database", "ingest", "latest_prices", "publisher"]
+__all__ = ["database", "ingest", "latest_prices", "ohlcv_cache", "publisher"]
 
 database = Database(
     settings.database.dsn,
@@ -22,8 +23,14 @@ latest_prices = LatestPrices(
     settings.redis.url, settings.redis.key_prefix, settings.redis.latest_ttl_s
 )
 
+ohlcv_cache = OhlcvCache(
+    settings.redis.url, settings.redis.key_prefix, settings.web.ohlcv_cache_ttl_s,
+    settings.web.ohlcv_cache_max_bytes,
+)
+
 # `database` is started and stopped by agents.sink.BarSinkService (flush before close).
 app.service(latest_prices)  # type: ignore[arg-type]
+app.service(ohlcv_cache)  # type: ignore[arg-type]
 
 
 # ---- ingest (feeds -> ticks topic), leader only; see feeds/ingest.py

@@ -501,7 +501,10 @@ async def run(args: argparse.Namespace) -> int:
         # -------------------------------------------------------------- 4. load
         say(f"\n[4] HTTP load, {args.seconds:g} s per endpoint ({loadgen}), pipeline "
             f"ingesting")
+        only = {x.strip() for x in args.only.split(",") if x.strip()}
         for label, path, _ in endpoints:
+            if only and label not in only:
+                continue
             url = worker.base + path
             if args.warmup > 0:
                 await (run_wrk(url, args.warmup, args.connections, args.threads) if use_wrk
@@ -509,10 +512,21 @@ async def run(args: argparse.Namespace) -> int:
             sampler = LagSampler(worker, http, r, latest_key, grace_ms, db, dbname)
             st = asyncio.create_task(sampler.run())
             await asyncio.sleep(0.3)
+            spy = None
+            if args.profile:
+                Path(args.profile).mkdir(parents=True, exist_ok=True)
+                out = Path(args.profile) / (re.sub(r"\W+", "_", label) + ".txt")
+                pid = worker.proc.pid if worker.proc else 0
+                spy = subprocess.Popen(
+                    [str(REPO / ".venv" / "bin" / "py-spy"), "record", "-p", str(pid),
+                     "-d", str(int(args.seconds)), "-r", "200", "-f", "raw", "-o", str(out)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             cpu0, t0 = worker.cpu_s(), time.monotonic()
             res = await (run_wrk(url, args.seconds, args.connections, args.threads) if use_wrk
                          else run_pyload(url, args.seconds, args.connections))
             res["cpu"] = 100 * (worker.cpu_s() - cpu0) / (time.monotonic() - t0)
+            if spy is not None:
+                spy.wait(timeout=60)
             sampler.stop()
             await st
             results.append((label, res, sampler))
@@ -614,6 +628,10 @@ def main() -> int:
                     help="override database.pool_max (0 = the configured value)")
     ap.add_argument("--no-wrk", action="store_true", help="use the aiohttp load generator")
     ap.add_argument("--keep-log", action="store_true")
+    ap.add_argument("--only", default="",
+                    help="comma-separated endpoint labels to load (e.g. latest,ohlcv 1m x 1 day)")
+    ap.add_argument("--profile", default="",
+                    help="directory: py-spy collapsed-stack profile of the worker per endpoint")
     ap.add_argument("--verbose", action="store_true", help="print the raw wrk output")
     args = ap.parse_args()
 

@@ -31,8 +31,10 @@ import secrets
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from decimal import Decimal
 from typing import Any, cast
 
+import orjson
 from faust.web import Request, Response, View
 from faust.web.exceptions import WebError
 
@@ -113,8 +115,15 @@ class ApiView(View):
 
     def ok(self, body: Any, status: int = 200, *,
            headers: Mapping[str, str] | None = None) -> Response:
-        """A JSON success response (``body`` serialised as is)."""
-        return self.json(body, status=status, headers=dict(headers) if headers else None)
+        """A JSON success response (``body`` serialised as is with orjson: NaN/inf become
+        null, ``Decimal`` a number).
+
+        Raises:
+            TypeError: ``body`` holds a value JSON cannot represent (a bug: answered 500).
+        """
+        return self.bytes(orjson.dumps(body, default=_json_default),
+                          content_type="application/json", status=status,
+                          headers=dict(headers) if headers else None)
 
     def fail(self, status: int, message: str, param: str | None = None, *,
              headers: Mapping[str, str] | None = None) -> Response:
@@ -126,8 +135,9 @@ class ApiView(View):
             param: the query/path parameter at fault, if any.
             headers: extra response headers (e.g. ``Retry-After``).
         """
-        return self.json(error_body(status, message, param), status=status,
-                         headers=dict(headers) if headers else None)
+        return self.bytes(orjson.dumps(error_body(status, message, param)),
+                          content_type="application/json", status=status,
+                          headers=dict(headers) if headers else None)
 
     # -- method handling --------------------------------------------------------------
 
@@ -186,6 +196,12 @@ class ApiView(View):
             log.exception("unhandled error in %s %s (ref %s)", method,
                           getattr(request, "path", "?"), ref)
             return self.fail(500, f"internal server error (ref {ref})")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return float(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def _overridden(cls: type[View]) -> set[str]:

@@ -2,7 +2,7 @@
 503 otherwise. Body::
 
     {"status": "ok"|"degraded", "broker": "up", "database": "up", "redis": "up",
-     "details": {<dependency>: <error>}, "mode": "live",
+     "details": {<dependency>: <error>}, "mode": "live", "event_loop": "uvloop",
      "ingest": {"worker": "host:6066", "mode": "live", "updated_ms": ...,
                 "feeds": {"exchange1": {"kind": "marketflow_tcp", "state": "connected",
                                         "last_message_ms": ..., "messages": 120,
@@ -67,6 +67,7 @@ async def check_all() -> dict[str, Any]:
         else:
             out[name] = "up"
     out["status"] = "ok" if all(out[n] == "up" for n in names) else "degraded"
+    out["event_loop"] = type(asyncio.get_running_loop()).__module__.split(".")[0]
     if out["redis"] == "up":
         try:
             out["mode"] = await get_mode(latest_prices.client, settings.redis.key_prefix,

@@ -26,8 +26,13 @@ Response 200::
 
 The still-open bucket is included from live state (the bar agent mirrors its open and
 just-closed 1-minute bars into Redis) and marked ``"closed": false``; minutes not yet in
-TimescaleDB (the last :data:`LIVE_WINDOW_MS`) come from there, the rest from the
-database, so there is no gap and no overlap at the boundary.
+TimescaleDB (within the live window, :func:`app.ohlcv_cache.live_window_ms`: 5 minutes at
+the default grace) come from there, the rest from the database, so there is no gap and no
+overlap at the boundary.
+
+Buckets that end before the live window are *sealed*; their JSON is cached in Redis
+(read-through, ``web.ohlcv_cache_ttl_s``, invalidated when an old bar is rewritten, see
+:mod:`app.ohlcv_cache`), and the newer buckets are computed on every request.
 
 404 when the symbol (on that exchange) has no bars at all; 503 when the database or Redis
 is down.
@@ -36,27 +41,29 @@ is down.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
+import orjson
 from faust.web import Request, Response
 from redis.exceptions import RedisError
 
+from app import settings
 from app.errors import QueryError
 from app.faust_app import app
-from app.services import database, latest_prices
+from app.ohlcv_cache import entry_key, live_window_ms, sealed_end_ms
+from app.services import database, latest_prices, ohlcv_cache
 from sql.bars_1m import fetch_rollup, stored_minutes, symbol_known
 from views.base import ApiView
 from views.params import iso_ms, parse_name, parse_time_ms
 
-__all__ = ["INTERVALS_MS", "LIVE_WINDOW_MS", "MAX_BARS", "Ohlcv", "fill_previous", "merge_live",
-           "parse_ohlcv_query"]
+__all__ = ["INTERVALS_MS", "MAX_BARS", "Ohlcv", "SeriesError", "fill_previous", "merge_live",
+           "parse_ohlcv_query", "recent_buckets", "rows_to_bars", "splice_json_arrays"]
 
 INTERVALS_MS = {"1m": 60_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000,
                 "1h": 3_600_000, "4h": 14_400_000, "1d": 86_400_000}
 MAX_BARS = 5_000
-#: minutes this recent may not be in the database yet: taken from the live bars in Redis
-LIVE_WINDOW_MS = 5 * 60_000
 _DEFAULT_BARS = 100
 _ALLOWED = {"symbol", "exchange", "start", "end", "interval", "fill"}
 
@@ -175,6 +182,109 @@ def _flat(prev: dict[str, Any], start_ms: int) -> dict[str, Any]:
             "avg_price": None, "vwap": None, "min_price": c, "max_price": c}
 
 
+def rows_to_bars(rows: Sequence[asyncpg.Record], symbol: str, exchange: str | None,
+                 interval_ms: int, now_ms: int, *, keep_ts: bool) -> list[dict[str, Any]]:
+    """Response-shape bars from :func:`sql.bars_1m.fetch_rollup` records (oldest first).
+
+    ``closed`` is ``bucket end <= now_ms``; with ``keep_ts`` the bars also carry
+    ``open_ts_ms``/``close_ts_ms`` (needed by :func:`merge_live`, removed before
+    answering).
+    """
+    out = []
+    for r in rows:
+        ms = int(r["b"].timestamp() * 1000)
+        high, low = r["high"], r["low"]
+        bar = {"exchange": exchange, "symbol": symbol, "bucket_start_ms": ms,
+               "time": iso_ms(ms), "open": r["open"], "high": high, "low": low,
+               "close": r["close"], "volume": r["volume"], "trade_count": r["trade_count"],
+               "avg_price": r["avg_price"], "vwap": r["vwap"], "min_price": low,
+               "max_price": high, "closed": ms + interval_ms <= now_ms}
+        if keep_ts:
+            bar["open_ts_ms"] = r["open_ts_ms"]
+            bar["close_ts_ms"] = r["close_ts_ms"]
+        out.append(bar)
+    return out
+
+
+def splice_json_arrays(a: bytes, b: bytes) -> bytes:
+    """Concatenate two serialised JSON arrays (``b"[1,2]"``, ``b"[3]"`` -> ``b"[1,2,3]"``)."""
+    if a == b"[]":
+        return b
+    if b == b"[]":
+        return a
+    return a[:-1] + b"," + b[1:]
+
+
+class SeriesError(Exception):
+    """A storage failure while building a series (the view answers 503)."""
+
+
+async def recent_buckets(symbol: str, exchange: str | None, lo_ms: int, end_ms: int,
+                         interval_ms: int, now_ms: int) -> tuple[list[dict[str, Any]], bool]:
+    """Buckets starting in ``[lo_ms, end_ms)`` from TimescaleDB merged with the live
+    1-minute bars in Redis for the minutes of the live window not stored yet.
+
+    Returns:
+        ``(bars, live_seen)``: response-shape bars oldest first, each with
+        ``open_ts_ms``/``close_ts_ms``; ``live_seen`` when any live bar was merged.
+
+    Raises:
+        SeriesError: the database or Redis is unreachable.
+    """
+    live_from = now_ms - now_ms % 60_000 - live_window_ms(settings.window.grace_ms)
+    try:
+        pool = await database.pool()
+        async with pool.acquire() as conn:
+            rows = await fetch_rollup(conn, symbol, exchange, lo_ms, end_ms, interval_ms,
+                                      MAX_BARS)
+            bars = rows_to_bars(rows, symbol, exchange, interval_ms, now_ms, keep_ts=True)
+            if end_ms <= live_from:
+                return bars, False
+            live_lo = max(lo_ms, live_from)
+            live = await latest_prices.live_bars(symbol, exchange, live_lo, end_ms)
+            if not live:
+                return bars, False
+            stored = await stored_minutes(conn, symbol, exchange, live_lo, end_ms)
+    except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise SeriesError(f"storage unavailable: {type(exc).__name__}") from exc
+    live = [m for m in live if (m["exchange"], m["bucket_start_ms"]) not in stored]
+    if not live:
+        return bars, False
+    bars = merge_live(bars, live, interval_ms, now_ms)
+    for b in bars:
+        b["exchange"] = exchange
+    return bars, True
+
+
+async def _sealed(symbol: str, exchange: str | None, interval: str, fill: str, start_ms: int,
+                  seal_ms: int, now_ms: int) -> tuple[dict[str, Any] | None, bytes]:
+    """``(last bar or None, JSON array)`` of the sealed buckets ``[start_ms, seal_ms)``,
+    from the cache or computed (and then cached)."""
+    gen = await ohlcv_cache.generation(symbol)
+    key = ""
+    if gen is not None:
+        key = entry_key(ohlcv_cache.prefix, symbol, gen, exchange, interval, fill, start_ms,
+                        seal_ms)
+        hit = await ohlcv_cache.get(key)
+        if hit is not None:
+            return hit
+    iv = INTERVALS_MS[interval]
+    try:
+        pool = await database.pool()
+        async with pool.acquire() as conn:
+            rows = await fetch_rollup(conn, symbol, exchange, start_ms, seal_ms, iv, MAX_BARS)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise SeriesError(f"database unavailable: {type(exc).__name__}") from exc
+    bars = rows_to_bars(rows, symbol, exchange, iv, now_ms, keep_ts=False)
+    if fill == "previous":
+        bars = fill_previous(bars, iv, seal_ms)
+    last = bars[-1] if bars else None
+    blob = orjson.dumps(bars)
+    if gen is not None:
+        await ohlcv_cache.put(key, last, blob)
+    return last, blob
+
+
 @app.page("/ohlcv")
 class Ohlcv(ApiView):
     """1-minute OHLCV history of a symbol, optionally on one exchange."""
@@ -187,50 +297,40 @@ class Ohlcv(ApiView):
         except QueryError as exc:
             return self.fail(400, str(exc), param=exc.param)
         iv = INTERVALS_MS[interval]
+        seal_ms = min(end_ms, sealed_end_ms(now_ms, settings.window.grace_ms, iv))
+        last: dict[str, Any] | None = None
+        sealed = b"[]"
+        rest: list[dict[str, Any]] = []
+        live_seen = False
         try:
-            pool = await database.pool()
-            async with pool.acquire() as conn:
-                rows = await fetch_rollup(conn, symbol, exchange, start_ms, end_ms, iv,
-                                          MAX_BARS)
-                known = bool(rows) or await symbol_known(conn, symbol, exchange)
+            if seal_ms > start_ms:
+                last, sealed = await _sealed(symbol, exchange, interval, fill, start_ms,
+                                             seal_ms, now_ms)
+            lo_ms = max(seal_ms, start_ms)
+            if end_ms > lo_ms:
+                rest, live_seen = await recent_buckets(symbol, exchange, lo_ms, end_ms, iv,
+                                                       now_ms)
+            if sealed == b"[]" and not rest and not live_seen:
+                pool = await database.pool()
+                async with pool.acquire() as conn:
+                    known = await symbol_known(conn, symbol, exchange)
+                if not known:
+                    where = f" on exchange {exchange!r}" if exchange else ""
+                    return self.fail(404, f"unknown symbol {symbol!r}{where}",
+                                     param="symbol")
+        except SeriesError as exc:
+            return self.fail(503, str(exc))
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             return self.fail(503, f"database unavailable: {type(exc).__name__}")
-        bars = []
-        for r in rows:
-            ms = int(r["b"].timestamp() * 1000)
-            bars.append({
-                "exchange": exchange, "symbol": symbol, "bucket_start_ms": ms,
-                "time": iso_ms(ms), "open": r["open"], "high": r["high"], "low": r["low"],
-                "close": r["close"], "volume": r["volume"], "trade_count": r["trade_count"],
-                "avg_price": r["avg_price"], "vwap": r["vwap"],
-                "min_price": r["low"], "max_price": r["high"],
-                "closed": ms + iv <= now_ms,
-                "open_ts_ms": r["open_ts_ms"], "close_ts_ms": r["close_ts_ms"],
-            })
-        live_from = now_ms - now_ms % 60_000 - LIVE_WINDOW_MS
-        if end_ms > live_from:
-            try:
-                live = await latest_prices.live_bars(symbol, exchange, max(start_ms, live_from),
-                                                     end_ms)
-                if live:
-                    async with pool.acquire() as conn:
-                        stored = await stored_minutes(conn, symbol, exchange,
-                                                      max(start_ms, live_from), end_ms)
-                    live = [m for m in live
-                            if (m["exchange"], m["bucket_start_ms"]) not in stored]
-                    bars = merge_live(bars, live, iv, now_ms)
-                    for b in bars:
-                        b["exchange"] = exchange
-                    known = True
-            except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                return self.fail(503, f"storage unavailable: {type(exc).__name__}")
-        if not known:
-            where = f" on exchange {exchange!r}" if exchange else ""
-            return self.fail(404, f"unknown symbol {symbol!r}{where}", param="symbol")
-        for b in bars:
+        for b in rest:
             b.pop("open_ts_ms", None)
             b.pop("close_ts_ms", None)
         if fill == "previous":
-            bars = fill_previous(bars, iv, min(end_ms, now_ms - now_ms % iv + iv))
-        return self.ok({"symbol": symbol, "exchange": exchange, "interval": interval,
-                          "fill": fill, "start": start_ms, "end": end_ms, "bars": bars})
+            fill_end = min(end_ms, now_ms - now_ms % iv + iv)
+            rest = (fill_previous([last, *rest], iv, fill_end)[1:] if last is not None
+                    else fill_previous(rest, iv, fill_end))
+        meta = orjson.dumps({"symbol": symbol, "exchange": exchange, "interval": interval,
+                             "fill": fill, "start": start_ms, "end": end_ms})
+        body = (meta[:-1] + b',"bars":' + splice_json_arrays(sealed, orjson.dumps(rest))
+                + b"}")
+        return self.bytes(body, content_type="application/json")

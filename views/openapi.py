@@ -165,6 +165,8 @@ SCHEMAS: dict[str, Any] = {
         "mode": {"type": "string", "enum": ["live", "test", "off"],
                  "description": "requested ingest mode (absent when Redis is down)"},
         "ingest": {"allOf": [_ref("IngestStatus")], "nullable": True},
+        "event_loop": {"type": "string", "description": "event loop of this worker",
+                       "example": "uvloop"},
     }, ["status", "broker", "database", "redis", "details"],
         "Dependency health; a feed outage shows in ingest.feeds but keeps status ok."),
     "Mode": _obj({

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
+from time import gmtime as _gmtime
 
 from app.errors import QueryError
 
@@ -55,6 +56,8 @@ def parse_time_ms(value: str, field: str) -> int:
 
 
 def iso_ms(ms: int) -> str:
-    """UTC ISO-8601 with milliseconds and ``Z``, e.g. ``2024-08-08T23:55:00.000Z``."""
-    dt = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC ISO-8601 with milliseconds and ``Z``, e.g. ``2024-08-08T23:55:00.000Z``
+    (``ms``: UTC epoch milliseconds, 0 .. year 9999)."""
+    s, rest = divmod(ms, 1000)
+    t = _gmtime(s)
+    return f"{t[0]:04d}-{t[1]:02d}-{t[2]:02d}T{t[3]:02d}:{t[4]:02d}:{t[5]:02d}.{rest:03d}Z"

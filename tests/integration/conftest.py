@@ -99,12 +99,15 @@ class Stack:
         assert proc.returncode == 0, out.decode()
         return out.decode()
 
-    async def produce_raw(self, items: list[tuple[bytes | None, bytes]]) -> None:
+    async def produce_raw(self, items: list[tuple[bytes | None, bytes]],
+                          topic: str | None = None) -> None:
+        """Send ``(key, value)`` records to ``topic`` (default: the ticks topic)."""
         prod = AIOKafkaProducer(bootstrap_servers=self.settings.broker.bootstrap_servers)
         await prod.start()
         try:
             for key, value in items:
-                await prod.send_and_wait(self.settings.topics.ticks, value=value, key=key)
+                await prod.send_and_wait(topic or self.settings.topics.ticks, value=value,
+                                         key=key)
         finally:
             await prod.stop()
 
