@@ -8,8 +8,8 @@ from typing import Any
 
 import asyncpg
 
-__all__ = ["fetch_bars", "fetch_rollup", "newest_bar_before", "pairs", "price_stats",
-           "recent_prices", "stored_minutes", "symbol_known", "upsert_bars"]
+__all__ = ["fetch_bars", "fetch_rollup", "fetch_rollup_json", "newest_bar_before", "pairs",
+           "price_stats", "recent_prices", "stored_minutes", "symbol_known", "upsert_bars"]
 
 _UPSERT = """
 INSERT INTO bars_1m (exchange, symbol, bucket_start, open, high, low, close, volume,
@@ -52,6 +52,20 @@ WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
 GROUP BY b
 ORDER BY b
 LIMIT $6
+"""
+
+#: The rollup of :data:`_ROLLUP` as one JSON array in the ``/ohlcv`` bar shape, built by
+#: PostgreSQL (the worker only passes the text on). Every bucket is closed: callers use it
+#: for buckets that ended before the live window only.
+_ROLLUP_JSON = """
+SELECT coalesce(json_agg(json_build_object(
+           'exchange', $2::text, 'symbol', $1::text,
+           'bucket_start_ms', (extract(epoch FROM b) * 1000)::bigint,
+           'time', to_char(b AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+           'open', open, 'high', high, 'low', low, 'close', close, 'volume', volume,
+           'trade_count', trade_count, 'avg_price', avg_price, 'vwap', vwap,
+           'min_price', low, 'max_price', high, 'closed', true) ORDER BY b), '[]')::text
+FROM (""" + _ROLLUP + """) AS r
 """
 
 _STATS = """
@@ -179,6 +193,21 @@ async def fetch_rollup(
     """
     return await conn.fetch(_ROLLUP, symbol, exchange, _ts(start_ms), _ts(end_ms),
                             timedelta(milliseconds=interval_ms), limit)
+
+
+async def fetch_rollup_json(
+    conn: asyncpg.Connection, symbol: str, exchange: str | None, start_ms: int, end_ms: int,
+    interval_ms: int, limit: int,
+) -> bytes:
+    """:func:`fetch_rollup` serialised by PostgreSQL as a JSON array of ``/ohlcv`` bars
+    (``exchange``, ``symbol``, ``bucket_start_ms``, ``time`` ISO-8601 UTC, ``open``,
+    ``high``, ``low``, ``close``, ``volume``, ``trade_count``, ``avg_price``, ``vwap``,
+    ``min_price``, ``max_price``, ``closed`` always true), oldest first; ``b"[]"`` when
+    there are none. Only for buckets that are closed and stored completely.
+    """
+    text = await conn.fetchval(_ROLLUP_JSON, symbol, exchange, _ts(start_ms), _ts(end_ms),
+                               timedelta(milliseconds=interval_ms), limit)
+    return str(text).encode()
 
 
 async def price_stats(conn: asyncpg.Connection, symbol: str, exchange: str | None,

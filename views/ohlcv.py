@@ -54,7 +54,7 @@ from app.errors import QueryError
 from app.faust_app import app
 from app.ohlcv_cache import entry_key, live_window_ms, sealed_end_ms
 from app.services import database, latest_prices, ohlcv_cache
-from sql.bars_1m import fetch_rollup, stored_minutes, symbol_known
+from sql.bars_1m import fetch_rollup, fetch_rollup_json, stored_minutes, symbol_known
 from views.base import ApiView
 from views.params import iso_ms, parse_name, parse_time_ms
 
@@ -272,14 +272,20 @@ async def _sealed(symbol: str, exchange: str | None, interval: str, fill: str, s
     try:
         pool = await database.pool()
         async with pool.acquire() as conn:
-            rows = await fetch_rollup(conn, symbol, exchange, start_ms, seal_ms, iv, MAX_BARS)
+            if fill == "none":  # serialised by PostgreSQL, passed through as is
+                last = None
+                blob = await fetch_rollup_json(conn, symbol, exchange, start_ms, seal_ms, iv,
+                                               MAX_BARS)
+            else:
+                rows = await fetch_rollup(conn, symbol, exchange, start_ms, seal_ms, iv,
+                                          MAX_BARS)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise SeriesError(f"database unavailable: {type(exc).__name__}") from exc
-    bars = rows_to_bars(rows, symbol, exchange, iv, now_ms, keep_ts=False)
-    if fill == "previous":
-        bars = fill_previous(bars, iv, seal_ms)
-    last = bars[-1] if bars else None
-    blob = orjson.dumps(bars)
+    if fill != "none":
+        bars = fill_previous(rows_to_bars(rows, symbol, exchange, iv, now_ms, keep_ts=False),
+                             iv, seal_ms)
+        last = bars[-1] if bars else None
+        blob = orjson.dumps(bars)
     if gen is not None:
         await ohlcv_cache.put(key, last, blob)
     return last, blob

@@ -44,6 +44,12 @@ async def test_sealed_range_cached_then_invalidated_by_correction(stack: Stack) 
     assert [b["bucket_start_ms"] for b in first["bars"]] == minutes
     assert [b["high"] for b in first["bars"]] == [stored[m]["high"] for m in minutes]
     _, hourly_first = await stack.http(hourly)
+    # fill=none is serialised by PostgreSQL, fill=previous in Python: with every minute
+    # traded both must give the same bars, field by field
+    for path in (per_ex, hourly):
+        _, by_pg = await stack.http(path)
+        _, by_py = await stack.http(path + "&fill=previous")
+        assert by_pg["bars"] and by_py["bars"] == by_pg["bars"]
 
     hits = await _cache_count(stack, "hit")
     status, second = await stack.http(per_ex)
@@ -54,7 +60,7 @@ async def test_sealed_range_cached_then_invalidated_by_correction(stack: Stack) 
         cached = [k async for k in r.scan_iter(f"{stack.name}:ohlcv:BTCUSDT:*")]
     finally:
         await r.aclose()
-    assert len(cached) == 2  # the per-exchange 1m range and the consolidated 1h range
+    assert len(cached) == 4  # per-exchange 1m and consolidated 1h, each fill none/previous
 
     # A correction of the first minute arrives on the closed-bars topic (as a re-emitted
     # bar would): the sink rewrites the old row and must invalidate the cached ranges.
