@@ -219,8 +219,9 @@ class SeriesError(Exception):
     """A storage failure while building a series (the view answers 503)."""
 
 
-async def recent_buckets(symbol: str, exchange: str | None, lo_ms: int, end_ms: int,
-                         interval_ms: int, now_ms: int) -> tuple[list[dict[str, Any]], bool]:
+async def recent_buckets(conn: asyncpg.Connection, symbol: str, exchange: str | None,
+                         lo_ms: int, end_ms: int, interval_ms: int, now_ms: int
+                         ) -> tuple[list[dict[str, Any]], bool]:
     """Buckets starting in ``[lo_ms, end_ms)`` from TimescaleDB merged with the live
     1-minute bars in Redis for the minutes of the live window not stored yet.
 
@@ -229,24 +230,26 @@ async def recent_buckets(symbol: str, exchange: str | None, lo_ms: int, end_ms: 
         ``open_ts_ms``/``close_ts_ms``; ``live_seen`` when any live bar was merged.
 
     Raises:
-        SeriesError: the database or Redis is unreachable.
+        SeriesError: Redis is unreachable.
+        asyncpg.PostgresError, OSError: the database failed.
     """
     live_from = now_ms - now_ms % 60_000 - live_window_ms(settings.window.grace_ms)
+    rows = await fetch_rollup(conn, symbol, exchange, lo_ms, end_ms, interval_ms, MAX_BARS)
+    bars = rows_to_bars(rows, symbol, exchange, interval_ms, now_ms, keep_ts=True)
+    if end_ms <= live_from:
+        return bars, False
+    live_lo = max(lo_ms, live_from)
+    # no live bar starts after the newest minute a tick may be stamped with
+    live_hi = min(end_ms, now_ms - now_ms % 60_000 + 60_000 + settings.window.max_future_ms)
+    if live_hi <= live_lo:
+        return bars, False
     try:
-        pool = await database.pool()
-        async with pool.acquire() as conn:
-            rows = await fetch_rollup(conn, symbol, exchange, lo_ms, end_ms, interval_ms,
-                                      MAX_BARS)
-            bars = rows_to_bars(rows, symbol, exchange, interval_ms, now_ms, keep_ts=True)
-            if end_ms <= live_from:
-                return bars, False
-            live_lo = max(lo_ms, live_from)
-            live = await latest_prices.live_bars(symbol, exchange, live_lo, end_ms)
-            if not live:
-                return bars, False
-            stored = await stored_minutes(conn, symbol, exchange, live_lo, end_ms)
-    except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise SeriesError(f"storage unavailable: {type(exc).__name__}") from exc
+        live = await latest_prices.live_bars(symbol, exchange, live_lo, live_hi)
+    except (RedisError, OSError) as exc:
+        raise SeriesError(f"redis unavailable: {type(exc).__name__}") from exc
+    if not live:
+        return bars, False
+    stored = await stored_minutes(conn, symbol, exchange, live_lo, live_hi)
     live = [m for m in live if (m["exchange"], m["bucket_start_ms"]) not in stored]
     if not live:
         return bars, False
@@ -313,13 +316,13 @@ class Ohlcv(ApiView):
                 last, sealed = await _sealed(symbol, exchange, interval, fill, start_ms,
                                              seal_ms, now_ms)
             lo_ms = max(seal_ms, start_ms)
-            if end_ms > lo_ms:
-                rest, live_seen = await recent_buckets(symbol, exchange, lo_ms, end_ms, iv,
-                                                       now_ms)
-            if sealed == b"[]" and not rest and not live_seen:
-                pool = await database.pool()
-                async with pool.acquire() as conn:
-                    known = await symbol_known(conn, symbol, exchange)
+            pool = await database.pool()
+            async with pool.acquire() as conn:
+                if end_ms > lo_ms:
+                    rest, live_seen = await recent_buckets(conn, symbol, exchange, lo_ms,
+                                                           end_ms, iv, now_ms)
+                known = (sealed != b"[]" or bool(rest) or live_seen
+                         or await symbol_known(conn, symbol, exchange))
                 if not known:
                     where = f" on exchange {exchange!r}" if exchange else ""
                     return self.fail(404, f"unknown symbol {symbol!r}{where}",

@@ -25,7 +25,9 @@ Endpoints (all ``GET``):
   (buckets aligned to UTC midnight). With ``countback=N`` ``from`` is ignored and the
   newest ``N`` bars starting at or before ``to`` are returned, searched further back past
   gaps (up to :data:`COUNTBACK_STEPS` jumps; fewer bars come back when the history is
-  shorter or more fragmented). Response::
+  shorter or more fragmented). Buckets in the live window (the last minutes, not all in
+  TimescaleDB yet) merge the live 1-minute bars from Redis exactly like ``/ohlcv``, so the
+  newest bar is the still-open bucket. Response::
 
       {"s": "ok", "t": [1723161300, ...], "o": [...], "h": [...], "l": [...],
        "c": [...], "v": [...]}
@@ -60,12 +62,14 @@ import asyncpg
 from faust.web import Request, Response
 
 import sql.bars_1m as bars_sql
+from app import settings
 from app.errors import QueryError
 from app.faust_app import app
+from app.ohlcv_cache import sealed_end_ms
 from app.services import database
 from sql.bars_1m import fetch_rollup, symbol_known
 from views.base import ApiView
-from views.ohlcv import INTERVALS_MS, MAX_BARS
+from views.ohlcv import INTERVALS_MS, MAX_BARS, SeriesError, recent_buckets, rows_to_bars
 from views.params import parse_name
 
 __all__ = [
@@ -248,10 +252,6 @@ def _ts(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
-def _ms(dt: datetime) -> int:
-    return int(dt.timestamp() * 1000)
-
-
 def _full_name(exchange: str | None, symbol: str) -> str:
     return f"{exchange}:{symbol}" if exchange else symbol
 
@@ -308,23 +308,38 @@ async def _countback_rows(conn: asyncpg.Connection, h: HistoryQuery, symbol: str
 
 
 async def _history(conn: asyncpg.Connection, h: HistoryQuery, symbol: str,
-                   exchange: str | None) -> dict[str, Any] | None:
-    """The UDF history body, or None when the symbol has no bar at all."""
+                   exchange: str | None, now_ms: int) -> dict[str, Any] | None:
+    """The UDF history body, or None when the symbol has no bar at all. Buckets in or
+    after the live window come from :func:`views.ohlcv.recent_buckets` (stored bars plus
+    the live 1-minute bars, the still-open bucket included), like ``/ohlcv``.
+
+    Raises:
+        SeriesError: Redis is unreachable.
+    """
     iv = h.interval_ms
     if h.countback is not None:
         rows = await _countback_rows(conn, h, symbol, exchange)
-        start_ms = bucket_range_ms(h.to_s, h.to_s, iv)[1]  # only used when rows is empty
+        start_ms = end_ms = bucket_range_ms(h.to_s, h.to_s, iv)[1]
+        lo = 0
     else:
         start_ms, end_ms = bucket_range_ms(h.from_s, h.to_s, iv)
         rows = (list(await fetch_rollup(conn, symbol, exchange, start_ms, end_ms, iv,
                                         MAX_BARS))
                 if end_ms > start_ms else [])
-    if rows:
+        lo = start_ms
+    bars = rows_to_bars(rows, symbol, exchange, iv, now_ms, keep_ts=False)
+    lo = max(lo, sealed_end_ms(now_ms, settings.window.grace_ms, iv))
+    if end_ms > lo:
+        recent, _ = await recent_buckets(conn, symbol, exchange, lo, end_ms, iv, now_ms)
+        bars = [b for b in bars if b["bucket_start_ms"] < lo] + recent
+        if h.countback is not None:
+            bars = bars[-h.countback:]
+    if bars:
         return {"s": "ok",
-                "t": [_ms(r["b"]) // 1000 for r in rows],
-                "o": [r["open"] for r in rows], "h": [r["high"] for r in rows],
-                "l": [r["low"] for r in rows], "c": [r["close"] for r in rows],
-                "v": [r["volume"] for r in rows]}
+                "t": [b["bucket_start_ms"] // 1000 for b in bars],
+                "o": [b["open"] for b in bars], "h": [b["high"] for b in bars],
+                "l": [b["low"] for b in bars], "c": [b["close"] for b in bars],
+                "v": [b["volume"] for b in bars]}
     prev = await _newest_before(conn, symbol, exchange, start_ms)
     if prev is not None:
         return {"s": "no_data", "nextTime": (prev - prev % iv) // 1000}
@@ -475,16 +490,19 @@ class UdfHistory(_UdfView):
             h = parse_history_query(dict(request.query))
         except QueryError as exc:
             return self.udf_error(400, str(exc))
+        now_ms = time.time_ns() // 1_000_000
         try:
             pool = await database.pool()
             async with pool.acquire() as conn:
-                body = await _history(conn, h, h.symbol, h.exchange)
+                body = await _history(conn, h, h.symbol, h.exchange, now_ms)
                 if body is None:
                     found = await _canonical(conn, h.exchange, h.symbol)
                     if found is not None and found != (h.exchange, h.symbol):
-                        body = await _history(conn, h, found[1], found[0])
+                        body = await _history(conn, h, found[1], found[0], now_ms)
         except _DB_ERRORS as exc:
             return self.db_down(exc)
+        except SeriesError as exc:
+            return self.udf_error(503, str(exc))
         if body is None:
             return self.udf_error(404, _unknown(h.exchange, h.symbol))
         return self.json(body)

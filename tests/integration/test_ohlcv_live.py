@@ -59,3 +59,18 @@ async def test_live_bucket_joins_stored_bars(stack: Stack) -> None:
     newest = max(t["ts_ms"] for t in ticks)
     last = [t for t in ticks if t["ts_ms"] == newest][-1]  # ties: the later arrival closes
     assert hour["bars"][-1]["close"] == last["price"]
+
+    # /udf/history serves the same series, the still-open bucket included
+    m0 = t0 - t0 % 60_000
+    status, udf = await stack.http(f"/udf/history?symbol=exchange1:BTCUSDT&resolution=1"
+                                   f"&from={m0 // 1000}&to={(t0 + 10 * 60_000) // 1000}")
+    assert status == 200 and udf["s"] == "ok", udf
+    assert udf["t"] == [b["bucket_start_ms"] // 1000 for b in one_min["bars"]]
+    for field, col in (("open", "o"), ("high", "h"), ("low", "l"), ("close", "c"),
+                       ("volume", "v")):
+        assert udf[col] == [b[field] for b in one_min["bars"]], field
+    assert udf["t"][-1] * 1000 == newest - newest % 60_000
+    status, udf_cb = await stack.http(f"/udf/history?symbol=exchange1:BTCUSDT&resolution=1"
+                                      f"&from=0&to={(t0 + 10 * 60_000) // 1000}&countback=2")
+    assert status == 200 and udf_cb["t"] == udf["t"][-2:], udf_cb
+    assert udf_cb["c"] == udf["c"][-2:]
