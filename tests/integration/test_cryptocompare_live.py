@@ -73,4 +73,4 @@ async def test_cryptocompare_trades_become_ticks_and_survive_a_drop(stack: Stack
         assert status == 200
         cc = health["ingest"]["feeds"]["cryptocompare"]
         assert cc["state"] == "connected" and cc["reconnects"] >= 1
-        assert w.stop() == 0
+        assert w.stop() == 0, w.tail()

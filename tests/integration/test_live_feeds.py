@@ -132,7 +132,7 @@ async def test_live_three_exchanges_with_outage_and_bad_lines(stack: Stack) -> N
     assert feeds["exchange1"]["dead_lettered"] >= 4 and feeds["exchange1"]["ignored"] >= 1
     assert feeds["exchange1"]["state"] == "connected"
     await r.aclose()
-    assert w.stop() == 0
+    assert w.stop() == 0, w.tail()
 
 
 async def test_mode_switch_both_ways_with_two_workers(stack: Stack) -> None:

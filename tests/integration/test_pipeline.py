@@ -160,7 +160,7 @@ async def test_real_trades_end_to_end(stack: Stack) -> None:
     assert rec["average_price"] == pytest.approx(row["avg_price"], rel=1e-12)
     eth = await stack.wait_for_bars("binance", "ETHUSDT", {1601215500000})
     assert eth[1601215500000]["trade_count"] == 1  # the good tick of the mixed batch
-    assert worker.stop() == 0
+    assert worker.stop() == 0, worker.tail()
 
 
 def stack_sample(name: str) -> object:
@@ -175,7 +175,7 @@ async def test_restart_keeps_serving(stack: Stack) -> None:
     await w.wait_ready()
     await stack.replay_cli(str(stack_sample(SPOT_2020)))
     await stack.wait_for_bars("binance", "BTCUSDT", {1601215500000, 1601215560000})
-    assert w.stop() == 0
+    assert w.stop() == 0, w.tail()
     w2 = stack.worker().start()
     await w2.wait_ready()
     status, body = await stack.http("/prices/latest/binance/BTCUSDT")
