@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 #: longest accepted line (Go's bufio.Scanner default token limit is 64 KiB too)
 MAX_LINE_BYTES = 64 * 1024
 READ_BYTES = 64 * 1024
+#: how long closing a connection may wait for the peer
+_CLOSE_TIMEOUT_S = 2.0
 
 
 def _ts_ms(v: Any) -> int:
@@ -174,10 +176,10 @@ class MarketflowExchangeFeed:
                     self.backoff.reset()
         finally:
             writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError as exc:
-                log.debug("feed %s: close: %s", self.name, exc)
+            try:  # bounded: a stuck peer must not hold up a reconnect or the shutdown
+                await asyncio.wait_for(writer.wait_closed(), _CLOSE_TIMEOUT_S)
+            except (OSError, TimeoutError) as exc:
+                log.debug("feed %s: close: %r", self.name, exc)
 
     async def _reject(self, line: bytes, reason: str, detail: str) -> None:
         self.state.dead_lettered += 1
