@@ -280,6 +280,59 @@ class FeedsSection(BaseModel):
         return v
 
 
+class HistorySection(BaseModel):
+    """Historical 1-minute bars from a REST source: backfill, on-demand fetch, gap repair.
+
+    Attributes:
+        source: ``cryptocompare`` (legacy min-api ``data/v2/histominute``), ``coindesk``
+            (Data API ``spot/v1/historical/minutes``) or ``none`` (no fetching).
+        cryptocompare_url, coindesk_url: base URLs (tests point them at a local server).
+        api_key: sent as ``Authorization: Apikey <key>``; never logged.
+        requests_per_s: client-side cap on request rate (the sources' documented limits
+            are per second/minute/hour; stay under the per-second one).
+        max_retries: attempts per page on 429, 5xx and timeouts (exponential backoff
+            from ``backoff_initial_s`` to ``backoff_max_s``; a 429's ``Retry-After`` wins).
+        timeout_s: per request.
+        overwrite_own: when true, fetched bars replace bars we built from our own ticks;
+            by default they only fill minutes we did not compute.
+        exchange_map: our exchange name -> the source's exchange/market name
+            (default: the same name).
+        on_demand: ``/ohlcv`` asks the coordinator to fetch ranges missing from the
+            database.
+        on_demand_wait_s: how long ``/ohlcv`` waits for an on-demand fetch.
+        topic_prefix: dynamic topics are ``<topic_prefix>.<exchange>.<symbol>``.
+        gap_scan_interval_s: how often the gap job looks for missing minutes (0 = off).
+    """
+
+    source: Literal["cryptocompare", "coindesk", "none"] = "none"
+    cryptocompare_url: str = "https://min-api.cryptocompare.com"
+    coindesk_url: str = "https://data-api.coindesk.com"
+    api_key: str = ""
+    requests_per_s: float = Field(default=5.0, gt=0, le=1000)
+    max_retries: int = Field(default=5, ge=0, le=50)
+    backoff_initial_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0)
+    overwrite_own: bool = False
+    exchange_map: dict[str, str] = Field(default_factory=dict)
+    on_demand: bool = True
+    on_demand_wait_s: float = Field(default=5.0, ge=0, le=120)
+    topic_prefix: str = "backfill"
+    gap_scan_interval_s: float = Field(default=60.0, ge=0)
+
+
+class ReplaySection(BaseModel):
+    """Market replay simulator.
+
+    Attributes:
+        namespace: replayed exchanges are renamed ``<namespace>.<exchange>`` (ticks tagged
+            ``source=replay``) so replays never touch live or historical bars; ``""``
+            keeps the real names (``--rebase-now`` live-like feeds default to that).
+    """
+
+    namespace: str = "replay"
+
+
 class LogSection(BaseModel):
     """Logging: ``json`` (one JSON object per line) or ``text``."""
 
@@ -313,6 +366,8 @@ class Settings(BaseSettings):
     feeds: FeedsSection = FeedsSection()
     log: LogSection = LogSection()
     auth: AuthSection = AuthSection()
+    history: HistorySection = HistorySection()
+    replay: ReplaySection = ReplaySection()
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> Settings:

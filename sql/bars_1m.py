@@ -9,18 +9,34 @@ from typing import Any
 import asyncpg
 
 __all__ = ["fetch_bars", "fetch_rollup", "fetch_rollup_json", "newest_bar_before", "pairs",
-           "price_stats", "recent_prices", "stored_minutes", "symbol_known", "upsert_bars"]
+           "price_stats", "recent_prices", "stored_minutes", "symbol_known", "upsert_bars",
+           "upsert_fetched_bars"]
 
 _UPSERT = """
 INSERT INTO bars_1m (exchange, symbol, bucket_start, open, high, low, close, volume,
-                     trade_count, avg_price, vwap, open_ts_ms, close_ts_ms)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                     trade_count, avg_price, vwap, open_ts_ms, close_ts_ms, source)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'ticks')
 ON CONFLICT (exchange, symbol, bucket_start) DO UPDATE SET
     open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low,
     close = EXCLUDED.close, volume = EXCLUDED.volume, trade_count = EXCLUDED.trade_count,
     avg_price = EXCLUDED.avg_price, vwap = EXCLUDED.vwap,
     open_ts_ms = EXCLUDED.open_ts_ms, close_ts_ms = EXCLUDED.close_ts_ms,
-    updated_at = now()
+    source = 'ticks', updated_at = now()
+"""
+
+#: Fetched (REST) bars: $14 is the source name; $15 true lets them replace bars built
+#: from our own ticks (source 'ticks'), false keeps those.
+_UPSERT_FETCHED = """
+INSERT INTO bars_1m AS cur (exchange, symbol, bucket_start, open, high, low, close, volume,
+                     trade_count, avg_price, vwap, open_ts_ms, close_ts_ms, source)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+ON CONFLICT (exchange, symbol, bucket_start) DO UPDATE SET
+    open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low,
+    close = EXCLUDED.close, volume = EXCLUDED.volume, trade_count = EXCLUDED.trade_count,
+    avg_price = EXCLUDED.avg_price, vwap = EXCLUDED.vwap,
+    open_ts_ms = EXCLUDED.open_ts_ms, close_ts_ms = EXCLUDED.close_ts_ms,
+    source = EXCLUDED.source, updated_at = now()
+WHERE $15::boolean OR cur.source <> 'ticks'
 """
 
 _SELECT = """
@@ -41,7 +57,7 @@ SELECT time_bucket($5::interval, bucket_start) AS b,
        last(close, close_ts_ms) AS close,
        sum(volume)              AS volume,
        sum(trade_count)::bigint AS trade_count,
-       sum(avg_price * trade_count) / sum(trade_count) AS avg_price,
+       sum(avg_price * trade_count) / nullif(sum(trade_count), 0) AS avg_price,
        sum(vwap * volume) FILTER (WHERE vwap IS NOT NULL)
          / nullif(sum(volume) FILTER (WHERE vwap IS NOT NULL), 0) AS vwap,
        min(open_ts_ms)          AS open_ts_ms,
@@ -161,6 +177,35 @@ async def upsert_bars(conn: asyncpg.Connection, bars: Iterable[dict[str, Any]]) 
         return 0
     async with conn.transaction():
         await conn.executemany(_UPSERT, list(rows.values()))
+    return len(rows)
+
+
+async def upsert_fetched_bars(conn: asyncpg.Connection, bars: Iterable[dict[str, Any]],
+                              source: str, overwrite_own: bool) -> int:
+    """Upsert 1-minute bars fetched from a REST source, tagged ``source``.
+
+    Args:
+        conn: connection (one transaction).
+        bars: closed-bar dicts (the :func:`upsert_bars` schema; ``trade_count`` 0 and
+            ``vwap`` None when the source does not give them, ``open_ts_ms`` =
+            ``bucket_start_ms``, ``close_ts_ms`` = ``bucket_start_ms + 59999``).
+        source: e.g. ``cryptocompare``, ``coindesk``.
+        overwrite_own: replace bars built from our own ticks too (default policy: no).
+
+    Returns:
+        int: bars submitted (rows kept because of the policy included).
+
+    Raises:
+        asyncpg.PostgresError / OSError: the write failed; nothing was committed.
+    """
+    rows: dict[tuple[str, str, int], tuple[Any, ...]] = {}
+    for b in bars:
+        rows[(b["exchange"], b["symbol"], b["bucket_start_ms"])] = (
+            *_row(b), source, overwrite_own)
+    if not rows:
+        return 0
+    async with conn.transaction():
+        await conn.executemany(_UPSERT_FETCHED, list(rows.values()))
     return len(rows)
 
 
