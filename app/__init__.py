@@ -37,7 +37,7 @@ def __getattr__(name: str) -> Any:
     if name == "app":
         faust_app = importlib.import_module("app.faust_app").app
         globals()["app"] = faust_app
-        for mod in ("agents", "views", "app.commands"):
+        for mod in ("agents", "views", "app.commands", "app.history_commands"):
             importlib.import_module(mod)
         return faust_app
     raise AttributeError(f"module 'app' has no attribute {name!r}")

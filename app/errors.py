@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "InvalidTick", "MarketflowError", "QueryError", "ReplayError"]
+__all__ = ["ConfigError", "HistoryError", "InvalidTick", "MarketflowError", "QueryError",
+           "ReplayError"]
 
 
 class MarketflowError(Exception):
@@ -43,3 +44,12 @@ class QueryError(MarketflowError):
 
 class ReplayError(MarketflowError):
     """A replay input file is unreadable or not in the trades CSV format."""
+
+
+class HistoryError(MarketflowError):
+    """A historical-data fetch failed for good (bad request, auth refused, retries
+    exhausted, malformed response); ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
