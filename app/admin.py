@@ -8,11 +8,12 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 from app.config import Settings
 from app.errors import ConfigError
 
-__all__ = ["ensure_topics"]
+__all__ = ["create_topic", "delete_topics", "ensure_topics"]
 
 
 async def ensure_topics(s: Settings) -> None:
-    """Create the ticks, closed-bars and dead-letter topics with explicit partition counts.
+    """Create the ticks, closed-bars, dead-letter and history-request topics with explicit
+    partition counts.
 
     Runs before the worker subscribes and before any producer publishes, so a broker that
     auto-creates topics (Tansu: 4 partitions) never picks the count.
@@ -21,7 +22,7 @@ async def ensure_topics(s: Settings) -> None:
         ConfigError: a topic exists with a different partition count than configured.
         aiokafka.errors.KafkaError: the broker is unreachable or refuses.
     """
-    names = (s.topics.ticks, s.topics.bars, s.topics.dead_letter)
+    names = (s.topics.ticks, s.topics.bars, s.topics.dead_letter, s.topics.history_requests)
     admin = AIOKafkaAdminClient(bootstrap_servers=s.broker.bootstrap_servers)
     await admin.start()
     try:
@@ -46,5 +47,41 @@ async def ensure_topics(s: Settings) -> None:
                     f"topic {t['topic']!r} has {n} partitions but topics.partitions = "
                     f"{s.topics.partitions}; use a new topic name or recreate the topic"
                 )
+    finally:
+        await admin.close()
+
+
+async def create_topic(s: Settings, name: str, partitions: int = 1) -> bool:
+    """Create topic ``name`` (a dynamic topic); False when it already existed.
+
+    Raises:
+        aiokafka.errors.KafkaError: the broker is unreachable or refuses.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker.bootstrap_servers)
+    await admin.start()
+    try:
+        resp = await admin.create_topics(
+            [NewTopic(name, num_partitions=partitions, replication_factor=s.topics.replication)])
+        for err in getattr(resp, "topic_errors", ()):
+            code = err[1]
+            if code == TopicAlreadyExistsError.errno:
+                return False
+            if code != 0:
+                raise for_code(code)(f"cannot create topic {name}: {err[2:]}")
+        return True
+    finally:
+        await admin.close()
+
+
+async def delete_topics(s: Settings, names: list[str]) -> None:
+    """Delete topics (dynamic topics whose work is done).
+
+    Raises:
+        aiokafka.errors.KafkaError: the broker is unreachable or refuses.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_topics(names)
     finally:
         await admin.close()

@@ -89,6 +89,7 @@ class TopicsSection(BaseModel):
     ticks: str = "ticks"
     bars: str = "bars-1m"
     dead_letter: str = "ticks-dead-letter"
+    history_requests: str = "history-requests"
     partitions: int = Field(default=4, ge=1, le=1024)
     replication: int = Field(default=1, ge=1, le=16)
 

@@ -6,6 +6,12 @@
   in :func:`tables.window.finalize_bar` and the README).
 * dead letter — key ``"<exchange>:<symbol>"`` when known, value
   :func:`app.models.dead_letter_message`.
+* history requests (``history-requests``) — key ``"<exchange>:<symbol>"``, value
+  ``{"request_id", "exchange", "symbol", "start_ms", "end_ms"}``: on-demand fetches for
+  the coordinator (:mod:`agents.history`).
+* dynamic ``<history.topic_prefix>.<exchange>.<symbol>`` topics (one partition) are
+  created and deleted at runtime by the coordinator, not declared here; see
+  :func:`agents.history.dynamic_topic_name`.
 
 All carry raw bytes: marketflow encodes and decodes JSON itself (orjson), so a malformed
 value reaches our validation instead of failing inside Faust's deserializer.
@@ -18,7 +24,7 @@ from faust.types import TopicT
 from app import settings
 from app.faust_app import app
 
-__all__ = ["bars_topic", "dead_letter_topic", "ticks_topic"]
+__all__ = ["bars_topic", "dead_letter_topic", "history_requests_topic", "ticks_topic"]
 
 
 def _raw_topic(name: str) -> TopicT:
@@ -29,3 +35,4 @@ def _raw_topic(name: str) -> TopicT:
 ticks_topic = _raw_topic(settings.topics.ticks)
 bars_topic = _raw_topic(settings.topics.bars)
 dead_letter_topic = _raw_topic(settings.topics.dead_letter)
+history_requests_topic = _raw_topic(settings.topics.history_requests)

@@ -8,7 +8,8 @@ from typing import Any
 
 import asyncpg
 
-__all__ = ["fetch_bars", "fetch_rollup", "fetch_rollup_json", "newest_bar_before", "pairs",
+__all__ = ["fetch_bars", "fetch_rollup", "fetch_rollup_json", "newest_bar_before",
+           "oldest_bar_in", "pairs",
            "price_stats", "recent_prices", "stored_minutes", "symbol_known", "upsert_bars",
            "upsert_fetched_bars"]
 
@@ -178,6 +179,17 @@ async def upsert_bars(conn: asyncpg.Connection, bars: Iterable[dict[str, Any]]) 
     async with conn.transaction():
         await conn.executemany(_UPSERT, list(rows.values()))
     return len(rows)
+
+
+async def oldest_bar_in(conn: asyncpg.Connection, symbol: str, exchange: str, start_ms: int,
+                        end_ms: int) -> int | None:
+    """Start (UTC epoch ms) of the oldest stored 1-minute bar of the pair in
+    ``[start_ms, end_ms)``, None when there is none."""
+    found = await conn.fetchval(
+        "SELECT min(bucket_start) FROM bars_1m WHERE symbol = $1 AND exchange = $2 "
+        "AND bucket_start >= $3 AND bucket_start < $4",
+        symbol, exchange, _ts(start_ms), _ts(end_ms))
+    return None if found is None else int(found.timestamp() * 1000)
 
 
 async def upsert_fetched_bars(conn: asyncpg.Connection, bars: Iterable[dict[str, Any]],

@@ -3,6 +3,7 @@
 
     {"status": "ok"|"degraded", "broker": "up", "database": "up", "redis": "up",
      "details": {<dependency>: <error>}, "mode": "live", "event_loop": "uvloop",
+     "history": {"coordinator": {"state": "idle", ...}, "writer": {...}},
      "ingest": {"worker": "host:6066", "mode": "live", "updated_ms": ...,
                 "feeds": {"exchange1": {"kind": "marketflow_tcp", "state": "connected",
                                         "last_message_ms": ..., "messages": 120,
@@ -68,6 +69,10 @@ async def check_all() -> dict[str, Any]:
             out[name] = "up"
     out["status"] = "ok" if all(out[n] == "up" for n in names) else "degraded"
     out["event_loop"] = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    from agents.history import coordinator_status, writer_status
+
+    out["history"] = {"coordinator": coordinator_status.as_dict(),
+                      "writer": writer_status.as_dict()}
     if out["redis"] == "up":
         try:
             out["mode"] = await get_mode(latest_prices.client, settings.redis.key_prefix,

@@ -54,7 +54,13 @@ from app.errors import QueryError
 from app.faust_app import app
 from app.ohlcv_cache import entry_key, live_window_ms, sealed_end_ms
 from app.services import database, latest_prices, ohlcv_cache
-from sql.bars_1m import fetch_rollup, fetch_rollup_json, stored_minutes, symbol_known
+from sql.bars_1m import (
+    fetch_rollup,
+    fetch_rollup_json,
+    oldest_bar_in,
+    stored_minutes,
+    symbol_known,
+)
 from views.base import ApiView
 from views.params import iso_ms, parse_name, parse_time_ms
 
@@ -294,6 +300,28 @@ async def _sealed(symbol: str, exchange: str | None, interval: str, fill: str, s
     return last, blob
 
 
+async def _on_demand(symbol: str, exchange: str, start_ms: int, seal_ms: int, iv: int
+                     ) -> dict[str, Any] | None:
+    """When stored bars do not reach back to ``start_ms`` (none in ``[start_ms, seal_ms)``,
+    or the oldest one at least an interval after ``start_ms``), ask for the missing part
+    (:func:`agents.history.ask`) and wait up to ``history.on_demand_wait_s`` for it.
+
+    Returns:
+        The request's state, None when nothing is missing.
+    """
+    from agents.history import ask, wait_for_request
+
+    pool = await database.pool()
+    async with pool.acquire() as conn:
+        oldest = await oldest_bar_in(conn, symbol, exchange, start_ms, seal_ms)
+    if oldest is not None and oldest - start_ms < iv:
+        return None
+    req_id, state = await ask(exchange, symbol, start_ms, oldest or seal_ms)
+    if state["state"] in ("done", "empty", "error"):
+        return state
+    return await wait_for_request(req_id, settings.history.on_demand_wait_s) or state
+
+
 @app.page("/ohlcv")
 class Ohlcv(ApiView):
     """1-minute OHLCV history of a symbol, optionally on one exchange."""
@@ -307,6 +335,13 @@ class Ohlcv(ApiView):
             return self.fail(400, str(exc), param=exc.param)
         iv = INTERVALS_MS[interval]
         seal_ms = min(end_ms, sealed_end_ms(now_ms, settings.window.grace_ms, iv))
+        history: dict[str, Any] | None = None
+        h = settings.history
+        if h.on_demand and h.source != "none" and exchange is not None and seal_ms > start_ms:
+            try:
+                history = await _on_demand(symbol, exchange, start_ms, seal_ms, iv)
+            except (RedisError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                return self.fail(503, f"storage unavailable: {type(exc).__name__}")
         last: dict[str, Any] | None = None
         sealed = b"[]"
         rest: list[dict[str, Any]] = []
@@ -323,7 +358,9 @@ class Ohlcv(ApiView):
                                                            end_ms, iv, now_ms)
                 known = (sealed != b"[]" or bool(rest) or live_seen
                          or await symbol_known(conn, symbol, exchange))
-                if not known:
+                if history is not None and not known and history["state"] == "error":
+                    return self.fail(502, f"history fetch failed: {history.get('error')}")
+                if not known and (history is None or history["state"] == "empty"):
                     where = f" on exchange {exchange!r}" if exchange else ""
                     return self.fail(404, f"unknown symbol {symbol!r}{where}",
                                      param="symbol")
@@ -338,8 +375,12 @@ class Ohlcv(ApiView):
             fill_end = min(end_ms, now_ms - now_ms % iv + iv)
             rest = (fill_previous([last, *rest], iv, fill_end)[1:] if last is not None
                     else fill_previous(rest, iv, fill_end))
-        meta = orjson.dumps({"symbol": symbol, "exchange": exchange, "interval": interval,
-                             "fill": fill, "start": start_ms, "end": end_ms})
+        head: dict[str, Any] = {"symbol": symbol, "exchange": exchange, "interval": interval,
+                                "fill": fill, "start": start_ms, "end": end_ms}
+        if history is not None:
+            head["history"] = {k: history.get(k) for k in ("request_id", "state", "bars",
+                                                            "error")}
+        meta = orjson.dumps(head)
         body = (meta[:-1] + b',"bars":' + splice_json_arrays(sealed, orjson.dumps(rest))
                 + b"}")
         return self.bytes(body, content_type="application/json")

@@ -115,6 +115,16 @@ SCHEMAS: dict[str, Any] = {
                                         "(inclusive), epoch ms"},
         "end": {**_MS, "description": "range end (exclusive), epoch ms"},
         "bars": {"type": "array", "items": _ref("Bar")},
+        "history": _obj({
+            "request_id": {"type": "string"},
+            "state": {"type": "string", "enum": ["requested", "fetching", "writing", "done",
+                                                 "empty", "error"]},
+            "bars": {"type": "integer", "description": "bars fetched so far"},
+            "error": {"type": "string", "nullable": True},
+        }, ["request_id", "state"], "present when part of the range was missing and an "
+           "on-demand fetch was asked for (history.source configured, exchange given): "
+           "state done/empty/error once finished, else the fetch is still running and a "
+           "later request returns more bars"),
     }, ["symbol", "exchange", "interval", "fill", "start", "end", "bars"],
         "OHLCV buckets, oldest first."),
     "PriceStat": _obj({
@@ -167,6 +177,8 @@ SCHEMAS: dict[str, Any] = {
         "ingest": {"allOf": [_ref("IngestStatus")], "nullable": True},
         "event_loop": {"type": "string", "description": "event loop of this worker",
                        "example": "uvloop"},
+        "history": {"type": "object", "description": "on-demand history actors of this "
+                    "worker (coordinator, writer): state, since_ms, detail, handled"},
     }, ["status", "broker", "database", "redis", "details"],
         "Dependency health; a feed outage shows in ingest.feeds but keeps status ok."),
     "Mode": _obj({
@@ -270,7 +282,9 @@ PATHS: dict[str, dict[str, Any]] = {
             "200": _json("Ohlcv", "buckets in the range, oldest first"),
             "400": _error("unknown parameter, bad name, time, interval or fill, "
                           "start >= end, or more than 5000 buckets"),
-            "404": _error("the symbol (on that exchange) has no bars at all"),
+            "404": _error("the symbol (on that exchange) has no bars at all (and an "
+                          "on-demand fetch found none)"),
+            "502": _error("the on-demand fetch of a pair without stored bars failed"),
             "503": _error("database or Redis unavailable"),
         },
     }},

@@ -296,6 +296,8 @@ async def stack(services: None, tmp_path: Path) -> AsyncIterator[Stack]:
         "MARKETFLOW_TOPICS__TICKS": f"{name}-ticks",
         "MARKETFLOW_TOPICS__BARS": f"{name}-bars",
         "MARKETFLOW_TOPICS__DEAD_LETTER": f"{name}-dlq",
+        "MARKETFLOW_TOPICS__HISTORY_REQUESTS": f"{name}-history",
+        "MARKETFLOW_HISTORY__TOPIC_PREFIX": f"{name}-backfill",
         "MARKETFLOW_TOPICS__PARTITIONS": "2",
         "MARKETFLOW_REDIS__KEY_PREFIX": name,
         "MARKETFLOW_DATABASE__DSN": dsn,
