@@ -617,6 +617,7 @@ async def run(args: argparse.Namespace) -> int:
         "MARKETFLOW_TOPICS__TICKS": f"{name}-ticks",
         "MARKETFLOW_TOPICS__BARS": f"{name}-bars-1m",
         "MARKETFLOW_TOPICS__DEAD_LETTER": f"{name}-dead-letter",
+        "MARKETFLOW_TOPICS__HISTORY_REQUESTS": f"{name}-history-requests",
         "MARKETFLOW_TOPICS__PARTITIONS": str(args.partitions),
         "MARKETFLOW_REDIS__KEY_PREFIX": name,
         "MARKETFLOW_WEB__PORT": str(web_port),
