@@ -40,7 +40,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from mode import Service
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from app import settings
 from app.admin import create_topic, delete_topics
@@ -50,7 +50,7 @@ from app.services import database, latest_prices, ohlcv_cache
 from app.topics import history_requests_topic
 from sql.bars_1m import upsert_fetched_bars
 
-__all__ = ["REQUEST_TTL_S", "ActorStatus", "HistoryWriter", "ask", "coordinate",
+__all__ = ["REQUEST_TTL_S", "STALE_REQUEST_MS", "ActorStatus", "HistoryWriter", "ask", "coordinate",
            "coordinator_status", "dynamic_topic_name", "request_id", "request_key",
            "request_state", "wait_for_request", "writer", "writer_status"]
 
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: how long a request's state lives in Redis (a finished range is not fetched again)
 REQUEST_TTL_S = 3600
+#: an unfinished request not updated for this long is taken over by the next asker
+STALE_REQUEST_MS = 120_000
 _FINAL = frozenset({"done", "empty", "error"})
 
 
@@ -144,9 +146,24 @@ async def ask(exchange: str, symbol: str, start_ms: int, end_ms: int
     state = {"request_id": req_id, "exchange": exchange, "symbol": symbol,
              "start_ms": start_ms, "end_ms": end_ms, "state": "requested",
              "updated_ms": _now_ms()}
-    first = await latest_prices.client.set(
-        request_key(settings.redis.key_prefix, req_id), orjson.dumps(state).decode(),
-        nx=True, ex=REQUEST_TTL_S)
+    key = request_key(settings.redis.key_prefix, req_id)
+    first = await latest_prices.client.set(key, orjson.dumps(state).decode(), nx=True,
+                                           ex=REQUEST_TTL_S)
+    if not first:
+        cur = await request_state(req_id)
+        if (cur is not None and cur["state"] not in _FINAL
+                and cur.get("updated_ms", 0) < _now_ms() - STALE_REQUEST_MS):
+            # its fetch died with a worker: take it over (compare-and-set on the old value)
+            async with latest_prices.client.pipeline(transaction=True) as pipe:
+                await pipe.watch(key)
+                if orjson.loads(await pipe.get(key) or "null") == cur:
+                    pipe.multi()
+                    pipe.set(key, orjson.dumps(state).decode(), ex=REQUEST_TTL_S)
+                    try:
+                        await pipe.execute()
+                        first = True
+                    except WatchError:
+                        first = False
     if first:
         await history_requests_topic.send(key=f"{exchange}:{symbol}".encode(),
                                           value=orjson.dumps(state))
@@ -224,6 +241,7 @@ async def _fetch(req_id: str, exchange: str, symbol: str, start_ms: int, end_ms:
                 topic, None, orjson.dumps({"request_id": req_id, "source": client.source,
                                            "bars": page}), 0, None, None)
             n += len(page)
+            await _set_request(req_id, "fetching", bars=n)  # progress (and not stale)
     except HistoryError as exc:
         error = str(exc)
     except (KafkaError, RedisError, OSError) as exc:
