@@ -37,3 +37,36 @@ CACHE_REQUESTS = Counter(
     "marketflow_ohlcv_cache_requests_total",
     "Sealed-range cache lookups of /ohlcv and /udf/history", ["result"],
 )
+
+# --------------------------------------------------------------------------- history
+# (REST history clients, feeds/history.py; appended — keep the sections above as they are)
+
+__all__ += ["HISTORY_BARS", "HISTORY_ERRORS", "HISTORY_REQUESTS", "HISTORY_RETRIES"]
+
+HISTORY_REQUESTS = Counter(
+    "marketflow_history_requests_total",
+    "HTTP requests to a history REST source, by outcome (ok, rate_limited, server_error, "
+    "timeout, connection, client_error, bad_response)", ["source", "result"],
+)
+HISTORY_RETRIES = Counter(
+    "marketflow_history_retries_total", "History requests retried, by reason",
+    ["source", "reason"],
+)
+HISTORY_ERRORS = Counter(
+    "marketflow_history_errors_total", "History page fetches that failed for good (HistoryError)",
+    ["source", "kind"],
+)
+HISTORY_BARS = Counter(
+    "marketflow_history_bars_total", "1-minute bars received from a history source", ["source"],
+)
+
+# ---- gaps (feeds/gaps.py)
+
+__all__ += ["GAPS_RECORDED", "GAP_ERRORS", "GAP_REPAIRS"]
+
+GAPS_RECORDED = Counter("marketflow_gaps_recorded_total", "Gaps recorded, by cause",
+                        ["cause"])
+GAP_REPAIRS = Counter("marketflow_gap_repairs_total", "Gap repairs finished, by result",
+                      ["result"])
+GAP_ERRORS = Counter("marketflow_gap_errors_total",
+                     "Failures of the gap job (retried), by stage", ["stage"])

@@ -10,9 +10,10 @@ from app.faust_app import app
 from app.latest import LatestPrices
 from app.ohlcv_cache import OhlcvCache
 from app.topics import dead_letter_topic, ticks_topic
+from feeds.gaps import GapService
 from feeds.ingest import IngestManager, TickPublisher
 
-__all__ = ["database", "ingest", "latest_prices", "ohlcv_cache", "publisher"]
+__all__ = ["database", "gaps", "ingest", "latest_prices", "ohlcv_cache", "publisher"]
 
 database = Database(
     settings.database.dsn,
@@ -47,6 +48,9 @@ async def _send_dead(key: bytes | None, value: bytes) -> Any:
 publisher = TickPublisher(_send_tick, _send_dead)
 ingest = IngestManager(settings, publisher, latest_prices.client, app.is_leader)
 app.service(ingest)  # type: ignore[arg-type]
+gaps = GapService(settings, database, ingest, app.is_leader, latest_prices.client,
+                  ohlcv_cache.invalidate)  # feeds/gaps.py: outages, scan, repair
+app.service(gaps)  # type: ignore[arg-type]
 
 
 @app.before_stop

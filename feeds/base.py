@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -73,6 +74,8 @@ class FeedState:
         last_message_ms: wall clock of the last message received (UTC epoch ms) or None.
         messages: lines/frames received; ticks: ticks published; dead_lettered: rejected.
         reconnects: reconnect attempts; last_error: text of the last connection error.
+        on_change: optional ``(state, previous_state) -> None`` called synchronously after
+            every state change (:mod:`feeds.gaps` records outages with it); not reported.
     """
 
     name: str
@@ -86,14 +89,18 @@ class FeedState:
     ignored: int = 0
     reconnects: int = 0
     last_error: str | None = None
+    on_change: Callable[[FeedState, str], None] | None = field(
+        default=None, repr=False, compare=False)
 
     def set_state(self, state: str, error: str | None = None) -> None:
         """Change state (and remember the error that caused it, if any)."""
-        if state != self.state:
-            self.state = state
-            self.since_ms = now_ms()
         if error is not None:
             self.last_error = error[:300]
+        if state != self.state:
+            previous, self.state = self.state, state
+            self.since_ms = now_ms()
+            if self.on_change is not None:
+                self.on_change(self, previous)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able view for ``/health``."""

@@ -115,6 +115,8 @@ class IngestManager(Service):
         self.states: dict[str, FeedState] = {}
         self._feed_tasks: list[asyncio.Task[None]] = []
         self._requested = settings.feeds.mode
+        #: given to every feed's :attr:`FeedState.on_change` (set by :mod:`feeds.gaps`)
+        self.on_feed_state: Callable[[FeedState, str], None] | None = None
 
     def _make_feeds(self, mode: str) -> list[tuple[FeedState, Awaitable[None]]]:
         f = self.settings.feeds
@@ -158,6 +160,7 @@ class IngestManager(Service):
         self.running_mode = mode
         self.states = {}
         for st, coro in self._make_feeds(mode):
+            st.on_change = self.on_feed_state
             self.states[st.name] = st
             task = asyncio.ensure_future(coro)
             task.add_done_callback(self._feed_done)

@@ -19,7 +19,7 @@ broker_pid=$(cat var/run/broker.pid)
 marker=var/run/history-replayed.$broker_pid
 if [[ ! -f $marker ]]; then
   echo "run: replaying the sample's history (full speed)"
-  faust -A app replay data/sample/trades/*.csv
+  faust -A app replay --namespace "" data/sample/trades/*.csv
   touch "$marker"
 fi
 

@@ -12,7 +12,9 @@
 
 A feed outage (state ``reconnecting``) shows in ``ingest.feeds`` but does not turn the
 HTTP status to 503: the pipeline itself is healthy. ``ingest`` is null when no worker
-ingests (mode ``off``)."""
+ingests (mode ``off``). ``gaps`` is the leader's gap job (:mod:`feeds.gaps`):
+``{"state": "idle"|"scanning"|"repairing"|"error", "last_scan_ms", "open", "counts",
+"source", "last_error", "updated_ms"}``, null when no worker runs it."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from app import settings
 from app.faust_app import app
 from app.mode import get_mode, read_ingest_status
 from app.services import database, latest_prices
+from feeds.gaps import read_gap_status
 from views.base import ApiView
 
 __all__ = ["Health", "check_all"]
@@ -79,6 +82,7 @@ async def check_all() -> dict[str, Any]:
                                          settings.feeds.mode)
             out["ingest"] = await read_ingest_status(latest_prices.client,
                                                      settings.redis.key_prefix)
+            out["gaps"] = await read_gap_status(latest_prices.client, settings.redis.key_prefix)
         except (RedisError, OSError) as exc:
             out["details"]["ingest"] = f"{type(exc).__name__}: {exc}"[:200]
     return out

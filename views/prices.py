@@ -29,9 +29,11 @@ import asyncpg
 from faust.web import Request, Response
 from redis.exceptions import RedisError
 
+from app import settings
 from app.errors import QueryError
 from app.faust_app import app
 from app.services import database, latest_prices
+from feeds.replay_control import active_clock_ms
 from sql.bars_1m import price_stats, symbol_known
 from tables.price_stats import RECENT_S, parse_period_s, seconds_in_period, stats
 from views.base import ApiView
@@ -83,9 +85,13 @@ async def _stat(view: ApiView, request: Request, stat: str, symbol: str,
     except QueryError as exc:
         return view.fail(400, str(exc), param=exc.param)
     now_ms = time.time_ns() // 1_000_000
-    first_s, last_s = seconds_in_period(now_ms, period_s)
     granularity = "second"
     try:
+        if exchange is not None:  # replayed data follows the replay's simulated clock
+            replay_ms = await active_clock_ms(latest_prices.client, settings.redis.key_prefix,
+                                              exchange)
+            now_ms = now_ms if replay_ms is None else replay_ms
+        first_s, last_s = seconds_in_period(now_ms, period_s)
         if period_s <= RECENT_S:
             aggs = await latest_prices.seconds(symbol, exchange, first_s, last_s)
         else:

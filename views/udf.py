@@ -49,6 +49,7 @@ case-insensitive match is tried (the chart may upper-case a typed ``exchange:SYM
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -60,13 +61,15 @@ from typing import Any
 
 import asyncpg
 from faust.web import Request, Response
+from redis.exceptions import RedisError
 
 import sql.bars_1m as bars_sql
 from app import settings
 from app.errors import QueryError
 from app.faust_app import app
 from app.ohlcv_cache import sealed_end_ms
-from app.services import database
+from app.services import database, latest_prices
+from feeds.replay_control import active_clock_ms
 from sql.bars_1m import fetch_rollup, symbol_known
 from views.base import ApiView
 from views.ohlcv import INTERVALS_MS, MAX_BARS, SeriesError, recent_buckets, rows_to_bars
@@ -89,6 +92,8 @@ __all__ = [
     "parse_ticker",
     "price_scale",
 ]
+
+log = logging.getLogger(__name__)
 
 #: UDF resolution -> ``/ohlcv`` interval (:data:`views.ohlcv.INTERVALS_MS` key)
 RESOLUTIONS: dict[str, str] = {"1": "1m", "5": "5m", "15": "15m", "30": "30m", "60": "1h",
@@ -510,7 +515,17 @@ class UdfHistory(_UdfView):
 
 @app.page("/udf/time")
 class UdfTime(_UdfView):
-    """``GET /udf/time``: server time, Unix seconds (UTC), ``text/plain``."""
+    """``GET /udf/time``: server time, Unix seconds (UTC), ``text/plain``; while a market
+    replay runs (or is paused), its simulated clock (:mod:`views.replay`)."""
 
     async def get(self, request: Request) -> Response:
-        return self.text(str(int(time.time())), content_type="text/plain")
+        now_s = int(time.time())
+        try:
+            replay_ms = await active_clock_ms(latest_prices.client, settings.redis.key_prefix)
+        except (RedisError, OSError) as exc:  # the wall clock is still a valid answer
+            log.warning("udf/time: replay clock unavailable (%s); wall clock used",
+                        type(exc).__name__)
+            replay_ms = None
+        if replay_ms is not None:
+            now_s = replay_ms // 1000
+        return self.text(str(now_s), content_type="text/plain")

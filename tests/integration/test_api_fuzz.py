@@ -116,7 +116,7 @@ async def _wait_for_data(stack: Stack, timeout: float = 60) -> None:
 async def test_every_operation_conforms_to_the_openapi_document(stack: Stack) -> None:
     w = stack.worker().start()
     await w.wait_ready()
-    await stack.replay_cli(str(TRADES))
+    await stack.replay_cli("--namespace", "", str(TRADES))
     await _wait_for_data(stack)
     # from_dict, not from_url: from_url leaves out the document's own operation
     status, document = await stack.http("/openapi.json")

@@ -39,9 +39,9 @@ async def test_replaying_twice_leaves_one_row_per_bar(stack: Stack) -> None:
     all_minutes = {int(r["ts_ms"]) // 60_000 * 60_000 for r in rows}
     w = stack.worker().start()
     await w.wait_ready()
-    await stack.replay_cli(str(SAMPLE / "trades" / USDM))
+    await stack.replay_cli("--namespace", "", str(SAMPLE / "trades" / USDM))
     await stack.wait_for_bars("binance-usdm", "BTCUSDT", all_minutes)
-    await stack.replay_cli(str(SAMPLE / "trades" / USDM))
+    await stack.replay_cli("--namespace", "", str(SAMPLE / "trades" / USDM))
     # the second pass is entirely late: every tick is dead-lettered with reason "late"
     deadline = asyncio.get_running_loop().time() + 60
     while True:
@@ -69,7 +69,8 @@ async def test_sigkill_mid_replay_gives_identical_bars(stack: Stack) -> None:
     await w.wait_ready()
     # 6 minutes of trades at 30x: ~12 s of replay, small batches -> many messages
     replay = asyncio.create_task(stack.replay_cli(
-        "--speed", "30", "--batch-span-ms", "200", str(SAMPLE / "trades" / USDM)))
+        "--namespace", "", "--speed", "30", "--batch-span-ms", "200",
+        str(SAMPLE / "trades" / USDM)))
     await asyncio.sleep(6)
     assert not replay.done()
     w.kill()

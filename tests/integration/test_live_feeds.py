@@ -209,6 +209,7 @@ async def test_sigterm_flushes_pending_bars(stack: Stack) -> None:
                      MARKETFLOW_SINK__BATCH_SIZE="100000").start()
     await w.wait_ready()
     await stack.replay_cli(
+        "--namespace", "",
         str(SAMPLE / "trades" / "binance_usdm_btcusdt_2024-08-08T2354_trades.csv"))
 
     async def all_closed() -> bool:

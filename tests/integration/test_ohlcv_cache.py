@@ -33,7 +33,7 @@ async def test_sealed_range_cached_then_invalidated_by_correction(stack: Stack) 
                           for r in csv.DictReader(fh)})
     w = stack.worker().start()
     await w.wait_ready()
-    await stack.replay_cli(str(SAMPLE / "trades" / FILE))
+    await stack.replay_cli("--namespace", "", str(SAMPLE / "trades" / FILE))
     stored = await stack.wait_for_bars("binance", "BTCUSDT", set(minutes))
     lo, hi = minutes[0], minutes[-1] + 60_000
     per_ex = f"/ohlcv?symbol=BTCUSDT&exchange=binance&start={lo}&end={hi}"

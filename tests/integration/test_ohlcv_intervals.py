@@ -50,7 +50,7 @@ async def test_every_interval_per_exchange_and_consolidated(stack: Stack) -> Non
     trades = _trades()
     w = stack.worker().start()
     await w.wait_ready()
-    await stack.replay_cli(*(str(SAMPLE / "trades" / f) for f in FILES))
+    await stack.replay_cli("--namespace", "", *(str(SAMPLE / "trades" / f) for f in FILES))
     minutes = {t["ts"] - t["ts"] % 60_000 for t in trades if t["exchange"] == "binance"}
     await stack.wait_for_bars("binance", "BTCUSDT", minutes)
     await stack.wait_for_bars("binance-usdm", "BTCUSDT",

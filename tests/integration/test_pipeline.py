@@ -51,7 +51,8 @@ async def test_real_trades_end_to_end(stack: Stack) -> None:
              {"exchange": "binance", "symbol": "ETHUSDT", "price": 354.1, "qty": 2.0,
               "ts_ms": 1601215500001, "source": "test"}]
     await stack.produce_raw([(b"binance:BTCUSDT", orjson.dumps(mixed))])
-    out = await stack.replay_cli(str(stack_sample(SPOT_2020)), str(stack_sample(USDM_2024)))
+    out = await stack.replay_cli("--namespace", "", str(stack_sample(SPOT_2020)),
+                                 str(stack_sample(USDM_2024)))
     assert "replayed 22313 ticks" in out
     await stack.produce_raw([(k, v) for k, v, _ in BAD_MESSAGES[5:]])
 
@@ -173,7 +174,7 @@ async def test_restart_keeps_serving(stack: Stack) -> None:
     """A stopped and restarted worker recovers its state and keeps answering."""
     w = stack.worker().start()
     await w.wait_ready()
-    await stack.replay_cli(str(stack_sample(SPOT_2020)))
+    await stack.replay_cli("--namespace", "", str(stack_sample(SPOT_2020)))
     await stack.wait_for_bars("binance", "BTCUSDT", {1601215500000, 1601215560000})
     assert w.stop() == 0, w.tail()
     w2 = stack.worker().start()

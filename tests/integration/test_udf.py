@@ -60,7 +60,7 @@ def _assert_error(status: int, body: Any, want_status: int, context: Any) -> Non
 async def test_udf(stack: Stack) -> None:
     w = stack.worker().start()
     await w.wait_ready()
-    await stack.replay_cli(*(str(SAMPLE / "trades" / f) for f in FILES))
+    await stack.replay_cli("--namespace", "", *(str(SAMPLE / "trades" / f) for f in FILES))
     spot, usdm = _minutes("binance"), _minutes("binance-usdm")
     await stack.wait_for_bars("binance", "BTCUSDT", spot)
     await stack.wait_for_bars("binance-usdm", "BTCUSDT", usdm)
