@@ -6,6 +6,11 @@ decides when to persist: it publishes the closed bars first and then writes back
 state named in :attr:`BatchResult.dirty` (``store[key] = state``), so a crash in between
 re-emits the same bars (idempotent downstream) instead of losing them.
 
+Watermarks are kept per partition *and event-time domain*: :func:`clock_of` of the
+exchange name — ``""`` for real exchanges, the namespace for replayed ones
+(``replay.binance`` → ``replay``). A historical replay sharing a partition with a live
+feed thus keeps its own event time instead of being dropped as late.
+
 Exactly-once state on an at-least-once broker: each key remembers the last source offset
 applied to it (``off``) in the same changelog record as its windows; a message
 re-delivered after a crash is skipped for keys that already applied it.
@@ -29,7 +34,17 @@ from tables.window import (
     new_key_state,
 )
 
-__all__ = ["BatchResult", "WindowAggregator"]
+__all__ = ["BatchResult", "WindowAggregator", "clock_of"]
+
+
+def clock_of(exchange: str) -> str:
+    """Event-time domain of an exchange name: the part before its last ``.`` (a replay
+    namespace, e.g. ``replay.binance`` → ``replay``), ``""`` when there is none."""
+    return exchange.rpartition(".")[0]
+
+
+def _key_clock(key: str) -> str:
+    return clock_of(key.partition(":")[0])
 
 
 @dataclass
@@ -60,7 +75,8 @@ def _idle_pred(b: int, *, seen: int, now: int, idle: int, grace: int, size: int)
 
 
 class WindowAggregator:
-    """Event-time tumbling windows with a per-partition watermark and idle close.
+    """Event-time tumbling windows with a watermark per partition and event-time domain
+    (:func:`clock_of`), and idle close.
 
     Args:
         store: ``"exchange:symbol" -> KeyState`` mapping (see :mod:`tables.window`).
@@ -80,9 +96,11 @@ class WindowAggregator:
         self.grace_ms = grace_ms
         self.idle_timeout_ms = idle_timeout_ms
         self.size_ms = size_ms
-        self._max_ts: dict[int, int] = {}
-        self._keys: dict[int, set[str]] = {}
-        self._scanned_bucket: dict[int, int] = {}
+        #: (partition, clock) -> highest ts_ms seen
+        self._max_ts: dict[tuple[int, str], int] = {}
+        #: partition -> clock -> keys
+        self._keys: dict[int, dict[str, set[str]]] = {}
+        self._scanned_bucket: dict[tuple[int, str], int] = {}
 
     def reset(self) -> None:
         """Forget cached per-partition indexes (call on every rebalance)."""
@@ -90,23 +108,29 @@ class WindowAggregator:
         self._keys.clear()
         self._scanned_bucket.clear()
 
-    def _index(self, partition: int) -> set[str]:
-        keys = self._keys.get(partition)
-        if keys is None:
-            keys = set()
-            mx = -1
+    def _index(self, partition: int) -> dict[str, set[str]]:
+        by_clock = self._keys.get(partition)
+        if by_clock is None:
+            by_clock = {}
             for k, st in self.store.items():
                 if st.get("p") == partition:
-                    keys.add(k)
-                    mx = max(mx, st.get("max_ts", -1))
-            self._keys[partition] = keys
-            self._max_ts[partition] = max(mx, self._max_ts.get(partition, -1))
-        return keys
+                    c = _key_clock(k)
+                    by_clock.setdefault(c, set()).add(k)
+                    mk = (partition, c)
+                    self._max_ts[mk] = max(self._max_ts.get(mk, -1), st.get("max_ts", -1))
+            self._keys[partition] = by_clock
+        return by_clock
 
-    def watermark(self, partition: int) -> int:
-        """Current watermark of ``partition`` in UTC epoch ms (``-grace-1`` if empty)."""
-        self._index(partition)
-        return self._max_ts.get(partition, -1) - self.grace_ms
+    def watermark(self, partition: int, clock: str | None = None) -> int:
+        """Current watermark of ``partition`` in UTC epoch ms (``-grace-1`` if empty):
+        of one event-time domain (``clock``, see :func:`clock_of`), or with None the
+        highest of its domains."""
+        by_clock = self._index(partition)
+        if clock is None:
+            mx = max((self._max_ts.get((partition, c), -1) for c in by_clock), default=-1)
+        else:
+            mx = self._max_ts.get((partition, clock), -1)
+        return mx - self.grace_ms
 
     def process_ticks(
         self, partition: int, offset: int, ticks: list[Tick], wall_ms: int
@@ -123,15 +147,19 @@ class WindowAggregator:
             BatchResult: counts, late ticks, closed bars, latest prices, dirty keys.
         """
         res = BatchResult()
-        keys = self._index(partition)
-        mx = self._max_ts.get(partition, -1)
+        by_clock = self._index(partition)
         grace = self.grace_ms
         size = self.size_ms
         states: dict[str, KeyState | None] = {}
+        key_clock: dict[str, str] = {}
+        mxs: dict[str, int] = {}
+        clock: str | None = None
+        mx = -1
         for t in ticks:
             key = f"{t.exchange}:{t.symbol}"
             if key in states:
                 st = states[key]
+                kc = key_clock[key]
             else:
                 st = self.store.get(key)
                 if st is None:
@@ -141,9 +169,15 @@ class WindowAggregator:
                 else:
                     st["p"] = partition
                 states[key] = st
+                kc = key_clock[key] = _key_clock(key)
             if st is None:
                 res.duplicates += 1
                 continue
+            if kc != clock:  # ticks of one message are mostly of one key: rare switch
+                if clock is not None:
+                    mxs[clock] = mx
+                clock = kc
+                mx = mxs.get(kc, self._max_ts.get((partition, kc), -1))
             ts = t.ts_ms
             b = ts - ts % size
             if b + size <= mx - grace or b <= st["closed"]:
@@ -159,6 +193,8 @@ class WindowAggregator:
             prev = res.latest.get(key)
             if prev is None or ts >= prev[1]:
                 res.latest[key] = (t.price, ts)
+        if clock is not None:
+            mxs[clock] = mx
         for key, st in states.items():
             if st is None:
                 continue
@@ -166,18 +202,19 @@ class WindowAggregator:
             st["seen_ms"] = wall_ms
             if key not in self.store:
                 self.store[key] = st
-            keys.add(key)
+            by_clock.setdefault(key_clock[key], set()).add(key)
             res.dirty.add(key)
-        self._max_ts[partition] = mx
-        wm = mx - grace
-        wm_bucket = wm - wm % size
-        if self._scanned_bucket.get(partition) != wm_bucket:
-            self._scanned_bucket[partition] = wm_bucket
-            for key in keys:
+        for c, c_mx in mxs.items():
+            self._max_ts[(partition, c)] = c_mx
+            wm = c_mx - grace
+            wm_bucket = wm - wm % size
+            if self._scanned_bucket.get((partition, c)) == wm_bucket:
+                continue
+            self._scanned_bucket[(partition, c)] = wm_bucket
+            for key in by_clock.get(c, ()):
                 st = self.store.get(key)
-                if st is not None and self._close(key, st, res, lambda b: closable_by_watermark(
-                    b, wm, size
-                )):
+                if st is not None and self._close(
+                        key, st, res, partial(closable_by_watermark, wm_ms=wm, size_ms=size)):
                     res.dirty.add(key)
         return res
 
@@ -185,7 +222,7 @@ class WindowAggregator:
         self, partition: int, now_wall_ms: int
     ) -> Iterator[tuple[str, KeyState, Callable[[int], bool]]]:
         """Keys of ``partition`` with open windows, each with its idle-close predicate."""
-        for key in self._index(partition):
+        for key in (k for keys in self._index(partition).values() for k in keys):
             st = self.store.get(key)
             if st is None or not st["bars"]:
                 continue

@@ -121,3 +121,30 @@ def test_idle_check_only_touches_its_partition() -> None:
     a.process_ticks(1, 0, [tick(T0, sym="B")], wall_ms=wall)
     r = a.process_idle(1, wall + 60_000)
     assert [b["symbol"] for b in r.closed] == ["B"]
+
+
+def test_replay_namespace_has_its_own_watermark() -> None:
+    """Old replayed ticks beside a live feed on one partition: the namespace keeps its own
+    event time (applied, closed by its own watermark); under a real exchange name the same
+    old ticks are late."""
+    from tables.aggregator import clock_of
+
+    assert (clock_of("binance"), clock_of("replay.binance"), clock_of("sim.x.y")) == (
+        "", "replay", "sim.x")
+    now = T0 + 400 * 86_400_000
+    a = agg()
+    a.process_ticks(0, 0, [tick(now, ex="binance")], wall_ms=now)
+    r = a.process_ticks(0, 1, [tick(T0 + 1, ex="replay.binance"),
+                               tick(T0 + 2, ex="binance")], wall_ms=now)
+    assert r.applied == 1 and [t.exchange for t in r.late] == ["binance"]
+    assert a.watermark(0, "replay") == T0 + 1 - GRACE
+    assert a.watermark(0, "") == a.watermark(0) == now - GRACE
+    r = a.process_ticks(0, 2, [tick(T0 + MIN + GRACE, ex="replay.binance")], wall_ms=now)
+    assert [(b["exchange"], b["bucket_start_ms"], b["trade_count"]) for b in r.closed] == [
+        ("replay.binance", T0, 1)]
+    # the live key's open window was not closed by the replay's progress, nor vice versa
+    assert str(now - now % MIN) in a.store["binance:BTCUSDT"]["bars"]
+    # recovery from the store rebuilds both domains
+    b = agg(dict(a.store))
+    assert b.watermark(0, "replay") == T0 + MIN + GRACE - GRACE
+    assert b.watermark(0, "") == now - GRACE
