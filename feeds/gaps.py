@@ -48,6 +48,7 @@ from app.errors import HistoryError
 from app.metrics import GAP_ERRORS, GAP_REPAIRS, GAPS_RECORDED
 from feeds.base import FeedState, now_ms
 from sql import gaps as gaps_sql
+from tables.aggregator import clock_of
 
 __all__ = ["GAPS_RECORDED", "GAP_ERRORS", "GAP_REPAIRS", "MINUTE_MS", "SCAN_HORIZON_MS",
            "SCAN_MIN_MINUTES", "GapRange", "GapService", "Outage", "OutageRecorder",
@@ -219,13 +220,16 @@ def select_scan_holes(holes: Iterable[tuple[str, str, int, int]],
     Returns:
         The holes that overlap a recorded outage of the same exchange (reason
         ``feed_outage``) or last at least ``min_minutes`` (reason ``long``), in input order;
-        shorter holes outside outages are a quiet market and dropped.
+        shorter holes outside outages are a quiet market and dropped, and so are holes of
+        replay namespaces (``replay.binance``, see :func:`tables.aggregator.clock_of`).
     """
     by_exchange: dict[str, list[tuple[int, int]]] = {}
     for ex, start, end in outages:
         by_exchange.setdefault(ex, []).append((start, end))
     out = []
     for ex, sym, start, end in holes:
+        if clock_of(ex):  # a replay namespace: its data is a simulation, not a feed
+            continue
         gap = GapRange(ex, sym, start, end)
         if any(s < end and start < e for s, e in by_exchange.get(ex, ())):
             out.append(ScanHole(gap, "feed_outage"))

@@ -170,3 +170,12 @@ def test_parse_gaps_query() -> None:
         with pytest.raises(QueryError) as exc:
             parse_gaps_query(q)
         assert exc.value.param == param
+
+
+def test_scan_ignores_replay_namespaces() -> None:
+    from feeds.gaps import select_scan_holes
+
+    m = 60_000
+    holes = [("replay.binance", "BTCUSDT", 0, 30 * m), ("binance", "BTCUSDT", 0, 30 * m)]
+    got = select_scan_holes(holes, [("replay.binance", 0, 30 * m)])
+    assert [(h.gap.exchange, h.reason) for h in got] == [("binance", "long")]
