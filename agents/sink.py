@@ -5,6 +5,12 @@ committable only after the batch holding it is upserted. Batches flush when
 ``sink.batch_size`` bars are pending or ``sink.flush_interval_s`` after the oldest
 arrived. A failing database is retried with exponential backoff (capped at
 ``sink.retry_max_s``) while the agent waits, which pauses consumption (back-pressure).
+
+Memory bound: at most ``2 * sink.batch_size`` bars are held in memory -- one batch being
+written (or retried) plus one filling up; when the filling batch is full the agent waits
+for the write, so Faust stops fetching once its stream buffer is full and the remaining
+closed bars stay in the broker (nothing is dropped). ``marketflow_sink_pending_bars``
+shows the bars held.
 After a commit that holds bars older than :func:`app.ohlcv_cache.stale_write_ms`, the
 symbols' cached ``/ohlcv`` ranges are invalidated (:mod:`app.ohlcv_cache`).
 """
@@ -22,6 +28,7 @@ import faust
 import orjson
 from faust.types import EventT, StreamT
 from mode import Service
+from prometheus_client import Gauge
 
 from app import settings
 from app.db import Database
@@ -32,10 +39,14 @@ from app.services import database, ohlcv_cache
 from app.topics import bars_topic
 from sql.bars_1m import upsert_bars
 
-__all__ = ["BarSinkService", "BarWriter", "flush_bars", "flush_bars_at_shutdown",
-           "persist_bars", "writer"]
+__all__ = ["PENDING_BARS", "BarSinkService", "BarWriter", "flush_bars",
+           "flush_bars_at_shutdown", "persist_bars", "writer"]
 
 log = logging.getLogger(__name__)
+
+#: Bars held in memory by the sink (pending + being written); at most 2 x batch_size.
+PENDING_BARS = Gauge("marketflow_sink_pending_bars",
+                     "Closed bars held in memory by the TimescaleDB sink (bounded)")
 
 _REQUIRED = ("exchange", "symbol", "bucket_start_ms", "open", "high", "low", "close",
              "volume", "trade_count", "avg_price", "vwap", "open_ts_ms", "close_ts_ms")
@@ -53,6 +64,9 @@ class BarWriter:
         invalidate: ``async (symbols) -> None`` called after a commit with the symbols of
             the bars older than ``stale_ms`` (wall clock minus ``bucket_start_ms``).
         stale_ms: see ``invalidate``.
+
+    At most ``2 * batch_size`` bars are held (:attr:`held`): the batch being written and
+    the next one; :meth:`add` blocks the agent while both are full (back-pressure).
     """
 
     def __init__(self, db: Database, batch_size: int, flush_interval_s: float,
@@ -67,15 +81,23 @@ class BarWriter:
         self.flush_interval_s = flush_interval_s
         self.retry_max_s = retry_max_s
         self._pending: list[tuple[dict[str, Any], EventT]] = []
+        self._inflight = 0
         self._oldest_s = 0.0
         self._lock = asyncio.Lock()
         self.stream: StreamT | None = None
 
+    @property
+    def held(self) -> int:
+        """Bars held in memory: pending plus the batch being written (<= 2 x batch_size)."""
+        return len(self._pending) + self._inflight
+
     async def add(self, bar: dict[str, Any], event: EventT) -> None:
-        """Queue one bar; flushes (and waits for it) when the batch is full."""
+        """Queue one bar; when the batch is full, flush it and wait (back-pressure: while a
+        write is retried, the caller waits here instead of queueing more bars)."""
         if not self._pending:
             self._oldest_s = time.monotonic()
         self._pending.append((bar, event))
+        PENDING_BARS.set(self.held)
         if len(self._pending) >= self.batch_size:
             await self.flush()
 
@@ -96,32 +118,41 @@ class BarWriter:
             # Take the batch out first: bars arriving during the awaits below start a new
             # batch (they must not be acked with this one before they are written).
             batch, self._pending = self._pending, []
-            delay = 0.2
-            while True:
-                try:
-                    pool = await self.db.pool()
-                    with FLUSH_SECONDS.time():
-                        async with pool.acquire() as conn:
-                            n = await self.upsert(conn, [b for b, _ in batch])
-                    break
-                except (TimeoutError, OSError, asyncpg.PostgresError,
-                        asyncpg.InterfaceError) as exc:
-                    SINK_ERRORS.labels("timescaledb").inc()
-                    SINK_RETRIES.labels("timescaledb").inc()
-                    log.warning("bar upsert of %d rows failed (%s); retry in %.1fs",
-                                len(batch), exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.retry_max_s)
-            BARS_WRITTEN.inc(n)
-            if self.invalidate is not None:
-                old_before = time.time_ns() // 1_000_000 - self.stale_ms
-                stale = {b["symbol"] for b, _ in batch if b["bucket_start_ms"] < old_before}
-                if stale:
-                    await self.invalidate(stale)
-            assert self.stream is not None
-            for _, event in batch:
-                await self.stream.ack(event)
-            return n
+            self._inflight = len(batch)
+            try:
+                return await self._write(batch)
+            finally:
+                self._inflight = 0
+                PENDING_BARS.set(self.held)
+
+    async def _write(self, batch: list[tuple[dict[str, Any], EventT]]) -> int:
+        """Upsert ``batch`` (retrying with backoff until it succeeds), then ack its events."""
+        delay = 0.2
+        while True:
+            try:
+                pool = await self.db.pool()
+                with FLUSH_SECONDS.time():
+                    async with pool.acquire() as conn:
+                        n = await self.upsert(conn, [b for b, _ in batch])
+                break
+            except (TimeoutError, OSError, asyncpg.PostgresError,
+                    asyncpg.InterfaceError) as exc:
+                SINK_ERRORS.labels("timescaledb").inc()
+                SINK_RETRIES.labels("timescaledb").inc()
+                log.warning("bar upsert of %d rows failed (%s); retry in %.1fs",
+                            len(batch), exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_s)
+        BARS_WRITTEN.inc(n)
+        if self.invalidate is not None:
+            old_before = time.time_ns() // 1_000_000 - self.stale_ms
+            stale = {b["symbol"] for b, _ in batch if b["bucket_start_ms"] < old_before}
+            if stale:
+                await self.invalidate(stale)
+        assert self.stream is not None
+        for _, event in batch:
+            await self.stream.ack(event)
+        return n
 
 
 writer = BarWriter(database, settings.sink.batch_size, settings.sink.flush_interval_s,

@@ -173,6 +173,14 @@ class WindowSection(BaseModel):
         idle_check_interval_s: how often idle keys are checked.
         max_future_ms: ticks stamped further than this ahead of the wall clock are
             rejected (dead-letter reason ``ts_in_future``).
+        late_policy: what happens to a tick whose window already closed:
+            ``dead_letter`` (default) sends it to the dead-letter topic with reason
+            ``late``; ``correct`` applies it to the closed bar while that bar is within
+            ``correction_horizon_ms`` and re-emits the bar (``"correction": true``, upserted
+            by the sink), and dead-letters it (reason ``late``) beyond the horizon.
+        correction_horizon_ms: with ``correct``, how long (event time behind the
+            watermark, ms) closed bars are kept in key state to accept corrections; memory
+            per key is bounded by ``(horizon + 60 s + grace) / 60 s + 1`` bars.
     """
 
     size_ms: int = 60_000
@@ -180,6 +188,8 @@ class WindowSection(BaseModel):
     idle_timeout_s: float = Field(default=10.0, gt=0, le=86_400)
     idle_check_interval_s: float = Field(default=1.0, gt=0, le=3_600)
     max_future_ms: int = Field(default=300_000, ge=0)
+    late_policy: Literal["dead_letter", "correct"] = "dead_letter"
+    correction_horizon_ms: int = Field(default=600_000, ge=0, le=86_400_000)
 
     @field_validator("size_ms")
     @classmethod

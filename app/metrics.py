@@ -70,3 +70,62 @@ GAP_REPAIRS = Counter("marketflow_gap_repairs_total", "Gap repairs finished, by 
                       ["result"])
 GAP_ERRORS = Counter("marketflow_gap_errors_total",
                      "Failures of the gap job (retried), by stage", ["stage"])
+
+# ---- Redis outages and consumer lag (app/latest.py, agents/bars.py; appended)
+
+__all__ += ["CONSUMER_LAG", "REDIS_BACKLOG", "REDIS_DROPPED", "REDIS_FALLBACKS",
+            "REDIS_REPUBLISHED", "REDIS_WRITER_UP"]
+
+REDIS_DROPPED = Counter(
+    "marketflow_redis_dropped_total",
+    "Buffered Redis writes dropped (oldest first) because the backlog hit its bound while "
+    "Redis was unreachable, by kind (seconds: per-second statistics, bars: live bars)",
+    ["kind"],
+)
+for _kind in ("seconds", "bars"):
+    REDIS_DROPPED.labels(_kind)  # exported as 0 from the start
+REDIS_BACKLOG = Gauge(
+    "marketflow_redis_backlog", "Redis writes waiting in the worker's buffer, by kind "
+    "(latest, seconds, bars)", ["kind"],
+)
+REDIS_REPUBLISHED = Counter(
+    "marketflow_redis_republished_total",
+    "Keys re-published to Redis after it came back (latest prices, open live bars)", ["kind"],
+)
+REDIS_FALLBACKS = Counter(
+    "marketflow_redis_fallback_total",
+    "HTTP answers served from TimescaleDB because a Redis read failed, by view", ["view"],
+)
+REDIS_WRITER_UP = Gauge(
+    "marketflow_redis_writer_up", "1 while the worker's last Redis write or probe succeeded",
+)
+CONSUMER_LAG = Gauge(
+    "marketflow_consumer_lag",
+    "Messages behind on an assigned ticks partition: broker high watermark minus the "
+    "committed offset (the consumer position before the first commit)",
+    ["topic", "partition"],
+)
+
+# ---- late policy and trade-id dedupe (tables/aggregator.py, agents/bars.py)
+
+__all__ += ["CORRECTIONS", "DUPLICATE_TRADES"]
+
+CORRECTIONS = Counter(
+    "marketflow_corrections_total",
+    "Late ticks applied to an already-closed bar (window.late_policy = correct); the bar is "
+    "re-emitted with correction=true (counted in marketflow_bars_closed_total{trigger="
+    "\"correction\"})",
+)
+DUPLICATE_TRADES = Counter(
+    "marketflow_duplicate_trades_total",
+    "Ticks skipped because their window already has their (exchange, symbol, trade_id)",
+)
+
+# ---- recovery (agents/bars.py)
+
+__all__ += ["RECOVERY_BEHIND"]
+
+RECOVERY_BEHIND = Counter(
+    "marketflow_recovery_behind_total",
+    "Partitions whose recovered window state ended well before the resume offset",
+)

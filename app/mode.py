@@ -9,6 +9,11 @@ Keys (``<p>`` = ``redis.key_prefix``):
 Every worker's HTTP API can switch the mode (``POST /mode/{mode}``); the leader's
 :class:`feeds.ingest.IngestManager` polls the key and starts/stops its feeds, so exactly one
 ingest runs cluster-wide.
+
+Redis outages: reads raise (callers keep their current mode and retry); the status is
+simply rewritten on the next tick once Redis is back. The requested mode is remembered per
+process: when Redis comes back *without* the key (a restart without persistence), the mode
+last seen is written back (``SET NX``) instead of silently falling back to ``feeds.mode``.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ __all__ = ["MODES", "get_mode", "ingest_status_key", "mode_key", "read_ingest_st
 
 MODES = ("live", "test", "off")
 STATUS_TTL_MS = 5_000
+
+#: prefix -> mode last read or set by this process (restored after a Redis data loss)
+_last_mode: dict[str, str] = {}
 
 
 def mode_key(prefix: str) -> str:
@@ -42,7 +50,14 @@ async def get_mode(client: aioredis.Redis, prefix: str, default: str) -> str:
         redis.exceptions.RedisError: Redis unreachable.
     """
     v = await client.get(mode_key(prefix))
-    return v if v in MODES else default
+    if v in MODES:
+        _last_mode[prefix] = v
+        return str(v)
+    known = _last_mode.get(prefix)
+    if v is None and known is not None:  # the key vanished: Redis lost its data
+        await client.set(mode_key(prefix), known, nx=True)
+        return known
+    return default
 
 
 async def set_mode(client: aioredis.Redis, prefix: str, mode: str, default: str) -> str:
@@ -55,6 +70,7 @@ async def set_mode(client: aioredis.Redis, prefix: str, mode: str, default: str)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     old = await client.set(mode_key(prefix), mode, get=True)
+    _last_mode[prefix] = mode
     return old if old in MODES else default
 
 

@@ -35,6 +35,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from mode import Service
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from app.metrics import CACHE_REQUESTS, SINK_ERRORS
@@ -101,7 +103,9 @@ class OhlcvCache(Service):
     def __init__(self, url: str, prefix: str, ttl_s: int, max_bytes: int,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.client: aioredis.Redis = aioredis.Redis.from_url(url)
+        # fail fast: a Redis outage must not hold up the sink's flush or a request
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes

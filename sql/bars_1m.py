@@ -308,3 +308,40 @@ async def recent_prices(conn: asyncpg.Connection, symbol: str, exchange: str | N
 async def symbol_known(conn: asyncpg.Connection, symbol: str, exchange: str | None) -> bool:
     """Whether any bar exists for ``symbol`` (and ``exchange`` when given)."""
     return bool(await conn.fetchval(_KNOWN, symbol, exchange))
+
+
+# ---- newest stored close (fallback of /prices/latest while Redis is down; appended)
+
+__all__ += ["latest_close"]
+
+#: The newest stored 1-minute bar of $1 (on exchange $2, NULL = any): its close is the
+#: price of the last trade of that minute (ties across exchanges: the later close_ts_ms).
+_LATEST_CLOSE = """
+SELECT exchange, close, close_ts_ms, (extract(epoch FROM bucket_start) * 1000)::bigint AS b
+FROM bars_1m
+WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
+ORDER BY bucket_start DESC, close_ts_ms DESC NULLS LAST
+LIMIT 1
+"""
+
+
+async def latest_close(conn: asyncpg.Connection, symbol: str, exchange: str | None
+                       ) -> dict[str, Any] | None:
+    """Close of the newest stored 1-minute bar of ``symbol`` (one exchange, or any).
+
+    Returns:
+        ``{"exchange": str, "price": float, "ts_ms": int, "bucket_start_ms": int}`` where
+        ``ts_ms`` is the bar's last trade time (UTC epoch ms; the bucket's last millisecond
+        when unknown), or None when no bar is stored.
+
+    Raises:
+        asyncpg.PostgresError / OSError: the query failed.
+    """
+    r = await conn.fetchrow(_LATEST_CLOSE, symbol, exchange)
+    if r is None:
+        return None
+    start_ms = int(r["b"])
+    ts_ms = r["close_ts_ms"]
+    return {"exchange": r["exchange"], "price": float(r["close"]),
+            "ts_ms": int(ts_ms) if ts_ms is not None else start_ms + 59_999,
+            "bucket_start_ms": start_ms}

@@ -14,6 +14,21 @@ feed thus keeps its own event time instead of being dropped as late.
 Exactly-once state on an at-least-once broker: each key remembers the last source offset
 applied to it (``off``) in the same changelog record as its windows; a message
 re-delivered after a crash is skipped for keys that already applied it.
+
+Late ticks (their window already closed) follow ``late_policy``:
+
+* ``"dead_letter"`` (default): reported in :attr:`BatchResult.late` (the worker
+  dead-letters them with reason ``late``);
+* ``"correct"``: closed windows stay in the key state (``done``) while they are within
+  ``correction_horizon_ms`` of the watermark (pruned by it, so at most
+  ``(horizon + size + grace) / size + 1`` retained bars per key); a late tick for such a
+  window is applied to it and the corrected bar is re-emitted once per message in
+  :attr:`BatchResult.corrected` with ``"correction": true``. A late tick older than the
+  horizon (or for a window closed before corrections were enabled for the key) is reported
+  in :attr:`BatchResult.late` as with ``"dead_letter"``.
+
+Duplicate trades (same exchange, symbol and ``trade_id`` in the same window) are skipped
+and counted in :attr:`BatchResult.duplicate_trades` (see :func:`tables.window.add_trade_id`).
 """
 
 from __future__ import annotations
@@ -23,18 +38,24 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from app.errors import ConfigError
 from app.models import Tick
 from tables.window import (
     WINDOW_MS,
+    Bar,
     KeyState,
     apply_tick,
     closable_by_idle,
     closable_by_watermark,
+    correctable,
     finalize_bar,
     new_key_state,
 )
 
-__all__ = ["BatchResult", "WindowAggregator", "clock_of"]
+__all__ = ["LATE_POLICIES", "BatchResult", "WindowAggregator", "clock_of"]
+
+#: Accepted values of ``late_policy`` (``window.late_policy``).
+LATE_POLICIES = ("dead_letter", "correct")
 
 
 def clock_of(exchange: str) -> str:
@@ -54,8 +75,13 @@ class BatchResult:
     Attributes:
         applied: ticks counted into windows.
         duplicates: ticks skipped because their key already applied this offset.
-        late: ticks whose window had already closed.
+        late: ticks whose window had already closed and that were not applied as a
+            correction (to be dead-lettered with reason ``late``).
         closed: closed bars (see :func:`tables.window.finalize_bar`), oldest first per key.
+        corrected: closed bars changed by late ticks (policy ``correct``), each once per
+            message, with ``"correction": True``; publish them like ``closed``.
+        corrections: late ticks applied to a retained closed bar.
+        duplicate_trades: ticks skipped because their window already has their trade id.
         latest: ``key -> (price, ts_ms)``, the newest applied trade per key.
         applied_ticks: the ticks counted into windows, in order.
         dirty: keys whose state changed and must be written back.
@@ -65,6 +91,9 @@ class BatchResult:
     duplicates: int = 0
     late: list[Tick] = field(default_factory=list)
     closed: list[dict[str, Any]] = field(default_factory=list)
+    corrected: list[dict[str, Any]] = field(default_factory=list)
+    corrections: int = 0
+    duplicate_trades: int = 0
     latest: dict[str, tuple[float, int]] = field(default_factory=dict)
     applied_ticks: list[Tick] = field(default_factory=list)
     dirty: set[str] = field(default_factory=set)
@@ -83,6 +112,12 @@ class WindowAggregator:
         grace_ms: watermark lag behind the highest ``ts_ms`` seen on a partition.
         idle_timeout_ms: wall-clock idleness after which a key's finished windows close.
         size_ms: window length (60000).
+        late_policy: ``"dead_letter"`` or ``"correct"`` (module docstring).
+        correction_horizon_ms: with ``"correct"``, how long (event time, behind the
+            watermark) a closed window accepts corrections.
+
+    Raises:
+        ConfigError: unknown ``late_policy`` or negative ``correction_horizon_ms``.
     """
 
     def __init__(
@@ -91,11 +126,20 @@ class WindowAggregator:
         grace_ms: int,
         idle_timeout_ms: int,
         size_ms: int = WINDOW_MS,
+        late_policy: str = "dead_letter",
+        correction_horizon_ms: int = 600_000,
     ) -> None:
+        if late_policy not in LATE_POLICIES:
+            raise ConfigError(f"late_policy must be one of {LATE_POLICIES}, got {late_policy!r}")
+        if correction_horizon_ms < 0:
+            raise ConfigError("correction_horizon_ms must be >= 0")
         self.store = store
         self.grace_ms = grace_ms
         self.idle_timeout_ms = idle_timeout_ms
         self.size_ms = size_ms
+        self.late_policy = late_policy
+        self.correction_horizon_ms = correction_horizon_ms
+        self._retain = late_policy == "correct"
         #: (partition, clock) -> highest ts_ms seen
         self._max_ts: dict[tuple[int, str], int] = {}
         #: partition -> clock -> keys
@@ -132,6 +176,14 @@ class WindowAggregator:
             mx = self._max_ts.get((partition, clock), -1)
         return mx - self.grace_ms
 
+    def late_detail(self, t: Tick) -> str:
+        """Dead-letter ``detail`` of a late tick reported in :attr:`BatchResult.late`."""
+        b = t.ts_ms - t.ts_ms % self.size_ms
+        if self._retain:
+            return (f"window {b} already closed, beyond the correction horizon "
+                    f"({self.correction_horizon_ms} ms) or closed before corrections began")
+        return f"window {b} already closed"
+
     def process_ticks(
         self, partition: int, offset: int, ticks: list[Tick], wall_ms: int
     ) -> BatchResult:
@@ -150,6 +202,9 @@ class WindowAggregator:
         by_clock = self._index(partition)
         grace = self.grace_ms
         size = self.size_ms
+        retain = self._retain
+        horizon = self.correction_horizon_ms
+        corr: dict[tuple[str, int], Bar] | None = None
         states: dict[str, KeyState | None] = {}
         key_clock: dict[str, str] = {}
         mxs: dict[str, int] = {}
@@ -163,11 +218,14 @@ class WindowAggregator:
             else:
                 st = self.store.get(key)
                 if st is None:
-                    st = new_key_state(partition)
+                    st = new_key_state(partition, retain)
                 elif st.get("p") == partition and st["off"] >= offset:
                     st = None  # this key already applied this message (re-delivery)
                 else:
                     st["p"] = partition
+                    if retain and "kf" not in st:  # corrections start after the newest
+                        st["done"] = {}            # closed window of an older state
+                        st["kf"] = st["closed"] + size if st["closed"] >= 0 else -1
                 states[key] = st
                 kc = key_clock[key] = _key_clock(key)
             if st is None:
@@ -181,9 +239,27 @@ class WindowAggregator:
             ts = t.ts_ms
             b = ts - ts % size
             if b + size <= mx - grace or b <= st["closed"]:
-                res.late.append(t)
+                if not retain or not correctable(b, mx - grace, horizon, size):
+                    res.late.append(t)
+                    continue
+                sb = str(b)
+                if sb not in st["bars"]:
+                    done = st["done"]
+                    if sb not in done and b < st["kf"]:
+                        res.late.append(t)  # closed before corrections began for the key
+                    elif apply_tick(done, t.price, t.qty, ts, wall_ms, size, t.trade_id):
+                        res.corrections += 1
+                        if corr is None:
+                            corr = {}
+                        corr[(key, b)] = done[sb]
+                    else:
+                        res.duplicate_trades += 1
+                    continue
+                # else: still open in the state (the watermark passed it within this
+                # message and closes it below): applied like any other tick
+            if not apply_tick(st["bars"], t.price, t.qty, ts, wall_ms, size, t.trade_id):
+                res.duplicate_trades += 1
                 continue
-            apply_tick(st["bars"], t.price, t.qty, ts, wall_ms, size)
             res.applied += 1
             res.applied_ticks.append(t)
             if ts > mx:
@@ -195,6 +271,11 @@ class WindowAggregator:
                 res.latest[key] = (t.price, ts)
         if clock is not None:
             mxs[clock] = mx
+        if corr is not None:
+            for (key, _b), bar in corr.items():
+                exchange, symbol = key.split(":", 1)
+                res.corrected.append(
+                    {**finalize_bar(exchange, symbol, bar, size), "correction": True})
         for key, st in states.items():
             if st is None:
                 continue
@@ -213,8 +294,11 @@ class WindowAggregator:
             self._scanned_bucket[(partition, c)] = wm_bucket
             for key in by_clock.get(c, ()):
                 st = self.store.get(key)
-                if st is not None and self._close(
-                        key, st, res, partial(closable_by_watermark, wm_ms=wm, size_ms=size)):
+                if st is None:
+                    continue
+                closed = self._close(
+                    key, st, res, partial(closable_by_watermark, wm_ms=wm, size_ms=size), wm)
+                if closed or (st.get("done") and self._prune(st, wm)):
                     res.dirty.add(key)
         return res
 
@@ -249,12 +333,13 @@ class WindowAggregator:
         """
         res = BatchResult()
         for key, st, pred in list(self._idle_candidates(partition, now_wall_ms)):
-            if self._close(key, st, res, pred):
+            wm = self._max_ts.get((partition, _key_clock(key)), -1) - self.grace_ms
+            if self._close(key, st, res, pred, wm):
                 res.dirty.add(key)
         return res
 
     def _close(self, key: str, st: KeyState, res: BatchResult,
-               pred: Callable[[int], bool]) -> bool:
+               pred: Callable[[int], bool], wm_ms: int) -> bool:
         bars = st["bars"]
         if not bars:
             return False
@@ -262,8 +347,26 @@ class WindowAggregator:
         if not done:
             return False
         exchange, symbol = key.split(":", 1)
+        kept = st.get("done") if self._retain else None
+        if kept is None and "kf" in st:  # policy is dead_letter now: retained bars go
+            del st["kf"]
+            st.pop("done", None)
         for b in done:
             bar = bars.pop(str(b))
             res.closed.append(finalize_bar(exchange, symbol, bar, self.size_ms))
+            if kept is not None:
+                kept[str(b)] = bar
         st["closed"] = max(st["closed"], done[-1])
+        if kept is not None:
+            self._prune(st, wm_ms)
         return True
+
+    def _prune(self, st: KeyState, wm_ms: int) -> bool:
+        """Drop retained closed bars of ``st`` that left the correction horizon at
+        watermark ``wm_ms``; True when any was dropped."""
+        kept: dict[str, Bar] = st["done"]
+        old = [k for k, bar in kept.items()
+               if not correctable(bar["b"], wm_ms, self.correction_horizon_ms, self.size_ms)]
+        for k in old:
+            del kept[k]
+        return bool(old)

@@ -12,13 +12,25 @@ unchanged::
      "max_ts": 1723161255342, # highest tick ts_ms seen for the key
      "seen_ms": 1732170000000,# wall clock of the last applied tick batch
      "closed": 1723161180000, # bucket_start_ms of the newest closed window, or -1
-     "bars": {"1723161240000": <bar>, ...}}   # open windows, key = str(bucket_start_ms)
+     "bars": {"1723161240000": <bar>, ...},   # open windows, key = str(bucket_start_ms)
+     # only with window.late_policy = "correct":
+     "done": {"1723161180000": <bar>, ...},   # recently closed windows kept for corrections
+     "kf": 1723161120000}     # "kept from": every closed window >= kf is in "done" (or was
+                              # empty); closed windows before kf may have been dropped
 
 An open bar is a dict (short keys keep the changelog small)::
 
     {"b": bucket_start_ms, "o": open, "o_ts": ts_ms of open, "h": high, "l": low,
      "c": close, "c_ts": ts_ms of close, "v": sum qty, "n": trade count,
-     "ps": sum price, "pq": sum price*qty, "first_ms": wall ms of first tick}
+     "ps": sum price, "pq": sum price*qty, "first_ms": wall ms of first tick,
+     "ids": {"r": [lo, hi, ...], "s": {"<id>": 1, ...}}}  # trade ids seen (when ticks carry
+                                                           # them), see add_trade_id
+
+Trade-id dedupe memory: ids are kept per *open* window only and dropped with the bar when
+it closes (under the ``correct`` late policy they stay with the retained closed bar until it
+leaves the correction horizon). Canonical decimal ids (Binance, most exchanges: increasing
+integers) are stored as inclusive ranges, so a minute of consecutive ids costs two ints;
+other ids cost one dict entry each.
 
 Rules:
 
@@ -28,22 +40,30 @@ Rules:
   ``watermark = max ts_ms seen on the partition - grace_ms``, or its bucket is at or
   before the key's newest closed bucket;
 * a window closes when the watermark reaches its end, or when its key has been idle for
-  ``idle_timeout_ms`` (wall clock) and the wall clock is past ``end + grace_ms``.
+  ``idle_timeout_ms`` (wall clock) and the wall clock is past ``end + grace_ms``;
+* late policy ``correct``: a closed window stays in ``done`` while
+  ``end + horizon_ms > watermark`` (:func:`correctable`); a late tick for such a window is
+  applied to it and the bar is re-emitted as a correction; older ones are pruned;
+* a tick whose ``trade_id`` was already applied to its window is skipped (a duplicate).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from typing import Any
 
 __all__ = [
     "WINDOW_MS",
+    "add_trade_id",
     "apply_tick",
     "bucket_start_ms",
     "closable_by_idle",
     "closable_by_watermark",
+    "correctable",
     "finalize_bar",
     "is_late",
     "new_key_state",
+    "new_trade_ids",
     "watermark_ms",
 ]
 
@@ -105,35 +125,123 @@ def closable_by_idle(
     )
 
 
-def new_key_state(partition: int) -> KeyState:
-    """Empty state for a key first seen on ``partition``."""
-    return {"p": partition, "off": -1, "max_ts": -1, "seen_ms": 0, "closed": -1, "bars": {}}
+def correctable(bucket_ms: int, wm_ms: int, horizon_ms: int, size_ms: int = WINDOW_MS) -> bool:
+    """Whether a closed window is still within the correction horizon.
+
+    Args:
+        bucket_ms: the window start, UTC epoch ms.
+        wm_ms: current watermark of the key's partition and event-time domain.
+        horizon_ms: ``window.correction_horizon_ms``.
+        size_ms: window length.
+
+    Returns:
+        bool: ``bucket_ms + size_ms + horizon_ms > wm_ms``.
+    """
+    return bucket_ms + size_ms + horizon_ms > wm_ms
+
+
+def new_key_state(partition: int, retain: bool = False) -> KeyState:
+    """Empty state for a key first seen on ``partition``; ``retain`` (late policy
+    ``correct``) adds the retained closed windows ``done`` and ``kf = -1``."""
+    st: KeyState = {"p": partition, "off": -1, "max_ts": -1, "seen_ms": 0, "closed": -1,
+                    "bars": {}}
+    if retain:
+        st["done"] = {}
+        st["kf"] = -1
+    return st
+
+
+def new_trade_ids() -> dict[str, Any]:
+    """Empty trade-id set of a bar (JSON-able, see :func:`add_trade_id`)."""
+    return {"r": [], "s": {}}
+
+
+def add_trade_id(ids: dict[str, Any], trade_id: str) -> bool:
+    """Record ``trade_id`` in a bar's id set.
+
+    Canonical decimal ids below 10**18 (no sign, no leading zero) go to ``ids["r"]``, a
+    sorted flat list ``[lo0, hi0, lo1, hi1, ...]`` of disjoint, non-adjacent inclusive
+    ranges (consecutive ids extend the last range in O(1)); any other id is a key of
+    ``ids["s"]``. The ids ``"7"`` and ``"007"`` are distinct, as strings.
+
+    Args:
+        ids: the set (mutated), from :func:`new_trade_ids` or the changelog.
+        trade_id: the exchange trade id as a string.
+
+    Returns:
+        bool: True when it was new (now recorded), False when already present.
+    """
+    if trade_id.isascii() and trade_id.isdecimal() and len(trade_id) < 19 and (
+            trade_id[0] != "0" or len(trade_id) == 1):
+        n = int(trade_id)
+        r: list[int] = ids["r"]
+        if r:
+            hi = r[-1]
+            if n == hi + 1:
+                r[-1] = n
+                return True
+            if r[-2] <= n <= hi:
+                return False
+        i = bisect_right(r, n)
+        if i % 2 == 1 or (i > 0 and r[i - 1] == n):
+            return False  # inside [r[i-1], r[i]] or equal to a range end
+        left = i > 0 and r[i - 1] == n - 1
+        right = i < len(r) and r[i] == n + 1
+        if left and right:
+            del r[i - 1:i + 1]
+        elif left:
+            r[i - 1] = n
+        elif right:
+            r[i] = n
+        else:
+            r[i:i] = [n, n]
+        return True
+    s: dict[str, int] = ids["s"]
+    if trade_id in s:
+        return False
+    s[trade_id] = 1
+    return True
 
 
 def apply_tick(
     bars: dict[str, Bar], price: float, qty: float, ts_ms: int, wall_ms: int,
-    size_ms: int = WINDOW_MS,
-) -> None:
-    """Add one trade to its open window in ``bars`` (created when missing).
+    size_ms: int = WINDOW_MS, trade_id: str | None = None,
+) -> bool:
+    """Add one trade to its window in ``bars`` (created when missing).
 
     Args:
-        bars: open windows of one key, ``str(bucket_start_ms) -> bar`` (mutated).
+        bars: windows of one key, ``str(bucket_start_ms) -> bar`` (mutated): the open
+            ones, or the retained closed ones (``done``) for a correction.
         price: quote currency per base unit.
         qty: base units (0 when unknown).
         ts_ms: event time, UTC epoch ms.
         wall_ms: arrival wall clock, UTC epoch ms (recorded for the first tick only).
         size_ms: window length.
+        trade_id: exchange trade id, or None when the feed has none (no dedupe).
+
+    Returns:
+        bool: True when applied; False when ``trade_id`` was already applied to this
+        window (a duplicate trade: the bar is unchanged).
     """
     b = ts_ms - ts_ms % size_ms
     k = str(b)
     bar = bars.get(k)
     if bar is None:
-        bars[k] = {
+        bar = bars[k] = {
             "b": b, "o": price, "o_ts": ts_ms, "h": price, "l": price, "c": price,
             "c_ts": ts_ms, "v": qty, "n": 1, "ps": price, "pq": price * qty,
             "first_ms": wall_ms,
         }
-        return
+        if trade_id is not None:
+            new_ids = bar["ids"] = new_trade_ids()
+            add_trade_id(new_ids, trade_id)
+        return True
+    if trade_id is not None:
+        ids: dict[str, Any] | None = bar.get("ids")
+        if ids is None:
+            ids = bar["ids"] = new_trade_ids()
+        if not add_trade_id(ids, trade_id):
+            return False
     if ts_ms < bar["o_ts"]:
         bar["o"] = price
         bar["o_ts"] = ts_ms
@@ -148,6 +256,7 @@ def apply_tick(
     bar["n"] += 1
     bar["ps"] += price
     bar["pq"] += price * qty
+    return True
 
 
 def finalize_bar(exchange: str, symbol: str, bar: Bar, size_ms: int = WINDOW_MS) -> dict[str, Any]:
@@ -159,6 +268,9 @@ def finalize_bar(exchange: str, symbol: str, bar: Bar, size_ms: int = WINDOW_MS)
             {"exchange", "symbol", "bucket_start_ms", "bucket_end_ms", "open", "high",
              "low", "close", "volume", "trade_count", "avg_price", "min_price",
              "max_price", "vwap" (null when no qty), "open_ts_ms", "close_ts_ms"}
+
+        A re-emitted corrected bar additionally carries ``"correction": true`` (added by
+        :class:`tables.aggregator.WindowAggregator`, not here).
     """
     n = bar["n"]
     v = bar["v"]

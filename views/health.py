@@ -14,7 +14,16 @@ A feed outage (state ``reconnecting``) shows in ``ingest.feeds`` but does not tu
 HTTP status to 503: the pipeline itself is healthy. ``ingest`` is null when no worker
 ingests (mode ``off``). ``gaps`` is the leader's gap job (:mod:`feeds.gaps`):
 ``{"state": "idle"|"scanning"|"repairing"|"error", "last_scan_ms", "open", "counts",
-"source", "last_error", "updated_ms"}``, null when no worker runs it."""
+"source", "last_error", "updated_ms"}``, null when no worker runs it.
+
+Redis down (``"redis": "down"``, 503): the pipeline keeps running — ticks are aggregated,
+bars reach TimescaleDB and the closed-bars topic — and ``"redis_fallback"`` says how the
+API answers meanwhile: ``{"prices_latest": "database", "prices_stats": "database
+(minute granularity)", "redis_writes": "buffered"}``. ``"redis_writer"`` (always present)
+is this worker's Redis writer (:meth:`app.latest.LatestPrices.status`): ``{"up",
+"outage_since_ms", "backlog": {"latest", "seconds", "bars"}, "dropped": {"seconds",
+"bars"}, "republished_ms", "last_error"}``. Once Redis answers again the status returns to
+200 and the writer re-publishes the worker's current state (no restart needed)."""
 
 from __future__ import annotations
 
@@ -71,6 +80,11 @@ async def check_all() -> dict[str, Any]:
         else:
             out[name] = "up"
     out["status"] = "ok" if all(out[n] == "up" for n in names) else "degraded"
+    out["redis_writer"] = latest_prices.status()
+    if out["redis"] == "down":
+        out["redis_fallback"] = {"prices_latest": "database",
+                                 "prices_stats": "database (minute granularity)",
+                                 "redis_writes": "buffered"}
     out["event_loop"] = type(asyncio.get_running_loop()).__module__.split(".")[0]
     from agents.history import coordinator_status, writer_status
 

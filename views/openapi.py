@@ -82,6 +82,12 @@ SCHEMAS: dict[str, Any] = {
         "timestamp": {**_MS, "example": 1723161255342,
                       "description": "trade event time, UTC epoch milliseconds"},
         "time": {**_ISO, "example": "2024-08-08T23:54:15.342Z"},
+        "source": {"type": "string", "enum": ["redis", "database"],
+                   "description": "redis: the newest trade; database (Redis unreachable): "
+                                  "close of the newest stored 1-minute bar, stale by up to "
+                                  "about a minute plus window.grace_ms"},
+        "degraded": {"type": "boolean",
+                     "description": "present (true) when answered from the fallback source"},
     }, ["symbol", "exchange", "price", "timestamp", "time"], "Newest trade price."),
     "Bar": _obj({
         "exchange": {"type": "string", "example": "binance-usdm", "nullable": True,
@@ -143,6 +149,12 @@ SCHEMAS: dict[str, Any] = {
         "granularity": {"type": "string", "enum": ["second", "minute"],
                         "description": "second: exact to the second (periods up to 15 "
                                        "minutes); minute: exact to the minute at the start"},
+        "source": {"type": "string", "enum": ["database"],
+                   "description": "present when Redis is unreachable: computed from the "
+                                  "stored 1-minute bars only (the newest minute or so is "
+                                  "missing)"},
+        "degraded": {"type": "boolean",
+                     "description": "present (true) when answered from the fallback source"},
     }, ["symbol", "exchange", "stat", "price", "period", "period_s", "from", "to", "count",
         "granularity"], "Highest, lowest or average tick price over a period."),
     "FeedStatus": _obj({
@@ -180,6 +192,12 @@ SCHEMAS: dict[str, Any] = {
                        "example": "uvloop"},
         "history": {"type": "object", "description": "on-demand history actors of this "
                     "worker (coordinator, writer): state, since_ms, detail, handled"},
+        "redis_writer": {"type": "object", "description": "this worker's Redis writer: up, "
+                         "outage_since_ms, backlog {latest, seconds, bars}, dropped "
+                         "{seconds, bars}, republished_ms, last_error"},
+        "redis_fallback": {"type": "object", "additionalProperties": {"type": "string"},
+                           "description": "present when Redis is down: where the price "
+                                          "views answer from meanwhile"},
     }, ["status", "broker", "database", "redis", "details"],
         "Dependency health; a feed outage shows in ingest.feeds but keeps status ok."),
     "GapStatus": _obj({
