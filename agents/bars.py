@@ -31,6 +31,8 @@ from typing import Any, cast
 
 import faust
 import orjson
+from aiokafka.errors import KafkaError
+from faust.exceptions import ConsumerNotStarted
 from faust.types import EventT, StreamT
 
 from app import settings
@@ -38,6 +40,7 @@ from app.errors import InvalidTick
 from app.faust_app import app
 from app.metrics import (
     BARS_CLOSED,
+    CONSUMER_LAG,
     CORRECTIONS,
     DEAD_LETTERED,
     DUPLICATE_TICKS,
@@ -64,7 +67,8 @@ from tables.bars import window_state
 from tables.price_stats import per_second
 from tables.window import finalize_bar
 
-__all__ = ["aggregate_ticks", "aggregator", "applied_through", "idle_check"]
+__all__ = ["LAG_INTERVAL_S", "aggregate_ticks", "aggregator", "applied_through",
+           "consumer_lag", "idle_check"]
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +264,6 @@ def _on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None
 
 # ---- consumer lag (marketflow_consumer_lag{topic,partition}, see app/metrics.py)
 
-__all__ += ["LAG_INTERVAL_S", "consumer_lag"]
-
 #: interval of the consumer-lag gauge update, seconds
 LAG_INTERVAL_S = 5.0
 _lag_labelled: set[tuple[str, str]] = set()
@@ -274,11 +276,6 @@ async def consumer_lag() -> None:
     fetch response; asked from the broker when none yet) minus the committed offset (next
     offset to read; the consumer position before the first commit). Label sets of
     partitions no longer assigned are removed."""
-    from aiokafka.errors import KafkaError
-    from faust.exceptions import ConsumerNotStarted
-
-    from app.metrics import CONSUMER_LAG, SINK_ERRORS
-
     consumer = app.consumer
     tps = [tp for tp in app.assignor.assigned_actives() if tp.topic == settings.topics.ticks]
     committed_map = getattr(consumer, "_committed_offset", {})
@@ -300,7 +297,6 @@ async def consumer_lag() -> None:
             seen.add(labels)
     except (KafkaError, ConsumerNotStarted, OSError, TimeoutError) as exc:
         log.warning("consumer lag: offsets unavailable (%s: %s)", type(exc).__name__, exc)
-        SINK_ERRORS.labels("consumer_lag").inc()
         return
     for labels in _lag_labelled - seen:
         CONSUMER_LAG.remove(*labels)

@@ -50,11 +50,28 @@ from feeds.base import FeedState, now_ms
 from sql import gaps as gaps_sql
 from tables.aggregator import clock_of
 
-__all__ = ["GAPS_RECORDED", "GAP_ERRORS", "GAP_REPAIRS", "MINUTE_MS", "SCAN_HORIZON_MS",
-           "SCAN_MIN_MINUTES", "GapRange", "GapService", "Outage", "OutageRecorder",
-           "ScanHole", "ceil_minute", "feed_pairs", "floor_minute", "gap_status_key",
-           "outage_gaps", "read_gap_status", "sealed_end_ms", "select_scan_holes",
-           "settle_ms"]
+__all__ = [
+    "GAPS_RECORDED",
+    "GAP_ERRORS",
+    "GAP_REPAIRS",
+    "MINUTE_MS",
+    "SCAN_HORIZON_MS",
+    "SCAN_MIN_MINUTES",
+    "GapRange",
+    "GapService",
+    "Outage",
+    "OutageRecorder",
+    "ScanHole",
+    "ceil_minute",
+    "feed_pairs",
+    "floor_minute",
+    "gap_status_key",
+    "outage_gaps",
+    "read_gap_status",
+    "select_scan_holes",
+    "settle_ms",
+    "stored_end_ms",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +83,7 @@ SCAN_HORIZON_MS = 24 * 3_600_000
 SCAN_MIN_MINUTES = 10
 #: time after a bar's window end (plus ``window.grace_ms``) by which it is in the database
 #: (sink flush, idle close)
-SEAL_MARGIN_MS = 5_000
+STORE_MARGIN_MS = 5_000
 #: open gaps repaired per pass
 _REPAIR_BATCH = 20
 _STATUS_TTL_MS = 10_000
@@ -86,7 +103,7 @@ def ceil_minute(ms: int) -> int:
     return -(-ms // MINUTE_MS) * MINUTE_MS
 
 
-def sealed_end_ms(now: int, grace_ms: int, margin_ms: int = SEAL_MARGIN_MS) -> int:
+def stored_end_ms(now: int, grace_ms: int, margin_ms: int = STORE_MARGIN_MS) -> int:
     """Every minute starting before this boundary (epoch ms) is final in the database:
     its window ended at least ``grace_ms + margin_ms`` ago."""
     return floor_minute(now - grace_ms - margin_ms)
@@ -95,7 +112,7 @@ def sealed_end_ms(now: int, grace_ms: int, margin_ms: int = SEAL_MARGIN_MS) -> i
 def settle_ms(grace_ms: int) -> int:
     """How long after its detection a gap waits before its repair (ms): the minutes up to
     the detection are then sealed."""
-    return grace_ms + SEAL_MARGIN_MS
+    return grace_ms + STORE_MARGIN_MS
 
 
 @dataclass(frozen=True)
@@ -435,7 +452,7 @@ class GapService(Service):
 
     async def _missing(self, pool: asyncpg.Pool, gap: asyncpg.Record) -> int:
         end = min(int(gap["end_ms"]),
-                  sealed_end_ms(now_ms(), self.settings.window.grace_ms))
+                  stored_end_ms(now_ms(), self.settings.window.grace_ms))
         async with pool.acquire() as conn:
             return await gaps_sql.missing_sealed_minutes(
                 conn, gap["exchange"], gap["symbol"], int(gap["start_ms"]), end)

@@ -846,22 +846,11 @@ async def replay_source(
     return stats
 
 
-async def replay(
-    settings: Settings,
-    files: Sequence[str | Path],
-    speed: float = 0.0,
-    rebase_now: bool = False,
-    loop: bool = False,
-    batch_max: int = 1000,
-    batch_span_ms: int = 1000,
-    max_loops: int | None = None,
-    namespace: str | None = None,
-    control: bool = True,
-    signals: bool = True,
-    progress: Callable[[str], None] | None = None,
-    progress_interval_s: float = 2.0,
-) -> ReplayStats:
-    """Replay the trades of ``files`` (see :func:`replay_source` for the arguments).
+async def replay(settings: Settings, files: Sequence[str | Path], *,
+                 namespace: str | None = None, rebase_now: bool = False,
+                 **options: Any) -> ReplayStats:
+    """Replay the trades of ``files``: :func:`replay_source` over a :class:`FileSource`
+    (``options`` are its keyword arguments: ``speed``, ``loop``, ``batch_max``, ...).
 
     Args:
         namespace: ``None`` = ``settings.replay.namespace``, or ``""`` with
@@ -872,13 +861,5 @@ async def replay(
         aiokafka.errors.KafkaError: the broker failed.
     """
     ns = resolve_namespace(namespace, rebase_now, settings.replay.namespace)
-    if speed < 0:
-        raise ReplayError("speed must be >= 0")
-    if loop and not rebase_now:
-        raise ReplayError("--repeat needs --rebase-now (replayed timestamps would all be late)")
-    source = FileSource(files, ns)
-    return await replay_source(settings, source, speed=speed, rebase_now=rebase_now,
-                               loop=loop, batch_max=batch_max, batch_span_ms=batch_span_ms,
-                               max_loops=max_loops, namespace=ns, control=control,
-                               signals=signals, progress=progress,
-                               progress_interval_s=progress_interval_s)
+    return await replay_source(settings, FileSource(files, ns), rebase_now=rebase_now,
+                               namespace=ns, **options)

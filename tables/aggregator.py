@@ -99,10 +99,6 @@ class BatchResult:
     dirty: set[str] = field(default_factory=set)
 
 
-def _idle_pred(b: int, *, seen: int, now: int, idle: int, grace: int, size: int) -> bool:
-    return closable_by_idle(b, seen, now, idle, grace, size)
-
-
 class WindowAggregator:
     """Event-time tumbling windows with a watermark per partition and event-time domain
     (:func:`clock_of`), and idle close.
@@ -311,8 +307,9 @@ class WindowAggregator:
             if st is None or not st["bars"]:
                 continue
             yield key, st, partial(
-                _idle_pred, seen=st["seen_ms"], now=now_wall_ms,
-                idle=self.idle_timeout_ms, grace=self.grace_ms, size=self.size_ms,
+                closable_by_idle, last_seen_wall_ms=st["seen_ms"], now_wall_ms=now_wall_ms,
+                idle_timeout_ms=self.idle_timeout_ms, grace_ms=self.grace_ms,
+                size_ms=self.size_ms,
             )
 
     def has_idle_work(self, partition: int, now_wall_ms: int) -> bool:

@@ -50,6 +50,7 @@ from app.metrics import REDIS_FALLBACKS
 from app.services import database, latest_prices
 from feeds.replay_control import active_clock_ms
 from sql.bars_1m import latest_close, price_stats, symbol_known
+from tables.aggregator import clock_of
 from tables.price_stats import RECENT_S, parse_period_s, seconds_in_period, stats
 from views.base import ApiView
 from views.params import iso_ms, parse_name
@@ -124,7 +125,8 @@ async def _stat(view: ApiView, request: Request, stat: str, symbol: str,
     now_ms = time.time_ns() // 1_000_000
     granularity = "second"
     try:
-        if exchange is not None:  # replayed data follows the replay's simulated clock
+        if exchange is not None and clock_of(exchange):
+            # replayed data (a namespaced exchange) follows the replay's simulated clock
             replay_ms = await active_clock_ms(latest_prices.client, settings.redis.key_prefix,
                                               exchange)
             now_ms = now_ms if replay_ms is None else replay_ms

@@ -332,6 +332,18 @@ async def stack(services: None, tmp_path: Path) -> AsyncIterator[Stack]:
             await admin.close()
 
 
+async def until(pred: Any, timeout: float, what: str, step: float = 0.25) -> Any:
+    """Poll ``await pred()`` every ``step`` s until it is truthy (returned) or ``timeout``
+    s passed (AssertionError naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = await pred()
+        if got:
+            return got
+        await asyncio.sleep(step)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
 def load_klines(name: str) -> dict[int, dict[str, Any]]:
     """Binance 1m klines by open_time (ms)."""
     with (SAMPLE / "klines" / name).open() as fh:

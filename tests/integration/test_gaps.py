@@ -14,7 +14,7 @@ from app.config import DEFAULT_PAIRS
 from sql import gaps as gaps_sql
 from sql.bars_1m import upsert_bars
 from sql.migrate import apply_migrations
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, until
 from tests.support.history_server import HistoryServer, make_bars
 
 pytestmark = pytest.mark.integration
@@ -24,16 +24,6 @@ MIN = 60_000
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-async def _until(pred: Any, timeout: float, what: str, step: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = await pred()
-        if got:
-            return got
-        await asyncio.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def _sleep_until_ms(t_ms: int) -> None:
@@ -60,7 +50,7 @@ async def test_feed_outage_creates_a_gap_that_is_detected_and_repaired(stack: St
         async def exchange2_prices() -> bool:
             return all(await asyncio.gather(*(r.exists(k) for k in keys)))
 
-        await _until(exchange2_prices, 30, "exchange2 prices in Redis")
+        await until(exchange2_prices, 30, "exchange2 prices in Redis", step=0.5)
         await r.aclose()
         # start the outage at least 10 s into a minute (so that minute has bars of ours)
         if _now_ms() % MIN < 10_000:
@@ -81,7 +71,7 @@ async def test_feed_outage_creates_a_gap_that_is_detected_and_repaired(stack: St
             assert status == 200, body
             return body["gaps"] if len(body["gaps"]) == len(DEFAULT_PAIRS) else None
 
-        gaps = await _until(gaps_of_exchange2, 20, "5 gaps of exchange2")
+        gaps = await until(gaps_of_exchange2, 20, "5 gaps of exchange2", step=0.5)
         assert {g["symbol"] for g in gaps} == set(DEFAULT_PAIRS)
         for g in gaps:
             assert g["cause"] == "feed_outage", g
@@ -94,7 +84,7 @@ async def test_feed_outage_creates_a_gap_that_is_detected_and_repaired(stack: St
             _, body = await stack.http("/gaps?exchange=exchange2&state=repaired")
             return body["gaps"] if len(body["gaps"]) == len(DEFAULT_PAIRS) else None
 
-        repaired = await _until(all_repaired, 45, "5 repaired gaps")
+        repaired = await until(all_repaired, 45, "5 repaired gaps", step=0.5)
         assert all("filled from cryptocompare" in g["detail"] for g in repaired), repaired
         assert hs.data_requests(), "the REST source was never asked"
 
@@ -133,7 +123,7 @@ async def test_feed_outage_creates_a_gap_that_is_detected_and_repaired(stack: St
         gs = health["gaps"]
         return gs if gs and gs["counts"] == {"repaired": len(DEFAULT_PAIRS)} else None
 
-    gs = await _until(health_gaps, 10, "the gap job's status in /health")
+    gs = await until(health_gaps, 10, "the gap job's status in /health", step=0.5)
     assert gs["source"] == "cryptocompare" and gs["state"] in ("idle", "scanning"), gs
     assert gs["last_scan_ms"] is not None and gs["open"] == 0, gs
     status, body = await stack.http("/gaps?state=fixed")

@@ -13,21 +13,11 @@ import pytest
 
 from app.config import DEFAULT_PAIRS
 from tables.window import apply_tick
-from tests.integration.conftest import SAMPLE, Stack
+from tests.integration.conftest import SAMPLE, Stack, until
 
 pytestmark = pytest.mark.integration
 
 MIN = 60_000
-
-
-async def _until(pred: Any, timeout: float, what: str, step: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = await pred()
-        if got:
-            return got
-        await asyncio.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 async def _feeds(stack: Stack) -> dict[str, Any]:
@@ -59,13 +49,13 @@ async def test_live_three_exchanges_with_outage_and_bad_lines(stack: Stack) -> N
     async def all_prices() -> bool:
         return all(await asyncio.gather(*(r.exists(k) for k in keys)))
 
-    await _until(all_prices, 30, "15 latest prices in Redis")
+    await until(all_prices, 30, "15 latest prices in Redis")
 
     async def all_connected() -> bool:
         return {n: f["state"] for n, f in (await _feeds(stack)).items()} == {
             "exchange1": "connected", "exchange2": "connected", "exchange3": "connected"}
 
-    await _until(all_connected, 10, "three feeds connected in /health")
+    await until(all_connected, 10, "three feeds connected in /health")
 
     # outage: kill exchange2; health shows it reconnecting, the worker keeps running
     await emus[1].stop()
@@ -73,7 +63,7 @@ async def test_live_three_exchanges_with_outage_and_bad_lines(stack: Stack) -> N
     async def ex2_down() -> bool:
         return (await _feeds(stack))["exchange2"]["state"] == "reconnecting"
 
-    await _until(ex2_down, 15, "exchange2 reconnecting in /health")
+    await until(ex2_down, 15, "exchange2 reconnecting in /health")
     outage = await _feeds(stack)
     assert outage["exchange2"]["last_error"] and outage["exchange1"]["state"] == "connected"
     await asyncio.sleep(2)
@@ -84,7 +74,7 @@ async def test_live_three_exchanges_with_outage_and_bad_lines(stack: Stack) -> N
         f = (await _feeds(stack))["exchange2"]
         return f["state"] == "connected" and f["reconnects"] >= 1
 
-    await _until(ex2_up, 20, "exchange2 reconnected")
+    await until(ex2_up, 20, "exchange2 reconnected")
 
     # bars for every exchange and pair once a minute has closed
     async def bars_for_all() -> set[tuple[str, str]] | None:
@@ -96,7 +86,7 @@ async def test_live_three_exchanges_with_outage_and_bad_lines(stack: Stack) -> N
         got = {(x["exchange"], x["symbol"]) for x in rows}
         return got if len(got) == 15 else None
 
-    got = await _until(bars_for_all, 100, "bars for 3 exchanges x 5 pairs", step=1.0)
+    got = await until(bars_for_all, 100, "bars for 3 exchanges x 5 pairs", step=1.0)
     assert got == {(f"exchange{i}", p) for i in (1, 2, 3) for p in DEFAULT_PAIRS}
 
     # every bar in the DB equals the bar recomputed from the ingested ticks (bars first:
@@ -157,17 +147,17 @@ async def test_mode_switch_both_ways_with_two_workers(stack: Stack) -> None:
         ing = await ingesting("test")
         return bool(ing) and ing["feeds"]["generator"]["state"] == "connected"
 
-    await _until(generating, 15, "test ingest running")
+    await until(generating, 15, "test ingest running")
     await asyncio.sleep(3)
     status, body = await stack.post("/mode/live")
     assert (status, body) == (200, {"mode": "live", "previous": "test"})
-    ing = await _until(lambda: ingesting("live"), 15, "live ingest running")
+    ing = await until(lambda: ingesting("live"), 15, "live ingest running")
     assert set(ing["feeds"]) == {"exchange1", "exchange2", "exchange3"}
     await asyncio.sleep(4)
     assert (await stack.post("/mode/live", port=int(port2)))[0] == 409
     switched_ms = int(time.time() * 1000)
     assert (await stack.post("/mode/test"))[0] == 200
-    await _until(lambda: ingesting("test"), 15, "test ingest again")
+    await until(lambda: ingesting("test"), 15, "test ingest again")
     await asyncio.sleep(2)
 
     ticks = await _ticks(stack)
@@ -218,7 +208,7 @@ async def test_sigterm_flushes_pending_bars(stack: Stack) -> None:
                      if line.startswith("marketflow_bars_closed_total{"))
         return closed >= 6  # 23:54 .. 23:59
 
-    await _until(all_closed, 60, "6 bars closed")
+    await until(all_closed, 60, "6 bars closed")
     await asyncio.sleep(1.5)  # they reach the sink agent's batch
     assert await stack.bars("binance-usdm", "BTCUSDT") == {}  # not flushed yet
     t0 = time.monotonic()

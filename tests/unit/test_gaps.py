@@ -18,8 +18,8 @@ from feeds.gaps import (
     feed_pairs,
     floor_minute,
     outage_gaps,
-    sealed_end_ms,
     select_scan_holes,
+    stored_end_ms,
 )
 
 M = 1_723_161_600_000  # a minute boundary (2024-08-09T00:00:00Z)
@@ -29,8 +29,8 @@ def test_minute_rounding() -> None:
     assert floor_minute(M) == M and ceil_minute(M) == M
     assert floor_minute(M + 1) == M and ceil_minute(M + 1) == M + MINUTE_MS
     assert floor_minute(M - 1) == M - MINUTE_MS and ceil_minute(M - 1) == M
-    assert sealed_end_ms(M + 65_000, grace_ms=5_000) == M  # minute M ends at M+60s+5s+5s
-    assert sealed_end_ms(M + 130_000, grace_ms=5_000) == M + 2 * MINUTE_MS
+    assert stored_end_ms(M + 65_000, grace_ms=5_000) == M  # minute M ends at M+60s+5s+5s
+    assert stored_end_ms(M + 130_000, grace_ms=5_000) == M + 2 * MINUTE_MS
 
 
 def test_connected_reconnecting_connected_is_one_outage() -> None:
