@@ -50,17 +50,21 @@ ORDER BY bucket_start, exchange
 LIMIT $5
 """
 
+#: Float sums are ordered (bucket_start, exchange) so a bucket's values do not depend on the
+#: query plan or on which other rows the range holds (summation is not associative).
 _ROLLUP = """
 SELECT time_bucket($5::interval, bucket_start) AS b,
        first(open, open_ts_ms)  AS open,
        max(high)                AS high,
        min(low)                 AS low,
        last(close, close_ts_ms) AS close,
-       sum(volume)              AS volume,
+       sum(volume ORDER BY bucket_start, exchange) AS volume,
        sum(trade_count)::bigint AS trade_count,
-       sum(avg_price * trade_count) / nullif(sum(trade_count), 0) AS avg_price,
-       sum(vwap * volume) FILTER (WHERE vwap IS NOT NULL)
-         / nullif(sum(volume) FILTER (WHERE vwap IS NOT NULL), 0) AS vwap,
+       sum(avg_price * trade_count ORDER BY bucket_start, exchange)
+         / nullif(sum(trade_count), 0) AS avg_price,
+       sum(vwap * volume ORDER BY bucket_start, exchange) FILTER (WHERE vwap IS NOT NULL)
+         / nullif(sum(volume ORDER BY bucket_start, exchange)
+                  FILTER (WHERE vwap IS NOT NULL), 0) AS vwap,
        min(open_ts_ms)          AS open_ts_ms,
        max(close_ts_ms)         AS close_ts_ms
 FROM bars_1m
