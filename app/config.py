@@ -54,20 +54,34 @@ DEFAULT_CONFIG_FILE = "marketflow.toml"
 
 
 class BrokerSection(BaseModel):
-    """Kafka-protocol broker.
+    """Kafka-protocol broker (Apache Kafka, Redpanda).
 
-    ``tansu_compat`` turns on the settings the local Tansu broker needs (short
-    session/rebalance timeouts, one record per produce batch); leave it off for
-    Redpanda or Kafka. ``fetch_max_wait_ms`` overrides Faust's fixed 1500 ms consumer
-    fetch wait (``None`` keeps it); Tansu needs a short one (100) for throughput.
-    ``connect_timeout_s``: how long a starting worker retries an unreachable broker
-    before exiting non-zero.
+    Attributes:
+        url: ``kafka://host:port[;host:port...]``, the bootstrap servers.
+        connect_timeout_s: how long a starting worker retries an unreachable broker
+            before exiting non-zero.
+        session_timeout_s: consumer-group session timeout; a worker that stops
+            heartbeating (killed, partitioned) loses its partitions after this long.
+            ``None`` keeps Faust's default (60 s).
+        heartbeat_interval_s: consumer-group heartbeat (``None``: Faust's 3 s); keep it
+            at most a third of the session timeout.
+        rebalance_timeout_s: how long a rebalance waits for members to rejoin
+            (``None``: Faust's 60 s).
     """
 
     url: str = "kafka://127.0.0.1:9092"
-    tansu_compat: bool = False
-    fetch_max_wait_ms: int | None = Field(default=None, ge=1, le=60_000)
     connect_timeout_s: float = Field(default=30.0, gt=0, le=3_600)
+    session_timeout_s: float | None = Field(default=None, ge=1, le=3_600)
+    heartbeat_interval_s: float | None = Field(default=None, gt=0, le=600)
+    rebalance_timeout_s: float | None = Field(default=None, ge=1, le=3_600)
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> BrokerSection:
+        if (self.session_timeout_s is not None and self.heartbeat_interval_s is not None
+                and self.heartbeat_interval_s * 3 > self.session_timeout_s):
+            raise ValueError("heartbeat_interval_s must be at most a third of "
+                             "session_timeout_s")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -100,12 +114,17 @@ class AppSection(BaseModel):
     Attributes:
         event_loop: ``uvloop`` (default; faster HTTP and Kafka I/O) or ``asyncio``.
             Faust's own ``-L/--loop`` option or ``FAUST_LOOP`` take precedence.
+        processing_guarantee: ``at_least_once`` (default: every effect is idempotent,
+            see README "Guarantees") or ``exactly_once`` (Faust's Kafka transactions:
+            changelog writes, produced bars and offsets commit atomically; needs a broker
+            with transactions, such as Apache Kafka).
     """
 
     id: str = "marketflow"
     datadir: str = "var/faust"
     log_level: str = "info"
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
 
     @field_validator("id")
     @classmethod

@@ -11,7 +11,6 @@ from typing import Any
 
 import faust
 from aiokafka.errors import KafkaConnectionError
-from faust.transport.drivers import aiokafka as aiokafka_driver
 
 from app.config import Settings
 
@@ -37,21 +36,15 @@ def json_logging_config() -> dict[str, Any]:
 
 
 def faust_options(s: Settings) -> dict[str, Any]:
-    """Faust settings for ``s``.
-
-    With ``broker.tansu_compat`` the options the local Tansu broker needs are added
-    (see ``../shared/reference/broker.md``): 6 s session/rebalance timeout (Tansu makes a
-    group join wait half the session timeout), 2 s heartbeat, and one record per produce
-    batch (Tansu reports wrong end offsets for multi-record batches, which breaks
-    changelog recovery). Production brokers (Redpanda, Kafka) keep Faust's defaults.
-    """
+    """Faust settings for ``s``: Faust's defaults except where a setting of ours says
+    otherwise (group timeouts of ``[broker]``, ``app.processing_guarantee``)."""
     opts: dict[str, Any] = {
         "broker": s.broker.url,
         "store": "memory://",
         "datadir": s.app.datadir,
         "topic_partitions": s.topics.partitions,
         "topic_replication_factor": s.topics.replication,
-        "processing_guarantee": "at_least_once",
+        "processing_guarantee": s.app.processing_guarantee,
         "consumer_auto_offset_reset": "earliest",
         "web_bind": s.web.host,
         "web_host": s.web.host,
@@ -61,50 +54,17 @@ def faust_options(s: Settings) -> dict[str, Any]:
     }
     if s.log.format == "json":
         opts["logging_config"] = json_logging_config()
-    if s.broker.tansu_compat:
-        opts.update(
-            broker_session_timeout=6.0,
-            broker_rebalance_timeout=6.0,
-            broker_heartbeat_interval=2.0,
-            producer_max_batch_size=1,
-        )
+    for key, value in (("broker_session_timeout", s.broker.session_timeout_s),
+                       ("broker_heartbeat_interval", s.broker.heartbeat_interval_s),
+                       ("broker_rebalance_timeout", s.broker.rebalance_timeout_s)):
+        if value is not None:
+            opts[key] = value
     return opts
-
-
-class _ConsumerThread(aiokafka_driver.AIOKafkaConsumerThread):
-    """Faust's aiokafka consumer with a configurable fetch wait.
-
-    Faust hard-codes ``fetch_max_wait_ms=1500`` (faust/transport/drivers/aiokafka.py).
-    aiokafka sends one fetch at a time per broker, and Tansu holds a fetch that finds no
-    new data for about half that wait without answering early when data arrives, so a
-    fetch parked on an idle partition starves the busy ones (measured by
-    bench/fetch_stall.py: 53k ticks/s at 1500 ms vs 168k at 100 ms).
-    """
-
-    def _create_worker_consumer(self, transport: Any) -> Any:
-        consumer = super()._create_worker_consumer(transport)
-        wait_ms = getattr(self.app, "fetch_max_wait_ms", None)
-        if wait_ms is not None:
-            # aiokafka keeps the value here until start() builds its Fetcher.
-            consumer._fetch_max_wait_ms = wait_ms
-        return consumer
-
-
-class _Consumer(aiokafka_driver.Consumer):
-    def _new_consumer_thread(self) -> aiokafka_driver.AIOKafkaConsumerThread:
-        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
-
-
-class _Transport(aiokafka_driver.Transport):
-    Consumer = _Consumer
 
 
 class MarketflowApp(faust.App):
     """:class:`faust.App` that creates its topics (explicit partition counts) before the
-    consumer subscribes, and applies ``broker.fetch_max_wait_ms``."""
-
-    #: consumer fetch wait in ms (None: Faust's 1500 ms); set from the settings.
-    fetch_max_wait_ms: int | None = None
+    consumer subscribes, and runs shutdown hooks before Faust's own stop."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -126,11 +86,6 @@ class MarketflowApp(faust.App):
             except Exception:
                 self.log.exception("shutdown hook %r failed", fn)
         await super().on_stop()
-
-    def _new_transport(self) -> Any:
-        if self.conf.broker_consumer[0].scheme in ("kafka", "aiokafka"):
-            return _Transport(self.conf.broker_consumer, self)
-        return super()._new_transport()
 
     async def on_first_start(self) -> None:
         """Create topics first (auto-created ones would get the broker's default count),
@@ -197,9 +152,7 @@ def _make_app() -> MarketflowApp:
 
     use_event_loop(settings.app.event_loop)
     opts = faust_options(settings)
-    app = MarketflowApp(settings.app.id, **opts)
-    app.fetch_max_wait_ms = settings.broker.fetch_max_wait_ms
-    return app
+    return MarketflowApp(settings.app.id, **opts)
 
 
 app: MarketflowApp = _make_app()

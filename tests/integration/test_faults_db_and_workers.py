@@ -16,7 +16,7 @@ import asyncpg
 import orjson
 import psutil
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from tables.window import apply_tick, finalize_bar
 from tests.integration.conftest import BASE_DSN, SAMPLE, Stack, _free_port
@@ -124,11 +124,8 @@ async def committed(stack: Stack, topic: str) -> dict[int, int]:
                             group_id=stack.settings.app.id, enable_auto_commit=False)
     await cons.start()
     try:
-        parts = cons.partitions_for_topic(topic) or set()
-        if not parts:
-            await cons.topics()
-            parts = cons.partitions_for_topic(topic) or set()
-        return {p: (await cons.committed(TopicPartition(topic, p))) or 0 for p in sorted(parts)}
+        return {tp.partition: (await cons.committed(tp)) or 0
+                for tp in await stack.partitions(topic)}
     finally:
         await cons.stop()
 

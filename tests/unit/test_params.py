@@ -80,7 +80,7 @@ def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     monkeypatch.setenv("MARKETFLOW_WINDOW__GRACE_MS", "2500")
     s = load_settings()
     assert s.web.port == 7000 and s.window.grace_ms == 2500
-    assert s.broker.tansu_compat is False  # production default: no Tansu workarounds
+    assert s.broker.session_timeout_s is None  # production default: Faust's own
 
 
 @pytest.mark.parametrize("toml", [
@@ -111,15 +111,26 @@ def test_worker_exits_nonzero_on_bad_config(tmp_path: Path) -> None:
     assert "web.port" in proc.stderr
 
 
-def test_production_config_has_no_tansu_workarounds(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_faust_options_follow_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from app.faust_app import faust_options
 
     monkeypatch.setenv("MARKETFLOW_CONFIG", str(REPO / "docker" / "marketflow.toml"))
     prod = faust_options(load_settings())
     assert prod["broker"].startswith("kafka://redpanda")
+    assert prod["processing_guarantee"] == "at_least_once"
     for key in ("producer_max_batch_size", "broker_session_timeout",
                 "broker_rebalance_timeout", "broker_heartbeat_interval"):
-        assert key not in prod
+        assert key not in prod  # Faust's defaults
     monkeypatch.setenv("MARKETFLOW_CONFIG", str(REPO / "marketflow.toml"))
+    monkeypatch.setenv("MARKETFLOW_APP__PROCESSING_GUARANTEE", "exactly_once")
     dev = faust_options(load_settings())
-    assert dev["producer_max_batch_size"] == 1 and dev["broker_session_timeout"] == 6.0
+    assert "producer_max_batch_size" not in dev
+    assert dev["broker_session_timeout"] == 10.0 and dev["broker_heartbeat_interval"] == 3.0
+    assert dev["processing_guarantee"] == "exactly_once"
+
+
+def test_heartbeat_must_fit_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MARKETFLOW_BROKER__SESSION_TIMEOUT_S", "6")
+    monkeypatch.setenv("MARKETFLOW_BROKER__HEARTBEAT_INTERVAL_S", "3")
+    with pytest.raises(ConfigError, match="heartbeat_interval_s"):
+        load_settings()
