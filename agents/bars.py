@@ -46,7 +46,6 @@ from app.metrics import (
     DUPLICATE_TICKS,
     DUPLICATE_TRADES,
     LATE_TICKS,
-    RECOVERY_BEHIND,
     TICKS_APPLIED,
     TICKS_IN,
     WATERMARK_MS,
@@ -67,8 +66,7 @@ from tables.bars import window_state
 from tables.price_stats import per_second
 from tables.window import finalize_bar
 
-__all__ = ["LAG_INTERVAL_S", "aggregate_ticks", "aggregator", "applied_through",
-           "consumer_lag", "idle_check"]
+__all__ = ["LAG_INTERVAL_S", "aggregate_ticks", "aggregator", "consumer_lag", "idle_check"]
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +133,12 @@ async def handle_event(event: EventT) -> list[Any]:
                                               "unknown control object", event, wall_ms))
             await asyncio.gather(*pending)
             return []
-        res = aggregator.process_idle(msg.partition, payload["wall_ms"])
+        res = aggregator.process_idle(msg.partition, payload["wall_ms"], wall_ms)
+        if res.idle_clocks_restarted:
+            log.warning("partition %d: idle check delivered %.1f s after it was written "
+                        "(broker or consumer stalled): idle clocks of %d keys restarted",
+                        msg.partition, (wall_ms - payload["wall_ms"]) / 1000,
+                        res.idle_clocks_restarted, extra={"partition": msg.partition})
         trigger = "idle"
     else:
         TICKS_IN.inc(len(payload))
@@ -191,20 +194,6 @@ async def _ack_in_order(stream: StreamT, queue: asyncio.Queue[tuple[EventT, list
         await stream.ack(event)
 
 
-#: partitions whose recovered state was checked since the last rebalance
-_resume_checked: set[int] = set()
-#: messages that update no key's offset (idle checks, all-invalid batches) may follow the
-#: last applied one; only a larger distance is reported
-_RESUME_SLACK = 50
-
-
-def applied_through(partition: int) -> int | None:
-    """Newest source offset the recovered window state applied on ``partition`` (max of
-    the keys' ``off``), None when no key of the partition has state."""
-    offs = [st["off"] for st in store.values() if st.get("p") == partition and st["off"] >= 0]
-    return max(offs) if offs else None
-
-
 @app.agent(ticks_topic)
 async def aggregate_ticks(stream: StreamT) -> None:
     """Consume ``ticks`` and maintain the windows; one event per message (a tick batch).
@@ -219,20 +208,6 @@ async def aggregate_ticks(stream: StreamT) -> None:
         async for event in manual.events():
             if acker.done():
                 acker.result()  # re-raise the changelog failure: crash, do not ack
-            p, off = event.message.partition, event.message.offset
-            if p not in _resume_checked:
-                _resume_checked.add(p)
-                applied = applied_through(p)
-                if applied is not None and off > applied + 1 + _RESUME_SLACK:
-                    # Recovery read the changelog only up to an end offset the broker
-                    # reported too low (seen on Tansu): messages between were committed but
-                    # are not in the state. Re-reading them safely needs a seek before the
-                    # consumer resumes, which Faust does not expose; count and report.
-                    RECOVERY_BEHIND.inc()
-                    log.error("partition %d: recovered window state applied up to offset %d "
-                              "but the consumer resumes at %d; ticks in between may be "
-                              "missing from their bars", p, applied, off,
-                              extra={"partition": p, "applied_offset": applied})
             await queue.put((event, await handle_event(event)))
     finally:
         acker.cancel()
@@ -253,13 +228,11 @@ async def idle_check() -> None:
 @app.on_partitions_revoked.connect
 def _on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
     aggregator.reset()
-    _resume_checked.clear()
 
 
 @app.on_partitions_assigned.connect
 def _on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
     aggregator.reset()
-    _resume_checked.clear()
 
 
 # ---- consumer lag (marketflow_consumer_lag{topic,partition}, see app/metrics.py)

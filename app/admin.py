@@ -7,8 +7,12 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 
 from app.config import Settings
 from app.errors import ConfigError
+from app.models import MAX_MESSAGE_BYTES
 
-__all__ = ["create_topic", "delete_topics", "ensure_topics"]
+__all__ = ["TICKS_TOPIC_MAX_MESSAGE_BYTES", "create_topic", "delete_topics", "ensure_topics"]
+
+#: the ticks topic's ``max.message.bytes``: 1 MiB above what the worker accepts
+TICKS_TOPIC_MAX_MESSAGE_BYTES = MAX_MESSAGE_BYTES + (1 << 20)
 
 
 async def ensure_topics(s: Settings) -> None:
@@ -16,20 +20,26 @@ async def ensure_topics(s: Settings) -> None:
     partition counts.
 
     Runs before the worker subscribes and before any producer publishes, so a broker that
-    auto-creates topics (Tansu: 4 partitions) never picks the count.
+    auto-creates topics (with its own ``num.partitions``) never picks the count. The ticks
+    topic accepts messages up to ``TICKS_TOPIC_MAX_MESSAGE_BYTES`` (the broker default is
+    1 MiB).
 
     Raises:
         ConfigError: a topic exists with a different partition count than configured.
         aiokafka.errors.KafkaError: the broker is unreachable or refuses.
     """
     names = (s.topics.ticks, s.topics.bars, s.topics.dead_letter, s.topics.history_requests)
+    # ticks: room above MAX_MESSAGE_BYTES, so the worker (not the broker's 1 MiB default)
+    # refuses an oversized message, with a dead letter saying so
+    configs = {s.topics.ticks: {"max.message.bytes": str(TICKS_TOPIC_MAX_MESSAGE_BYTES)}}
     admin = AIOKafkaAdminClient(bootstrap_servers=s.broker.bootstrap_servers)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(name, num_partitions=s.topics.partitions,
-                     replication_factor=s.topics.replication)
+                     replication_factor=s.topics.replication,
+                     topic_configs=configs.get(name, {}))
             for name in names if name not in existing
         ]
         if wanted:

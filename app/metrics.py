@@ -121,11 +121,3 @@ DUPLICATE_TRADES = Counter(
     "Ticks skipped because their window already has their (exchange, symbol, trade_id)",
 )
 
-# ---- recovery (agents/bars.py)
-
-__all__ += ["RECOVERY_BEHIND"]
-
-RECOVERY_BEHIND = Counter(
-    "marketflow_recovery_behind_total",
-    "Partitions whose recovered window state ended well before the resume offset",
-)

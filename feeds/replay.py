@@ -786,6 +786,7 @@ async def replay_source(
         max_batch_size=1 << 20,
         max_request_size=8 << 20,
         acks="all",
+        enable_idempotence=True,  # a retried batch is written once (broker outages)
     )
     stats = ReplayStats()
     prefix = settings.redis.key_prefix

@@ -97,6 +97,8 @@ class BatchResult:
     latest: dict[str, tuple[float, int]] = field(default_factory=dict)
     applied_ticks: list[Tick] = field(default_factory=list)
     dirty: set[str] = field(default_factory=set)
+    #: keys whose idle clock a stalled idle check restarted (:meth:`process_idle`)
+    idle_clocks_restarted: int = 0
 
 
 class WindowAggregator:
@@ -318,17 +320,37 @@ class WindowAggregator:
         return any(pred(bar["b"]) for _, st, pred in self._idle_candidates(partition, now_wall_ms)
                    for bar in st["bars"].values())
 
-    def process_idle(self, partition: int, now_wall_ms: int) -> BatchResult:
+    def process_idle(self, partition: int, now_wall_ms: int,
+                     received_wall_ms: int | None = None) -> BatchResult:
         """Close finished windows of keys on ``partition`` that have gone idle.
+
+        An idle check that reaches the agent ``idle_timeout_ms`` or more after it was
+        written says the pipeline itself stalled (broker unreachable, consumer behind):
+        ticks written during the stall may still be on their way, behind it in the
+        partition. Such a check closes nothing; it restarts the idle clock of every key of
+        the partition with open windows at ``received_wall_ms`` instead (``seen_ms``), so
+        a key is only closed after ``idle_timeout_ms`` of silence with the pipeline up.
 
         Args:
             partition: the partition the idle-check control message arrived on.
-            now_wall_ms: the control message's wall clock, UTC epoch ms.
+            now_wall_ms: the control message's wall clock (when it was written), UTC
+                epoch ms.
+            received_wall_ms: the agent's wall clock when handling it, UTC epoch ms
+                (None: not checked for a stall).
 
         Returns:
-            BatchResult: only ``closed`` and ``dirty`` are filled.
+            BatchResult: only ``closed``, ``dirty`` and ``idle_clocks_restarted`` are
+            filled.
         """
         res = BatchResult()
+        if (received_wall_ms is not None
+                and received_wall_ms - now_wall_ms >= self.idle_timeout_ms):
+            for key, st, _ in list(self._idle_candidates(partition, received_wall_ms)):
+                if st["seen_ms"] < received_wall_ms:
+                    st["seen_ms"] = received_wall_ms
+                    res.dirty.add(key)
+            res.idle_clocks_restarted = len(res.dirty)
+            return res
         for key, st, pred in list(self._idle_candidates(partition, now_wall_ms)):
             wm = self._max_ts.get((partition, _key_clock(key)), -1) - self.grace_ms
             if self._close(key, st, res, pred, wm):

@@ -274,6 +274,101 @@ class Worker:
         return int(self.proc.returncode)
 
 
+class PrivateKafka:
+    """Apache Kafka node(s) of our own for broker-fault tests, started by
+    ``scripts/services.sh`` (the same installation and settings as the shared broker) with
+    a state directory under ``tmp`` and free ports; the shared broker is never touched.
+
+    Args:
+        tmp: state directory (log dirs, pid files, logs).
+        nodes: 1 (single KRaft node) or 3 (a cluster: replication 3, min ISR 2).
+    """
+
+    def __init__(self, tmp: Path, nodes: int = 1) -> None:
+        self.tmp = tmp
+        self.nodes = nodes
+        self.port = _free_port_run(nodes)
+        self.env = {**os.environ, "MF_VAR_DIR": str(tmp), "MF_BROKER_PORT": str(self.port),
+                    "MF_CONTROLLER_PORT": str(_free_port_run(nodes)),
+                    "MF_KAFKA_NODES": str(nodes), "MF_KAFKA_HEAP": "512m",
+                    "MF_CACHE_DIR": os.environ.get("MF_CACHE_DIR", str(REPO / "var" / "cache"))}
+
+    @property
+    def url(self) -> str:
+        """``kafka://`` URL listing every node."""
+        return "kafka://" + ";".join(f"127.0.0.1:{self.port + i}" for i in range(self.nodes))
+
+    async def _services(self, *args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            str(REPO / "scripts" / "services.sh"), *args, env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 180)
+        assert proc.returncode == 0, out.decode()
+        return out.decode()
+
+    async def up(self) -> str:
+        """Start every node that is not running (idempotent); their output."""
+        return await self._services("up", "broker")
+
+    async def down(self) -> str:
+        """Stop every node (SIGTERM: controlled shutdown)."""
+        return await self._services("down", "broker")
+
+    def pid(self, node: int = 1) -> int:
+        return int((self.tmp / "run" / f"kafka-{node}.pid").read_text().split()[0])
+
+    def kill(self, node: int = 1) -> None:
+        """SIGKILL node ``node`` (1-based) and wait until it is gone."""
+        pid = self.pid(node)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"kafka node {node} (pid {pid}) survived SIGKILL")
+
+
+def _free_port_run(n: int) -> int:
+    """First of ``n`` consecutive free ports on 127.0.0.1."""
+    for _ in range(100):
+        base = _free_port()
+        if base + n >= 65535:
+            continue
+        try:
+            for i in range(1, n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + i))
+        except OSError:
+            continue
+        return base
+    raise AssertionError(f"no run of {n} free ports")
+
+
+@pytest.fixture
+async def private_kafka(tmp_path: Path) -> AsyncIterator[PrivateKafka]:
+    """A single-node Kafka of the test's own (see :class:`PrivateKafka`)."""
+    k = PrivateKafka(tmp_path / "kafka")
+    await k.up()
+    try:
+        yield k
+    finally:
+        await k.down()
+
+
+@pytest.fixture
+async def kafka_cluster(tmp_path: Path) -> AsyncIterator[PrivateKafka]:
+    """A 3-node Kafka cluster of the test's own (see :class:`PrivateKafka`)."""
+    k = PrivateKafka(tmp_path / "kafka3", nodes=3)
+    await k.up()
+    try:
+        yield k
+    finally:
+        await k.down()
+
+
 def _check_services() -> None:
     s = load_settings()
     for name, host, port in [("broker", *s.broker.bootstrap_servers[0].rsplit(":", 1)),

@@ -90,12 +90,11 @@ def assert_exactly_once_and_clean(rows: list[asyncpg.Record],
     keys = [(r["exchange"], r["symbol"], r["start_ms"]) for r in rows]
     assert len(keys) == len(set(keys)), "duplicate rows"
     assert set(keys) == set(want)
-    for r, k in zip(rows, keys, strict=True):
-        exp = want[k]
-        for f in _EXACT:
-            assert r[f] == exp[f], (k, f, r[f], exp[f])
-        for f in _CLOSE:
-            assert math.isclose(r[f], exp[f], rel_tol=1e-9), (k, f, r[f], exp[f])
+    wrong = [(k, f, r[f], want[k][f]) for r, k in zip(rows, keys, strict=True)
+             for f in (*_EXACT, *_CLOSE)
+             if not (r[f] == want[k][f] if f in _EXACT
+                     else math.isclose(r[f], want[k][f], rel_tol=1e-9))]
+    assert not wrong, f"{len(wrong)} wrong values (bar, field, stored, clean): {wrong}"
 
 
 async def updated_at(stack: Stack) -> dict[tuple[str, str, int], Any]:

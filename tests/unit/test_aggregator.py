@@ -114,6 +114,26 @@ def test_idle_close_keeps_the_live_minute_open() -> None:
     assert len(a.process_idle(0, T0 + MIN + GRACE).closed) == 1
 
 
+def test_stalled_idle_check_restarts_the_idle_clock() -> None:
+    """An idle check written before a broker outage and delivered after it closes nothing:
+    the keys' idle clocks restart at delivery, and ticks that waited behind it in the
+    partition still reach their window."""
+    a = agg()
+    wall = T0 + 10 * MIN
+    a.process_ticks(0, 0, [tick(T0 + 1)], wall_ms=wall)
+    written = wall + 10_000                       # idle by then
+    received = written + 10_000                   # delivered 10 s later: a stall
+    r = a.process_idle(0, written, received)
+    assert r.closed == [] and r.idle_clocks_restarted == 1 and r.dirty == {"ex:BTCUSDT"}
+    assert a.store["ex:BTCUSDT"]["seen_ms"] == received
+    assert not a.has_idle_work(0, received + 9_999)
+    late = a.process_ticks(0, 1, [tick(T0 + 2)], wall_ms=received + 500)
+    assert late.late == [] and late.applied == 1
+    # a prompt check after 10 s of silence with the pipeline up closes the window
+    r = a.process_idle(0, received + 500 + 10_000, received + 500 + 10_050)
+    assert [b["trade_count"] for b in r.closed] == [2] and r.idle_clocks_restarted == 0
+
+
 def test_idle_check_only_touches_its_partition() -> None:
     a = agg()
     wall = T0 + 10 * MIN
