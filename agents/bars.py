@@ -109,6 +109,11 @@ async def _publish_closed(res: BatchResult, trigger: str) -> list[Any]:
     return futs
 
 
+#: partition -> when a stalled idle check was last logged (at most one line per interval)
+_stall_logged_ms: dict[int, int] = {}
+_STALL_LOG_INTERVAL_MS = 10_000
+
+
 async def handle_event(event: EventT) -> list[Any]:
     """Process one ``ticks`` message (see module docstring). Never raises on bad input.
 
@@ -134,7 +139,9 @@ async def handle_event(event: EventT) -> list[Any]:
             await asyncio.gather(*pending)
             return []
         res = aggregator.process_idle(msg.partition, payload["wall_ms"], wall_ms)
-        if res.idle_clocks_restarted:
+        if res.idle_clocks_restarted and wall_ms - _stall_logged_ms.get(msg.partition, 0) > (
+                _STALL_LOG_INTERVAL_MS):
+            _stall_logged_ms[msg.partition] = wall_ms
             log.warning("partition %d: idle check delivered %.1f s after it was written "
                         "(broker or consumer stalled): idle clocks of %d keys restarted",
                         msg.partition, (wall_ms - payload["wall_ms"]) / 1000,

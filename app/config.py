@@ -286,6 +286,8 @@ class FeedsSection(BaseModel):
         idle_timeout_s: reconnect when an exchange sends nothing for this long.
         backoff_initial_s, backoff_max_s: reconnect delay, doubling, with jitter.
         publish_interval_ms: ticks are batched per key for at most this long.
+        max_buffered_ticks: ticks the publisher holds while the broker does not take
+            them (an outage); beyond it the feeds stop reading (back-pressure).
     """
 
     mode: str = "off"
@@ -299,6 +301,7 @@ class FeedsSection(BaseModel):
     backoff_initial_s: float = Field(default=1.0, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
     publish_interval_ms: int = Field(default=50, ge=1, le=10_000)
+    max_buffered_ticks: int = Field(default=20_000, ge=1, le=10_000_000)
     cryptocompare: CryptoCompareSection = CryptoCompareSection()
     generator: GeneratorSection = GeneratorSection()
 

@@ -45,7 +45,8 @@ async def _send_dead(key: bytes | None, value: bytes) -> Any:
     return await dead_letter_topic.send(key=key, value=value)
 
 
-publisher = TickPublisher(_send_tick, _send_dead)
+publisher = TickPublisher(_send_tick, _send_dead, settings.feeds.max_buffered_ticks,
+                          settings.feeds.publish_interval_ms)
 ingest = IngestManager(settings, publisher, latest_prices.client, app.is_leader)
 app.service(ingest)  # type: ignore[arg-type]
 gaps = GapService(settings, database, ingest, app.is_leader, latest_prices.client,

@@ -50,6 +50,7 @@ import logging
 import math
 import random
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -427,6 +428,9 @@ class EmulatorConfig:
         bad_every: every Nth line is bad (0 = never), see :class:`LineMaker`.
         seed: random-walk seed (``None``: nondeterministic).
         max_client_buffer: unsent bytes after which a client is dropped.
+        sndbuf: ``SO_SNDBUF`` of each client socket in bytes (0 = the kernel's
+            autotuning, which lets a few MB queue up in the kernel before
+            ``max_client_buffer`` applies).
         wait_clients: emission starts once this many clients are connected (0 = at once).
     """
 
@@ -440,6 +444,7 @@ class EmulatorConfig:
     bad_every: int = 0
     seed: int | None = None
     max_client_buffer: int = DEFAULT_MAX_CLIENT_BUFFER
+    sndbuf: int = 0
     wait_clients: int = 0
 
     def schedule(self) -> Iterator[Emission]:
@@ -514,6 +519,10 @@ class EmulatorServer:
         return len(self._clients)
 
     def _add_client(self, transport: asyncio.Transport) -> None:
+        if self.config.sndbuf:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.config.sndbuf)
         peer = transport.get_extra_info("peername")
         who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._clients[transport] = who
@@ -711,6 +720,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    default=DEFAULT_MAX_CLIENT_BUFFER, metavar="BYTES",
                    help="disconnect a client with more unsent bytes than this "
                    f"({DEFAULT_MAX_CLIENT_BUFFER})")
+    p.add_argument("--sndbuf", type=_non_negative_int, default=0, metavar="BYTES",
+                   help="SO_SNDBUF of each client socket (0 = kernel autotuning)")
     p.add_argument("--wait-clients", type=_non_negative_int, default=0, metavar="N",
                    help="start emitting once N clients are connected (0 = at once)")
     p.add_argument("--log-level", default="INFO",
@@ -735,7 +746,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[EmulatorConfig, str]:
     cfg = EmulatorConfig(
         name=ns.name, host=ns.host, port=ns.port, pairs=ns.pairs, rate=ns.rate,
         trades=trades, speed=ns.speed, bad_every=ns.bad_every, seed=ns.seed,
-        max_client_buffer=ns.max_client_buffer, wait_clients=ns.wait_clients,
+        max_client_buffer=ns.max_client_buffer, sndbuf=ns.sndbuf,
+        wait_clients=ns.wait_clients,
     )
     return cfg, ns.log_level
 

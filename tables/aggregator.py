@@ -6,10 +6,12 @@ decides when to persist: it publishes the closed bars first and then writes back
 state named in :attr:`BatchResult.dirty` (``store[key] = state``), so a crash in between
 re-emits the same bars (idempotent downstream) instead of losing them.
 
-Watermarks are kept per partition *and event-time domain*: :func:`clock_of` of the
-exchange name — ``""`` for real exchanges, the namespace for replayed ones
-(``replay.binance`` → ``replay``). A historical replay sharing a partition with a live
-feed thus keeps its own event time instead of being dropped as late.
+Watermarks are kept per partition *and exchange*: each exchange name (a real exchange,
+or a replay namespace's ``replay.binance``) is its own event-time clock. An exchange whose
+ticks arrive later than another's on the same partition — a clock that disagrees, a
+connection that drains its backlog after a broker outage, a historical replay beside a
+live feed — is then not dropped as late because of the other's progress. A quiet
+exchange's last windows close by idleness (below).
 
 Exactly-once state on an at-least-once broker: each key remembers the last source offset
 applied to it (``off``) in the same changelog record as its windows; a message
@@ -59,13 +61,14 @@ LATE_POLICIES = ("dead_letter", "correct")
 
 
 def clock_of(exchange: str) -> str:
-    """Event-time domain of an exchange name: the part before its last ``.`` (a replay
-    namespace, e.g. ``replay.binance`` → ``replay``), ``""`` when there is none."""
+    """Replay namespace of an exchange name: the part before its last ``.``
+    (``replay.binance`` → ``replay``), ``""`` for a real exchange."""
     return exchange.rpartition(".")[0]
 
 
 def _key_clock(key: str) -> str:
-    return clock_of(key.partition(":")[0])
+    """The event-time clock (watermark) a key belongs to: its exchange."""
+    return key.partition(":")[0]
 
 
 @dataclass
@@ -102,8 +105,8 @@ class BatchResult:
 
 
 class WindowAggregator:
-    """Event-time tumbling windows with a watermark per partition and event-time domain
-    (:func:`clock_of`), and idle close.
+    """Event-time tumbling windows with a watermark per partition and exchange, and idle
+    close.
 
     Args:
         store: ``"exchange:symbol" -> KeyState`` mapping (see :mod:`tables.window`).
@@ -165,8 +168,8 @@ class WindowAggregator:
 
     def watermark(self, partition: int, clock: str | None = None) -> int:
         """Current watermark of ``partition`` in UTC epoch ms (``-grace-1`` if empty):
-        of one event-time domain (``clock``, see :func:`clock_of`), or with None the
-        highest of its domains."""
+        of one exchange (``clock``, an exchange name), or with None the highest of its
+        exchanges'."""
         by_clock = self._index(partition)
         if clock is None:
             mx = max((self._max_ts.get((partition, c), -1) for c in by_clock), default=-1)

@@ -130,7 +130,7 @@ def correctable(bucket_ms: int, wm_ms: int, horizon_ms: int, size_ms: int = WIND
 
     Args:
         bucket_ms: the window start, UTC epoch ms.
-        wm_ms: current watermark of the key's partition and event-time domain.
+        wm_ms: current watermark of the key's partition and exchange.
         horizon_ms: ``window.correction_horizon_ms``.
         size_ms: window length.
 

@@ -5,6 +5,7 @@
      "details": {<dependency>: <error>}, "mode": "live", "event_loop": "uvloop",
      "history": {"coordinator": {"state": "idle", ...}, "writer": {...}},
      "ingest": {"worker": "host:6066", "mode": "live", "updated_ms": ...,
+                "buffered_ticks": 0, "max_buffered_ticks": 20000,
                 "feeds": {"exchange1": {"kind": "marketflow_tcp", "state": "connected",
                                         "last_message_ms": ..., "messages": 120,
                                         "ticks": 118, "dead_lettered": 2, "ignored": 0,

@@ -174,6 +174,10 @@ SCHEMAS: dict[str, Any] = {
                    "description": "the ingesting worker (consumer-group leader)"},
         "mode": {"type": "string", "enum": ["live", "test", "off"]},
         "updated_ms": _MS,
+        "buffered_ticks": {"type": "integer", "description":
+                           "ticks waiting for the broker (grows during a broker outage)"},
+        "max_buffered_ticks": {"type": "integer", "description":
+                               "feeds.max_buffered_ticks: beyond it the feeds stop reading"},
         "feeds": {"type": "object", "additionalProperties": _ref("FeedStatus"),
                   "description": "by feed name (exchange1, cryptocompare, ...)"},
     }, description="Status written by the ingesting worker; null when none ingests."),

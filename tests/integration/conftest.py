@@ -74,7 +74,8 @@ class Stack:
 
     async def emulators(self, n: int, *args: str) -> list[Emulator]:
         """Start ``n`` exchange emulators ``exchange1..n`` and point the feeds at them."""
-        emus = [await Emulator(f"exchange{i + 1}", _free_port(), *args).start()
+        emus = [await Emulator(f"exchange{i + 1}", _free_port(), *args,
+                               log=self.tmp / f"emulator{len(self.emus) + i + 1}.log").start()
                 for i in range(n)]
         self.emus += emus
         self.env["MARKETFLOW_FEEDS__EXCHANGES"] = orjson.dumps(
@@ -196,17 +197,18 @@ class Stack:
 class Emulator:
     """A ``python -m feeds.emulator`` subprocess (a marketflow exchange program)."""
 
-    def __init__(self, name: str, port: int, *args: str) -> None:
+    def __init__(self, name: str, port: int, *args: str, log: Path | None = None) -> None:
         self.name = name
         self.port = port
         self.args = args
+        self.log = log  # its stderr (logging), appended; None: discarded
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> Emulator:
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "feeds.emulator", "--name", self.name, "--port",
             str(self.port), *self.args, cwd=REPO, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL)
+            stderr=self.log.open("ab") if self.log else asyncio.subprocess.DEVNULL)
         assert self.proc.stdout is not None
         line = await asyncio.wait_for(self.proc.stdout.readline(), 20)
         assert b"listening" in line, line
@@ -317,6 +319,12 @@ class PrivateKafka:
     def pid(self, node: int = 1) -> int:
         return int((self.tmp / "run" / f"kafka-{node}.pid").read_text().split()[0])
 
+    def kill_all(self) -> None:
+        """SIGKILL every node still running (teardown: the data is thrown away)."""
+        for node in range(1, self.nodes + 1):
+            with contextlib.suppress(OSError, ValueError, AssertionError):
+                self.kill(node)
+
     def kill(self, node: int = 1) -> None:
         """SIGKILL node ``node`` (1-based) and wait until it is gone."""
         pid = self.pid(node)
@@ -355,7 +363,7 @@ async def private_kafka(tmp_path: Path) -> AsyncIterator[PrivateKafka]:
     try:
         yield k
     finally:
-        await k.down()
+        k.kill_all()
 
 
 @pytest.fixture
@@ -366,7 +374,7 @@ async def kafka_cluster(tmp_path: Path) -> AsyncIterator[PrivateKafka]:
     try:
         yield k
     finally:
-        await k.down()
+        k.kill_all()
 
 
 def _check_services() -> None:

@@ -1,5 +1,6 @@
 """Broker faults against real Apache Kafka (issue 10, item 4): the broker SIGKILLed
-mid-stream and restarted, and one node of a 3-broker KRaft cluster SIGKILLed mid-replay.
+mid-stream and restarted, the broker down for 60 s under live feeds, and one node of a
+3-broker KRaft cluster SIGKILLed mid-replay.
 Each test runs its own Kafka (``PrivateKafka``, started by ``scripts/services.sh`` with the
 shared broker's settings), so the shared broker is never touched, and checks that every
 bar is stored exactly once with the values of a clean computation or the exchange's
@@ -8,11 +9,18 @@ klines."""
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter
+from typing import Any
 
+import orjson
+import psutil
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from app.config import DEFAULT_PAIRS
+from tables.window import apply_tick
 from tests.integration.conftest import (
     PrivateKafka,
     Stack,
@@ -20,6 +28,7 @@ from tests.integration.conftest import (
     assert_bars_equal_klines,
     complete_minutes,
     load_klines,
+    until,
 )
 from tests.integration.test_faults_db_and_workers import (
     FILES,
@@ -86,7 +95,7 @@ async def _topic_replication(kafka: PrivateKafka, topics: list[str]
     try:
         meta = await admin.describe_topics(topics)
         resp = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, t, ["min.insync.replicas"])
+            [ConfigResource(ConfigResourceType.TOPIC, t, {"min.insync.replicas": None})
              for t in topics])
     finally:
         await admin.close()
@@ -134,4 +143,136 @@ async def test_three_broker_cluster_survives_a_broker_kill(kafka_cluster: Privat
     assert sum(b["trade_count"] for b in bars.values()) == len(rows)
     await assert_no_rewrites(stack)
     assert await stack.read_topic(stack.settings.topics.dead_letter, idle_s=1.0) == []
+    w.assert_alive()
+
+
+async def _ingest(stack: Stack) -> dict[str, Any]:
+    _, body = await stack.http("/health")
+    return body.get("ingest") or {} if isinstance(body, dict) else {}
+
+
+async def test_broker_down_60s_under_live_feeds(private_kafka: PrivateKafka,
+                                                stack: Stack) -> None:
+    """Three exchange feeds at 500 lines/s each; the broker is stopped for 60 s. The
+    publisher holds at most ``feeds.max_buffered_ticks``, then the feeds stop reading
+    (back-pressure), the exchange programs drop the connections that stopped reading, and
+    the worker's memory stays bounded; nothing crashes. When the broker is back, ingest
+    resumes by itself, the outage of each dropped feed is recorded as a gap of its pairs,
+    the backlog is not late, and every stored bar equals the bar recomputed from the ticks
+    that reached the topic."""
+    use_broker(stack, private_kafka)
+    max_buffered = 3_000
+    await stack.emulators(3, "--rate", "100", "--max-client-buffer", "65536",
+                         "--sndbuf", "65536")
+    w = stack.worker(MARKETFLOW_FEEDS__MAX_BUFFERED_TICKS=str(max_buffered),
+                     MARKETFLOW_WINDOW__GRACE_MS="2000").start()
+    await w.wait_ready()
+    assert (await stack.post("/mode/live"))[0] == 200
+
+    async def all_connected() -> bool:
+        feeds = (await _ingest(stack)).get("feeds", {})
+        return len(feeds) == 3 and all(f["state"] == "connected" for f in feeds.values())
+
+    await until(all_connected, 30, "three feeds connected")
+    await asyncio.sleep(3)
+    assert w.proc is not None
+    proc = psutil.Process(w.proc.pid)
+    rss0 = proc.memory_info().rss
+    reconnects0 = {n: f["reconnects"] for n, f in (await _ingest(stack))["feeds"].items()}
+
+    t_down = int(time.time() * 1000)
+    await private_kafka.down()
+    buffered: list[int] = []
+    rss: list[int] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        w.assert_alive()
+        status, body = await stack.http("/health")  # the API keeps answering
+        assert status in (200, 503), body
+        buffered.append(int((body.get("ingest") or {}).get("buffered_ticks", 0)))
+        rss.append(proc.memory_info().rss)
+        await asyncio.sleep(1)
+    out = await private_kafka.up()
+    t_up = int(time.time() * 1000)
+    assert "started Apache Kafka" in out, out
+    assert max(buffered) >= max_buffered * 0.9, buffered  # the bound was reached ...
+    assert max(buffered) < max_buffered + 2_000, buffered  # ... and held (one read over)
+    assert max(rss) - rss0 < 128 * 2**20, (rss0, max(rss))
+
+    # ingest resumes by itself: feeds connected again, fresh prices in Redis
+    await until(all_connected, 60, "feeds connected after the outage", step=0.5)
+    r = stack.redis()
+    try:
+        async def fresh_prices() -> bool:
+            for i in (1, 2, 3):
+                h = await r.hgetall(f"{stack.name}:latest:exchange{i}:BTCUSDT")
+                if not h or int(h["ts_ms"]) < t_up:
+                    return False
+            return True
+
+        await until(fresh_prices, 60, "prices newer than the outage in Redis", step=0.5)
+    finally:
+        await r.aclose()
+    w.assert_alive()
+
+    # each dropped feed's outage is a gap of its five pairs, over the outage
+    reconnected = {n for n, f in (await _ingest(stack))["feeds"].items()
+                   if f["reconnects"] > reconnects0[n]}
+    assert reconnected, "no exchange program dropped its stalled connection"
+
+    async def gaps() -> list[dict[str, Any]] | None:
+        status, body = await stack.http("/gaps")
+        assert status == 200, body
+        got = [g for g in body["gaps"] if g["cause"] == "feed_outage"]
+        return got if {g["exchange"] for g in got} >= reconnected else None
+
+    recorded = await until(gaps, 30, "outage gaps of the dropped feeds", step=0.5)
+    for name in reconnected:
+        mine = [g for g in recorded if g["exchange"] == name]
+        assert {g["symbol"] for g in mine} == set(DEFAULT_PAIRS), mine
+        for g in mine:
+            assert g["start_ms"] < t_up and g["end_ms"] > t_down, (g, t_down, t_up)
+
+    # a minute after the outage closes; then every stored bar equals its ticks' bar
+    end_ms = (t_up // 60_000 + 1) * 60_000
+
+    async def closed_after() -> bool:
+        conn = await stack.db()
+        try:
+            n = await conn.fetchval(
+                "SELECT count(DISTINCT (exchange, symbol)) FROM bars_1m "
+                "WHERE bucket_start >= to_timestamp($1 / 1000.0)", end_ms)
+        finally:
+            await conn.close()
+        return int(n) == 15
+
+    await until(closed_after, 150, "bars of every pair after the outage", step=1.0)
+    conn = await stack.db()
+    try:
+        rows = await conn.fetch(
+            "SELECT exchange, symbol, (extract(epoch from bucket_start)*1000)::bigint AS b, "
+            "open, high, low, close, trade_count FROM bars_1m")
+    finally:
+        await conn.close()
+    per_key: dict[tuple[str, str], dict[str, Any]] = {}
+    for _, v in await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0):
+        for t in orjson.loads(v) if v.startswith(b"[") else []:
+            apply_tick(per_key.setdefault((t["exchange"], t["symbol"]), {}), t["price"],
+                       t["qty"], t["ts_ms"], 0)
+    expected = {(ex, sym, bar["b"]): bar for (ex, sym), bars in per_key.items()
+                for bar in bars.values()}
+    assert len(rows) > 15
+    wrong = []
+    for row in rows:
+        bar = expected[(row["exchange"], row["symbol"], row["b"])]
+        if (row["open"], row["high"], row["low"], row["close"], row["trade_count"]) != (
+                bar["o"], bar["h"], bar["l"], bar["c"], bar["n"]):
+            wrong.append((row["exchange"], row["symbol"], row["b"], row["trade_count"],
+                          bar["n"], row["close"], bar["c"]))
+    dead = [orjson.loads(v) for _, v in
+            await stack.read_topic(stack.settings.topics.dead_letter, idle_s=1.0)]
+    assert not wrong, (f"{len(wrong)} of {len(rows)} bars differ (exchange, symbol, start, "
+                       f"count, ticks' count, close, ticks' close): {wrong}; dead letters "
+                       f"{Counter(d['reason'] for d in dead)}")
+    assert [d for d in dead if d["reason"] == "late"] == []
     w.assert_alive()

@@ -157,17 +157,34 @@ def test_replay_namespace_has_its_own_watermark() -> None:
     r = a.process_ticks(0, 1, [tick(T0 + 1, ex="replay.binance"),
                                tick(T0 + 2, ex="binance")], wall_ms=now)
     assert r.applied == 1 and [t.exchange for t in r.late] == ["binance"]
-    assert a.watermark(0, "replay") == T0 + 1 - GRACE
-    assert a.watermark(0, "") == a.watermark(0) == now - GRACE
+    assert a.watermark(0, "replay.binance") == T0 + 1 - GRACE
+    assert a.watermark(0, "binance") == a.watermark(0) == now - GRACE
     r = a.process_ticks(0, 2, [tick(T0 + MIN + GRACE, ex="replay.binance")], wall_ms=now)
     assert [(b["exchange"], b["bucket_start_ms"], b["trade_count"]) for b in r.closed] == [
         ("replay.binance", T0, 1)]
     # the live key's open window was not closed by the replay's progress, nor vice versa
     assert str(now - now % MIN) in a.store["binance:BTCUSDT"]["bars"]
-    # recovery from the store rebuilds both domains
+    # recovery from the store rebuilds both clocks
     b = agg(dict(a.store))
-    assert b.watermark(0, "replay") == T0 + MIN + GRACE - GRACE
-    assert b.watermark(0, "") == now - GRACE
+    assert b.watermark(0, "replay.binance") == T0 + MIN + GRACE - GRACE
+    assert b.watermark(0, "binance") == now - GRACE
+
+
+def test_watermark_is_per_exchange() -> None:
+    """Two exchanges on one partition, one 40 s behind the other (a backlog drained after a
+    broker outage, or a clock that disagrees): the slower one's ticks are not late, each
+    exchange's windows close by its own progress, and both keys of one exchange share its
+    watermark."""
+    a = agg()
+    a.process_ticks(0, 0, [tick(T0 + 50_000, ex="fast"), tick(T0 + 1_000, ex="slow")], 1)
+    r = a.process_ticks(0, 1, [tick(T0 + MIN + 40_000, ex="fast")], 1)
+    assert [(b["exchange"], b["bucket_start_ms"]) for b in r.closed] == [("fast", T0)]
+    r = a.process_ticks(0, 2, [tick(T0 + 30_000, ex="slow", sym="ETHUSDT")], 1)
+    assert r.late == [] and r.applied == 1 and r.closed == []
+    assert a.watermark(0, "slow") == T0 + 30_000 - GRACE
+    r = a.process_ticks(0, 3, [tick(T0 + MIN + GRACE, ex="slow")], 1)
+    assert sorted((b["symbol"], b["trade_count"]) for b in r.closed) == [
+        ("BTCUSDT", 1), ("ETHUSDT", 1)]
 
 
 # --------------------------------------------------------------- late policy, duplicates
