@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The default run: install and start everything, then the worker fed by the real sample.
-#   1. .venv + services (Tansu broker, TimescaleDB, Redis) on 127.0.0.1;
-#   2. once per broker start, the sample's historical trades at full speed (so /ohlcv has
+#   1. .venv + services (Apache Kafka, TimescaleDB, Redis) on 127.0.0.1;
+#   2. once per Kafka cluster (its data persists), the sample's historical trades at full
+#      speed (so /ohlcv has
 #      history at once: 2020-09-27 14:04-14:07 and 2024-08-08 23:54-08-09 00:05);
 #   3. the four 2024-08-08 Binance files replayed in a loop at real speed, re-stamped to
 #      now (live-looking prices on two exchanges and two pairs);
@@ -15,8 +16,7 @@ scripts/services.sh up
 export PATH=$REPO/.venv/bin:$PATH
 mkdir -p var/run var/log
 
-broker_pid=$(cat var/run/broker.pid)
-marker=var/run/history-replayed.$broker_pid
+marker=var/kafka/history-replayed.$(cat var/kafka/cluster.id)
 if [[ ! -f $marker ]]; then
   echo "run: replaying the sample's history (full speed)"
   faust -A app replay --namespace "" data/sample/trades/*.csv
