@@ -29,165 +29,39 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
-import psutil  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
-from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
+from common import (  # noqa: E402  (bench/common.py)
+    MINUTE,
+    Worker,
+    delete_topics,
+    dsn_with_db,
+    free_port,
+    now_ms,
+    pct,
+    say,
+    sql_exec,
+)
 
-from app.config import Settings, load_settings  # noqa: E402
+from app.config import load_settings  # noqa: E402
 
-FAUST = REPO / ".venv" / "bin" / "faust"
-MINUTE = 60_000
 DAY = 86_400_000
 GEN_EXCHANGES = ["exchange1", "exchange2", "exchange3"]  # the test generator's exchanges
 
 
-def say(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def pct(xs: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    s = sorted(xs)
-    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
-    return s[k]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dsn_with_db(dsn: str, db: str) -> str:
-    return urlunparse(urlparse(dsn)._replace(path="/" + db))
-
-
 def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-async def sql_exec(dsn: str, sql: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-async def delete_topics(settings: Settings, prefix: str) -> str:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.broker.bootstrap_servers)
-    await admin.start()
-    try:
-        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        if not names:
-            return "no topics"
-        await admin.delete_topics(names)
-        left = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        return f"deleted {len(names) - len(left)}/{len(names)} topics" + (
-            f" (broker kept {left})" if left else "")
-    finally:
-        await admin.close()
-
-
-# ----------------------------------------------------------------------------- worker
-
-
-class Worker:
-    def __init__(self, env: dict[str, str], log_path: Path, web_port: int) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.base = f"http://127.0.0.1:{web_port}"
-        self.proc: subprocess.Popen | None = None
-        self.ps: psutil.Process | None = None
-
-    def start(self) -> int:
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen([str(FAUST), "-A", "app", "worker", "-l", "warn"],
-                                     cwd=REPO, env=self.env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-        self.ps = psutil.Process(self.proc.pid)
-        return self.proc.pid
-
-    def check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def ready_in_log(self) -> bool:
-        try:
-            text = self.log_path.read_bytes()
-        except OSError:
-            return False
-        return b" OK ^" in text or b"Worker]: Ready" in text
-
-    def cpu_s(self) -> float:
-        assert self.ps is not None
-        t = self.ps.cpu_times()
-        return t.user + t.system
-
-    async def wait_ready(self, http: aiohttp.ClientSession, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        healthy = False
-        while time.monotonic() < deadline:
-            self.check_alive()
-            if not healthy:
-                with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-                    async with http.get(self.base + "/health",
-                                        timeout=aiohttp.ClientTimeout(total=3)) as r:
-                        healthy = r.status == 200
-            if healthy and self.ready_in_log():
-                return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"worker not ready after {timeout_s}s:\n{self.log_tail()}")
-
-    async def metrics(self, http: aiohttp.ClientSession) -> dict[str, float]:
-        async with http.get(self.base + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
-            text = await r.text()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("marketflow_"):
-                name, _, val = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    out[name] = float(val)
-        return out
-
-    def stop(self) -> str:
-        if self.proc is None or self.proc.poll() is not None:
-            return "not running"
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-            how = f"SIGTERM, exit {self.proc.returncode}"
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            how = "SIGKILL after 15 s"
-        self._log.close()
-        return how
 
 
 # ----------------------------------------------------------------------------- bars
@@ -316,14 +190,15 @@ class LagSampler:
         self._stop = asyncio.Event()
 
     async def _ticks(self) -> float:
-        return (await self.worker.metrics(self.http)).get("marketflow_ticks_in_total", 0.0)
+        return (await self.worker.metrics(self.http, 10)).get("marketflow_ticks_in_total",
+                                                              0.0)
 
     async def run(self) -> None:
         self.ticks0, self.t0 = await self._ticks(), time.monotonic()
         while not self._stop.is_set():
             t_send = now_ms()
             with contextlib.suppress(Exception):
-                m = await self.worker.metrics(self.http)
+                m = await self.worker.metrics(self.http, 10)
                 t_recv = now_ms()
                 wms = [v for k, v in m.items() if k.startswith("marketflow_watermark_ms")]
                 if wms:
@@ -384,6 +259,7 @@ async def run(args: argparse.Namespace) -> int:
         "MARKETFLOW_TOPICS__DEAD_LETTER": f"{name}-dead-letter",
         "MARKETFLOW_TOPICS__HISTORY_REQUESTS": f"{name}-history-requests",
         "MARKETFLOW_TOPICS__PARTITIONS": str(args.partitions),
+        "MARKETFLOW_TOPICS__REPLICATION": "1",
         "MARKETFLOW_REDIS__KEY_PREFIX": name,
         "MARKETFLOW_WEB__PORT": str(web_port),
         "MARKETFLOW_DATABASE__DSN": dsn_with_db(admin_dsn, dbname),

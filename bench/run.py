@@ -7,8 +7,7 @@ Not a test: it prints figures. See ``bench/README.md``. Run from anywhere::
 
 Needs the local services (``scripts/services.sh up``). Every run is isolated: its own
 app id, topics, Redis key prefix, web port, data dir and database ``bench_<rand>``, all
-removed at the end (the broker may refuse topic deletion; Tansu keeps them in memory
-until it restarts).
+removed at the end.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import platform
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +28,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse, urlunparse
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -39,10 +36,19 @@ os.chdir(REPO)  # the worker and load_settings() read marketflow.toml from the r
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 import orjson  # noqa: E402
-import psutil  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
-from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
+from common import (  # noqa: E402  (bench/common.py)
+    MINUTE,
+    Worker,
+    delete_topics,
+    dsn_with_db,
+    free_port,
+    now_ms,
+    pct,
+    say,
+    sql_exec,
+)
 
 from app.admin import ensure_topics  # noqa: E402
 from app.config import Settings, load_settings  # noqa: E402
@@ -53,34 +59,6 @@ from tables.window import finalize_bar  # noqa: E402
 
 SAMPLE_GLOB = "binance_*_2024-08-08T2354_trades.csv"
 SAMPLE_DIR = REPO / "data" / "sample" / "trades"
-FAUST = REPO / ".venv" / "bin" / "faust"
-MINUTE = 60_000
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def say(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-def pct(xs: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    s = sorted(xs)
-    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
-    return s[k]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dsn_with_db(dsn: str, db: str) -> str:
-    u = urlparse(dsn)
-    return urlunparse(u._replace(path="/" + db))
 
 
 # ----------------------------------------------------------------------------- input data
@@ -132,6 +110,7 @@ async def produce(settings: Settings, messages: list[tuple[str, list[Tick]]]) ->
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.broker.bootstrap_servers,
         linger_ms=5, max_batch_size=1 << 20, max_request_size=8 << 20, acks="all",
+        enable_idempotence=True,
     )
     await producer.start()
     topic = settings.topics.ticks
@@ -159,117 +138,7 @@ async def _collect(futs: list, last: dict[int, int], per_part: dict[int, int]) -
     futs.clear()
 
 
-async def delete_topics(settings: Settings, prefix: str) -> str:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.broker.bootstrap_servers)
-    await admin.start()
-    try:
-        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        if not names:
-            return "no topics"
-        await admin.delete_topics(names)
-        left = [t for t in await admin.list_topics() if t.startswith(prefix)]
-        return f"deleted {len(names) - len(left)}/{len(names)} topics" + (
-            f" (broker kept {left})" if left else "")
-    finally:
-        await admin.close()
-
-
 # ----------------------------------------------------------------------------- worker
-
-
-class Worker:
-    def __init__(self, env: dict[str, str], log_path: Path, web_port: int,
-                 loglevel: str = "warn") -> None:
-        self.loglevel = loglevel
-        self.env = env
-        self.log_path = log_path
-        self.base = f"http://127.0.0.1:{web_port}"
-        self.proc: subprocess.Popen | None = None
-        self.ps: psutil.Process | None = None
-
-    def start(self) -> int:
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [str(FAUST), "-A", "app", "worker", "-l", self.loglevel],
-            cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        self.ps = psutil.Process(self.proc.pid)
-        return self.proc.pid
-
-    def check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
-
-    def ready_in_log(self) -> bool:
-        """Faust's ready report: the spinner's 'OK ^' (log level warn) or 'Ready' (info)."""
-        try:
-            text = self.log_path.read_bytes()
-        except OSError:
-            return False
-        return b" OK ^" in text or b"Worker]: Ready" in text
-
-    def mem(self) -> dict[str, int]:
-        """VmHWM / VmRSS in kB from /proc/<pid>/status."""
-        assert self.proc is not None
-        out = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                k, v = line.split(":", 1)
-                out[k] = int(v.split()[0])
-        return out
-
-    def cpu_s(self) -> float:
-        assert self.ps is not None
-        t = self.ps.cpu_times()
-        return t.user + t.system
-
-    async def wait_ready(self, http: aiohttp.ClientSession, timeout_s: float) -> float:
-        """Monotonic time of the first ``GET /health`` answering 200."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                async with http.get(self.base + "/health",
-                                    timeout=aiohttp.ClientTimeout(total=3)) as r:
-                    if r.status == 200:
-                        return time.monotonic()
-            except (TimeoutError, aiohttp.ClientError):
-                pass
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"worker not healthy after {timeout_s}s:\n{self.log_tail()}")
-
-    async def metrics(self, http: aiohttp.ClientSession) -> dict[str, float]:
-        async with http.get(self.base + "/metrics", timeout=aiohttp.ClientTimeout(total=3)) as r:
-            text = await r.text()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("marketflow_") and not line.startswith("#"):
-                name, _, val = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    out[name] = float(val)
-        return out
-
-    def stop(self) -> str:
-        if self.proc is None or self.proc.poll() is not None:
-            return "not running"
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-            how = f"SIGTERM, exit {self.proc.returncode}"
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            how = "SIGKILL after 15 s"
-        self._log.close()
-        return how
 
 
 class PySpy:
@@ -336,14 +205,6 @@ SELECT exchange, symbol, (extract(epoch FROM bucket_start) * 1000)::bigint AS b,
 FROM bars_1m WHERE bucket_start >= to_timestamp($1 / 1000.0)
   AND bucket_start < to_timestamp($2 / 1000.0)
 """
-
-
-async def sql_exec(dsn: str, sql: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 async def count_bars(conn: asyncpg.Connection, lo: int, hi: int) -> int:
@@ -459,9 +320,12 @@ class RedisWatcher:
 
 
 class BrokerProbe:
-    """Plain aiokafka consumer on the ticks topic during the latency phase, with Faust's
-    hard-coded ``fetch_max_wait_ms=1500``: ``now - ts_ms`` per live message is the
-    broker delivery floor of the tick -> Redis latency."""
+    """Plain aiokafka consumer on the ticks topic during the latency phase: ``now - ts_ms``
+    per live message is the broker delivery floor of the tick -> Redis latency.
+
+    It uses the ``fetch_max_wait_ms=1500`` that Faust's aiokafka driver hard-codes
+    (``faust/transport/drivers/aiokafka.py``), like the worker's consumer. Kafka answers a
+    fetch as soon as data arrives, so the wait only bounds fetches that find no data."""
 
     def __init__(self, settings: Settings, min_ts: int, wait_ms: int = 1500) -> None:
         self.settings = settings
@@ -501,7 +365,7 @@ async def publish_live(settings: Settings, sample: list[Tick], seconds: float, r
     """Paced live-stamped ticks. Returns (ticks, messages, first_ts, last_ts, every bar
     the pure aggregator builds from the same ticks (open ones finalized), ticks/s)."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.broker.bootstrap_servers,
-                                linger_ms=0, acks="all")
+                                linger_ms=0, acks="all", enable_idempotence=True)
     await producer.start()
     agg = WindowAggregator({}, grace_ms=settings.window.grace_ms, idle_timeout_ms=1)
     bars: list[dict] = []
@@ -619,6 +483,8 @@ async def run(args: argparse.Namespace) -> int:
         "MARKETFLOW_TOPICS__DEAD_LETTER": f"{name}-dead-letter",
         "MARKETFLOW_TOPICS__HISTORY_REQUESTS": f"{name}-history-requests",
         "MARKETFLOW_TOPICS__PARTITIONS": str(args.partitions),
+        "MARKETFLOW_TOPICS__REPLICATION": "1",
+        "MARKETFLOW_APP__PROCESSING_GUARANTEE": args.guarantee,
         "MARKETFLOW_REDIS__KEY_PREFIX": name,
         "MARKETFLOW_WEB__PORT": str(web_port),
         "MARKETFLOW_DATABASE__DSN": dsn_with_db(admin_dsn, dbname),
@@ -631,8 +497,9 @@ async def run(args: argparse.Namespace) -> int:
     fig: dict[str, Any] = {}
 
     say(f"marketflow bench {name}: {args.ticks:,} ticks, {args.partitions} partitions, "
-        f"batch span {args.batch_span_ms} ms / max {args.batch_max} ticks, "
-        f"grace {args.grace_ms} ms, idle timeout 1 s (check every 0.5 s)")
+        f"processing guarantee {settings.app.processing_guarantee}, batch span "
+        f"{args.batch_span_ms} ms / max {args.batch_max} ticks, grace {args.grace_ms} ms, "
+        f"idle timeout 1 s (check every 0.5 s)")
     say(f"machine: {os.cpu_count()} CPUs, {platform.python_implementation()} "
         f"{platform.python_version()}, {platform.platform()}")
     say(f"isolation: app id / topic prefix / redis prefix {name}, database {dbname}, "
@@ -664,6 +531,8 @@ async def run(args: argparse.Namespace) -> int:
         await sql_exec(admin_dsn, f'CREATE DATABASE "{dbname}"')
         created_db = True
 
+        # the run's topics with explicit partition counts (--partitions) and replication 1
+        # before anything publishes, so the broker's auto-creation never picks them
         await ensure_topics(settings)
         last_off, per_part, prod_s = await produce(settings, messages)
         say(f"  produced in {prod_s:.2f} s ({args.ticks / prod_s:,.0f} ticks/s); ticks per "
@@ -677,7 +546,7 @@ async def run(args: argparse.Namespace) -> int:
         cleanup.append("http")
         t_launch = time.monotonic()
         pid = worker.start()
-        t_health = await worker.wait_ready(http, 120)
+        t_health = await worker.wait_healthy(http, 120)
         cpu_health = worker.cpu_s()
         cpu_first = cpu_consumed = 0.0
         spy = PySpy(pid, Path(args.profile)) if args.profile else None
@@ -903,8 +772,7 @@ async def run(args: argparse.Namespace) -> int:
         try:
             say(f"  broker: {await delete_topics(settings, name)}")
         except Exception as exc:  # noqa: BLE001
-            say(f"  broker: topic deletion failed ({type(exc).__name__}: {exc}); Tansu keeps "
-                f"them in memory until it restarts")
+            say(f"  broker: topic deletion failed ({type(exc).__name__}: {exc})")
         if args.keep_log:
             say(f"  worker log kept: {workdir / 'worker.log'}")
             shutil.rmtree(workdir / "faust", ignore_errors=True)
@@ -917,6 +785,7 @@ async def run(args: argparse.Namespace) -> int:
         ("ticks pre-produced", f"{args.ticks:,} ({fig['messages']:,} messages, "
                                f"{fig['ticks_per_msg']:.0f} ticks/message mean)"),
         ("partitions", str(args.partitions)),
+        ("processing guarantee", settings.app.processing_guarantee),
         ("batching", f"batch_ticks span {args.batch_span_ms} ms, max {args.batch_max} ticks; "
                      f"grace {args.grace_ms} ms"),
         ("worker /health 200 / ready after launch",
@@ -977,6 +846,10 @@ def main() -> int:
     ap.add_argument("--batch-span-ms", type=int, default=5000)
     ap.add_argument("--batch-max", type=int, default=2000)
     ap.add_argument("--grace-ms", type=int, default=10_000)
+    ap.add_argument("--guarantee", default="at_least_once",
+                    choices=["at_least_once", "exactly_once"],
+                    help="the worker's app.processing_guarantee (exactly_once: Kafka "
+                         "transactions), passed as MARKETFLOW_APP__PROCESSING_GUARANTEE")
     ap.add_argument("--keep-log", action="store_true", help="keep the worker log in /tmp")
     ap.add_argument("--worker-loglevel", default="warn",
                     choices=["crit", "error", "warn", "info", "debug"])

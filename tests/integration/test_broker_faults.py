@@ -153,7 +153,7 @@ async def _ingest(stack: Stack) -> dict[str, Any]:
 
 async def test_broker_down_60s_under_live_feeds(private_kafka: PrivateKafka,
                                                 stack: Stack) -> None:
-    """Three exchange feeds at 500 lines/s each; the broker is stopped for 60 s. The
+    """Three exchange feeds at 1,500 lines/s each; the broker is stopped for 60 s. The
     publisher holds at most ``feeds.max_buffered_ticks``, then the feeds stop reading
     (back-pressure), the exchange programs drop the connections that stopped reading, and
     the worker's memory stays bounded; nothing crashes. When the broker is back, ingest
@@ -162,7 +162,7 @@ async def test_broker_down_60s_under_live_feeds(private_kafka: PrivateKafka,
     that reached the topic."""
     use_broker(stack, private_kafka)
     max_buffered = 3_000
-    await stack.emulators(3, "--rate", "100", "--max-client-buffer", "65536",
+    await stack.emulators(3, "--rate", "300", "--max-client-buffer", "65536",
                          "--sndbuf", "65536")
     w = stack.worker(MARKETFLOW_FEEDS__MAX_BUFFERED_TICKS=str(max_buffered),
                      MARKETFLOW_WINDOW__GRACE_MS="2000").start()
