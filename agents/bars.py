@@ -27,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
 import orjson
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from faust.exceptions import ConsumerNotStarted
-from faust.types import EventT, StreamT
+from faust.types import TP, EventT, StreamT
 
 from app import settings
 from app.errors import InvalidTick
@@ -46,6 +48,7 @@ from app.metrics import (
     DUPLICATE_TICKS,
     DUPLICATE_TRADES,
     LATE_TICKS,
+    SKIPPED_RECOVERED,
     TICKS_APPLIED,
     TICKS_IN,
     WATERMARK_MS,
@@ -66,7 +69,8 @@ from tables.bars import window_state
 from tables.price_stats import per_second
 from tables.window import finalize_bar
 
-__all__ = ["LAG_INTERVAL_S", "aggregate_ticks", "aggregator", "consumer_lag", "idle_check"]
+__all__ = ["LAG_INTERVAL_S", "SkippedMessages", "aggregate_ticks", "aggregator", "consumer_lag",
+           "idle_check", "skipped"]
 
 log = logging.getLogger(__name__)
 
@@ -192,13 +196,122 @@ async def handle_event(event: EventT) -> list[Any]:
             for key in res.dirty]
 
 
-async def _ack_in_order(stream: StreamT, queue: asyncio.Queue[tuple[EventT, list[Any]]]
-                        ) -> None:
+@dataclass(frozen=True)
+class _Message:
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class _FetchedEvent:
+    """A ``ticks`` record read by :class:`SkippedMessages`, shaped like the part of a Faust
+    event :func:`handle_event` uses."""
+
+    key: bytes | None
+    value: bytes
+    message: _Message
+
+
+class SkippedMessages:
+    """Reads back ``ticks`` messages the agent's stream never delivered.
+
+    Faust's stream silently skips a message that reaches it while its flow control is
+    suspended (``faust/streams.py``: "Skipping message ... flow_control.is_active");
+    normally a seek back to the committed offset follows and the message comes again, but
+    seen here (a worker starting while the replay published) four consecutive messages of
+    a partition were skipped with no seek, and their ticks were missing from the bars. The
+    agent therefore checks that the offsets it receives on a partition are consecutive;
+    on a jump it reads the missing offsets itself with this plain consumer
+    (``read_committed``: transaction markers, which also leave offset gaps, have no
+    record) and handles them before the message after the gap. They were never tracked by
+    Faust, so their offsets are then marked as a consumer gap (Faust's ``_add_gap``, the
+    mechanism it uses for offsets without records) to let commits move past them.
+
+    Raises (from :meth:`fetch`):
+        aiokafka.errors.KafkaError: the broker failed; the agent crashes rather than lose
+            the messages.
+    """
+
+    TIMEOUT_S = 30.0
+
+    def __init__(self, bootstrap_servers: list[str], topic: str) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def fetch(self, partition: int, start: int, end: int) -> list[_FetchedEvent]:
+        """Records of ``partition`` with ``start <= offset < end``, in offset order."""
+        if self._consumer is None:
+            self._consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
+                isolation_level="read_committed", auto_offset_reset="earliest")
+            await self._consumer.start()
+        cons = self._consumer
+        tp = TopicPartition(self.topic, partition)
+        cons.assign([tp])
+        cons.seek(tp, start)
+        out: list[_FetchedEvent] = []
+        deadline = time.monotonic() + self.TIMEOUT_S
+        while await cons.position(tp) < end:
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(
+                    f"{self.topic}[{partition}] offsets {start}..{end - 1} not readable "
+                    f"within {self.TIMEOUT_S:g} s")
+            got = await cons.getmany(tp, timeout_ms=1000, max_records=end - start)
+            out += [_FetchedEvent(r.key, r.value, _Message(self.topic, partition, r.offset))
+                    for r in got.get(tp, ()) if r.offset < end]
+        return out
+
+    async def close(self) -> None:
+        """Stop the consumer (idempotent)."""
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+
+skipped = SkippedMessages(settings.broker.bootstrap_servers, settings.topics.ticks)
+app.before_stop(skipped.close)
+#: partition -> offset of the last ``ticks`` message handled in this assignment
+_last_offset: dict[int, int] = {}
+
+
+async def _handle_gap(p: int, start: int, end: int,
+                      queue: asyncio.Queue[_AckItem]) -> None:
+    """Handle the messages ``start..end-1`` of partition ``p`` the stream skipped."""
+    events = await skipped.fetch(p, start, end)
+    if events:
+        SKIPPED_RECOVERED.inc(len(events))
+        log.warning("partition %d: the stream skipped offsets %d..%d; %d message(s) read "
+                    "back and handled", p, start, end - 1, len(events),
+                    extra={"partition": p, "offset_from": start, "offset_to": end - 1})
+    for ev in events:
+        await queue.put((None, await handle_event(cast(EventT, ev))))
+    await queue.put((_Gap(p, start, end - 1), []))
+
+
+@dataclass(frozen=True)
+class _Gap:
+    """Offsets ``first..last`` of a ``ticks`` partition handled outside the stream."""
+
+    partition: int
+    first: int
+    last: int
+
+
+_AckItem = tuple["EventT | _Gap | None", list[Any]]
+
+
+async def _ack_in_order(stream: StreamT, queue: asyncio.Queue[_AckItem]) -> None:
     while True:
         event, futs = await queue.get()
         if futs:
             await asyncio.gather(*futs)  # a failed changelog write raises: never acked
-        await stream.ack(event)
+        if isinstance(event, _Gap):  # read-back messages durable: commits may pass them
+            await cast(Any, app.consumer)._add_gap(
+                TP(settings.topics.ticks, event.partition), event.first, event.last)
+        elif event is not None:  # None: a read-back message, not tracked by Faust
+            await stream.ack(event)
 
 
 @app.agent(ticks_topic)
@@ -207,14 +320,21 @@ async def aggregate_ticks(stream: StreamT) -> None:
 
     Acks are manual: :func:`_ack_in_order` acks each message once its changelog writes
     are durable, in arrival order (a bounded queue: back-pressure if the broker lags).
+    A jump in a partition's offsets is filled first (:class:`SkippedMessages`).
     """
     manual = cast(faust.Stream, stream).noack()
-    queue: asyncio.Queue[tuple[EventT, list[Any]]] = asyncio.Queue(maxsize=10_000)
+    queue: asyncio.Queue[_AckItem] = asyncio.Queue(maxsize=10_000)
     acker = asyncio.ensure_future(_ack_in_order(manual, queue))
     try:
         async for event in manual.events():
             if acker.done():
                 acker.result()  # re-raise the changelog failure: crash, do not ack
+            p, off = event.message.partition, event.message.offset
+            last = _last_offset.get(p)
+            if last is not None and off > last + 1:
+                await _handle_gap(p, last + 1, off, queue)
+            if last is None or off > last:
+                _last_offset[p] = off
             await queue.put((event, await handle_event(event)))
     finally:
         acker.cancel()
@@ -235,11 +355,13 @@ async def idle_check() -> None:
 @app.on_partitions_revoked.connect
 def _on_revoked(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
     aggregator.reset()
+    _last_offset.clear()
 
 
 @app.on_partitions_assigned.connect
 def _on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
     aggregator.reset()
+    _last_offset.clear()
 
 
 # ---- consumer lag (marketflow_consumer_lag{topic,partition}, see app/metrics.py)

@@ -121,3 +121,13 @@ DUPLICATE_TRADES = Counter(
     "Ticks skipped because their window already has their (exchange, symbol, trade_id)",
 )
 
+
+# ---- stream integrity (agents/bars.py)
+
+__all__ += ["SKIPPED_RECOVERED"]
+
+SKIPPED_RECOVERED = Counter(
+    "marketflow_skipped_messages_recovered_total",
+    "ticks messages the Faust stream skipped (an offset jump) that the agent read back "
+    "and handled",
+)
