@@ -194,19 +194,22 @@ detect_debian_mirror() {
 # Apache Kafka in KRaft mode (combined broker + controller per node), its jars resolved from Maven
 # Central with mvn (scripts/kafka/pom.xml) into $CACHE/kafka-$KAFKA_VERSION, run on Java 17.
 # MF_KAFKA_NODES=3 starts a 3-node cluster instead of the single node: node i (1..N) serves clients
-# on MF_BROKER_PORT+i-1 and its controller on MF_CONTROLLER_PORT+i-1; with N >= 3 topics default to
-# replication 3 and min.insync.replicas 2. Each node's log dir is formatted once; data survives a
-# restart.
+# on MF_BROKER_PORT+i-1 and its controller on MF_CONTROLLER_PORT+i-1, state in $VAR/kafka-cluster;
+# with N >= 3 topics default to replication 3 and min.insync.replicas 2. Each node's log dir is
+# formatted once; data survives a restart.
 
 KAFKA_LIB=$CACHE/kafka-$KAFKA_VERSION
-KAFKA_DIR=$VAR/kafka
+# A cluster keeps its state apart from the single node's (its own log dirs and cluster id).
+KAFKA_TAG=""
+[[ $KAFKA_NODES == 1 ]] || KAFKA_TAG="-cluster"
+KAFKA_DIR=$VAR/kafka$KAFKA_TAG
 KAFKA_LOG4J=$REPO/scripts/kafka/log4j2.xml
 
 kafka_port() { echo $((BROKER_PORT + $1 - 1)); }
 kafka_ctl_port() { echo $((CONTROLLER_PORT + $1 - 1)); }
 kafka_props() { echo "$KAFKA_DIR/node-$1/server.properties"; }
-kafka_pidfile() { echo "$VAR/run/kafka-$1.pid"; }
-kafka_log() { echo "$VAR/log/kafka-$1.log"; }
+kafka_pidfile() { echo "$VAR/run/kafka$KAFKA_TAG-$1.pid"; }
+kafka_log() { echo "$VAR/log/kafka$KAFKA_TAG-$1.log"; }
 
 # Java >= 17 (Kafka 4 brokers need it) and Maven, from Debian when missing.
 ensure_java_maven() {

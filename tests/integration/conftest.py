@@ -317,7 +317,9 @@ class PrivateKafka:
         return await self._services("down", "broker")
 
     def pid(self, node: int = 1) -> int:
-        return int((self.tmp / "run" / f"kafka-{node}.pid").read_text().split()[0])
+        """Pid of node ``node`` (the pid files ``scripts/services.sh`` writes)."""
+        tag = "" if self.nodes == 1 else "-cluster"
+        return int((self.tmp / "run" / f"kafka{tag}-{node}.pid").read_text().split()[0])
 
     def kill_all(self) -> None:
         """SIGKILL every node still running (teardown: the data is thrown away)."""

@@ -1,4 +1,4 @@
-"""End to end on real trades: replay -> Tansu -> worker -> TimescaleDB / Redis / topics
+"""End to end on real trades: replay -> Kafka -> worker -> TimescaleDB / Redis / topics
 -> HTTP views, with malformed ticks mixed in."""
 
 from __future__ import annotations
