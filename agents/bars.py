@@ -320,21 +320,25 @@ async def aggregate_ticks(stream: StreamT) -> None:
 
     Acks are manual: :func:`_ack_in_order` acks each message once its changelog writes
     are durable, in arrival order (a bounded queue: back-pressure if the broker lags).
-    A jump in a partition's offsets is filled first (:class:`SkippedMessages`).
+    A jump in a partition's offsets is filled first (:class:`SkippedMessages`; at least
+    once only: with ``exactly_once`` transaction markers make jumps normal).
     """
     manual = cast(faust.Stream, stream).noack()
+    # with transactions, commit markers leave offset gaps of their own in ``ticks``
+    check_gaps = settings.app.processing_guarantee == "at_least_once"
     queue: asyncio.Queue[_AckItem] = asyncio.Queue(maxsize=10_000)
     acker = asyncio.ensure_future(_ack_in_order(manual, queue))
     try:
         async for event in manual.events():
             if acker.done():
                 acker.result()  # re-raise the changelog failure: crash, do not ack
-            p, off = event.message.partition, event.message.offset
-            last = _last_offset.get(p)
-            if last is not None and off > last + 1:
-                await _handle_gap(p, last + 1, off, queue)
-            if last is None or off > last:
-                _last_offset[p] = off
+            if check_gaps:
+                p, off = event.message.partition, event.message.offset
+                last = _last_offset.get(p)
+                if last is not None and off > last + 1:
+                    await _handle_gap(p, last + 1, off, queue)
+                if last is None or off > last:
+                    _last_offset[p] = off
             await queue.put((event, await handle_event(event)))
     finally:
         acker.cancel()
