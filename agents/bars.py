@@ -83,6 +83,10 @@ aggregator = WindowAggregator(
     size_ms=settings.window.size_ms,
     late_policy=settings.window.late_policy,
     correction_horizon_ms=settings.window.correction_horizon_ms,
+    # exactly_once: an idle check is readable only once its transaction commits
+    stall_after_ms=int(settings.window.idle_timeout_s * 1000) + (
+        int(app.conf.broker_commit_interval * 1000)
+        if settings.app.processing_guarantee == "exactly_once" else 0),
 )
 
 

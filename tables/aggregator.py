@@ -116,6 +116,10 @@ class WindowAggregator:
         late_policy: ``"dead_letter"`` or ``"correct"`` (module docstring).
         correction_horizon_ms: with ``"correct"``, how long (event time, behind the
             watermark) a closed window accepts corrections.
+        stall_after_ms: an idle check delivered this late says the pipeline stalled
+            (:meth:`process_idle`); default ``idle_timeout_ms``. With transactions add the
+            commit interval: an idle check becomes readable only when its transaction
+            commits.
 
     Raises:
         ConfigError: unknown ``late_policy`` or negative ``correction_horizon_ms``.
@@ -129,6 +133,7 @@ class WindowAggregator:
         size_ms: int = WINDOW_MS,
         late_policy: str = "dead_letter",
         correction_horizon_ms: int = 600_000,
+        stall_after_ms: int | None = None,
     ) -> None:
         if late_policy not in LATE_POLICIES:
             raise ConfigError(f"late_policy must be one of {LATE_POLICIES}, got {late_policy!r}")
@@ -137,6 +142,7 @@ class WindowAggregator:
         self.store = store
         self.grace_ms = grace_ms
         self.idle_timeout_ms = idle_timeout_ms
+        self.stall_after_ms = idle_timeout_ms if stall_after_ms is None else stall_after_ms
         self.size_ms = size_ms
         self.late_policy = late_policy
         self.correction_horizon_ms = correction_horizon_ms
@@ -327,8 +333,9 @@ class WindowAggregator:
                      received_wall_ms: int | None = None) -> BatchResult:
         """Close finished windows of keys on ``partition`` that have gone idle.
 
-        An idle check that reaches the agent ``idle_timeout_ms`` or more after it was
-        written says the pipeline itself stalled (broker unreachable, consumer behind):
+        An idle check that reaches the agent ``stall_after_ms`` (by default
+        ``idle_timeout_ms``) or more after it was written says the pipeline itself
+        stalled (broker unreachable, consumer behind):
         ticks written during the stall may still be on their way, behind it in the
         partition. Such a check closes nothing; it restarts the idle clock of every key of
         the partition with open windows at ``received_wall_ms`` instead (``seen_ms``), so
@@ -347,7 +354,7 @@ class WindowAggregator:
         """
         res = BatchResult()
         if (received_wall_ms is not None
-                and received_wall_ms - now_wall_ms >= self.idle_timeout_ms):
+                and received_wall_ms - now_wall_ms >= self.stall_after_ms):
             for key, st, _ in list(self._idle_candidates(partition, received_wall_ms)):
                 if st["seen_ms"] < received_wall_ms:
                     st["seen_ms"] = received_wall_ms
