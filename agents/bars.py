@@ -220,11 +220,11 @@ class _FetchedEvent:
 class SkippedMessages:
     """Reads back ``ticks`` messages the agent's stream never delivered.
 
-    Faust's stream silently skips a message that reaches it while its flow control is
-    suspended (``faust/streams.py``: "Skipping message ... flow_control.is_active");
-    normally a seek back to the committed offset follows and the message comes again, but
-    seen here (a worker starting while the replay published) four consecutive messages of
-    a partition were skipped with no seek, and their ticks were missing from the bars. The
+    Seen here (a worker starting while the replay published): four consecutive messages of
+    a partition never reached the agent and their ticks were missing from the bars, with
+    no seek back to re-deliver them. The likely path (not reproduced on purpose): Faust's
+    stream silently skips a message that reaches it while its flow control is suspended
+    (``faust/streams.py``: "Skipping message ... flow_control.is_active"). The
     agent therefore checks that the offsets it receives on a partition are consecutive;
     on a jump it reads the missing offsets itself with this plain consumer
     (``read_committed``: transaction markers, which also leave offset gaps, have no
