@@ -38,9 +38,11 @@ from faust.exceptions import ConsumerNotStarted
 from faust.types import TP, EventT, StreamT
 
 from app import settings
-from app.errors import InvalidTick
 from app.faust_app import app
-from app.metrics import (
+from app.services import latest_prices
+from app.topics import bars_topic, dead_letter_topic, ticks_topic
+from core.errors import InvalidTick
+from core.metrics import (
     BARS_CLOSED,
     CONSUMER_LAG,
     CORRECTIONS,
@@ -53,7 +55,7 @@ from app.metrics import (
     TICKS_IN,
     WATERMARK_MS,
 )
-from app.models import (
+from core.models import (
     CONTROL_IDLE_CHECK,
     Tick,
     control_message,
@@ -62,11 +64,9 @@ from app.models import (
     parse_tick,
     tick_to_json,
 )
-from app.services import latest_prices
-from app.topics import bars_topic, dead_letter_topic, ticks_topic
+from query.price_stats import per_second
 from tables.aggregator import BatchResult, WindowAggregator
 from tables.bars import window_state
-from tables.price_stats import per_second
 from tables.window import finalize_bar
 
 __all__ = ["LAG_INTERVAL_S", "SkippedMessages", "aggregate_ticks", "aggregator", "consumer_lag",
@@ -372,7 +372,7 @@ def _on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None
     _last_offset.clear()
 
 
-# ---- consumer lag (marketflow_consumer_lag{topic,partition}, see app/metrics.py)
+# ---- consumer lag (marketflow_consumer_lag{topic,partition}, see core/metrics.py)
 
 #: interval of the consumer-lag gauge update, seconds
 LAG_INTERVAL_S = 5.0

@@ -6,7 +6,7 @@
 2. The **coordinator** agent (:func:`coordinate`, keyed by ``exchange:symbol``) creates a
    **dynamic topic** ``<history.topic_prefix>.<exchange>.<symbol>.<request hash>`` (one
    partition; names sanitised to ``[A-Za-z0-9._-]``), and a fetch task pages the REST
-   source (:mod:`feeds.history`) into it: one message per page
+   source (:mod:`feeds.history.rest`) into it: one message per page
    ``{"request_id", "source", "bars": [...]}``, then an end marker
    ``{"control": "end", "request_id", "bars": n, "error": null|"..."}``.
 3. The **writer** (:class:`HistoryWriter`) consumes every dynamic topic through a
@@ -43,11 +43,11 @@ from mode import Service
 from redis.exceptions import RedisError, WatchError
 
 from app import settings
-from app.admin import create_topic, delete_topics
-from app.errors import HistoryError
 from app.faust_app import app
 from app.services import database, latest_prices, ohlcv_cache
 from app.topics import history_requests_topic
+from core.admin import create_topic, delete_topics
+from core.errors import HistoryError
 from sql.bars_1m import upsert_fetched_bars
 
 __all__ = ["REQUEST_TTL_S", "STALE_REQUEST_MS", "ActorStatus", "HistoryWriter", "ask", "coordinate",
@@ -217,7 +217,7 @@ async def coordinate(stream: Any) -> None:
 
 
 async def _fetch(req_id: str, exchange: str, symbol: str, start_ms: int, end_ms: int) -> None:
-    from feeds.history import make_history_client
+    from feeds.history.rest import make_history_client
 
     h = settings.history
     topic = dynamic_topic_name(h.topic_prefix, exchange, symbol, req_id)

@@ -11,8 +11,8 @@ written (or retried) plus one filling up; when the filling batch is full the age
 for the write, so Faust stops fetching once its stream buffer is full and the remaining
 closed bars stay in the broker (nothing is dropped). ``marketflow_sink_pending_bars``
 shows the bars held.
-After a commit that holds bars older than :func:`app.ohlcv_cache.stale_write_ms`, the
-symbols' cached ``/ohlcv`` ranges are invalidated (:mod:`app.ohlcv_cache`).
+After a commit that holds bars older than :func:`stores.ohlcv_cache.stale_write_ms`, the
+symbols' cached ``/ohlcv`` ranges are invalidated (:mod:`stores.ohlcv_cache`).
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from mode import Service
 from prometheus_client import Gauge
 
 from app import settings
-from app.db import Database
 from app.faust_app import app
-from app.metrics import BARS_WRITTEN, FLUSH_SECONDS, SINK_ERRORS, SINK_RETRIES
-from app.ohlcv_cache import stale_write_ms
 from app.services import database, ohlcv_cache
 from app.topics import bars_topic
+from core.metrics import BARS_WRITTEN, FLUSH_SECONDS, SINK_ERRORS, SINK_RETRIES
 from sql.bars_1m import upsert_bars
+from sql.pool import Database
+from stores.ohlcv_cache import stale_write_ms
 
 __all__ = ["PENDING_BARS", "BarSinkService", "BarWriter", "flush_bars",
            "flush_bars_at_shutdown", "persist_bars", "writer"]

@@ -1,9 +1,9 @@
 """marketflow's Faust application: ``faust -A app worker``.
 
 The package attributes are created on first access (PEP 562), so the pure modules
-(:mod:`app.models`, :mod:`app.config`, :mod:`app.errors`) import without side effects:
+(:mod:`core.models`, :mod:`core.config`, :mod:`core.errors`) import without side effects:
 
-* ``app.settings`` — the validated :class:`app.config.Settings`; invalid configuration
+* ``app.settings`` — the validated :class:`core.config.Settings`; invalid configuration
   prints the problems and exits with status 2;
 * ``app.app`` — the :class:`faust.App`, with every topic, table, agent, view and CLI
   command registered.
@@ -19,8 +19,8 @@ __all__ = ["app", "settings"]
 
 
 def _load_settings() -> Any:
-    from app.config import load_settings
-    from app.errors import ConfigError
+    from core.config import load_settings
+    from core.errors import ConfigError
 
     try:
         return load_settings()

@@ -9,8 +9,8 @@ import asyncpg
 from faust.cli import argument, option
 
 from app import settings
-from app.errors import QueryError, ReplayError
 from app.faust_app import app
+from core.errors import QueryError, ReplayError
 
 __all__ = ["create_topics", "migrate", "replay"]
 
@@ -54,7 +54,7 @@ async def replay(self: Any, files: tuple[str, ...], speed: float, rebase_now: bo
 
     Exits 0 when the replay finished or was stopped, 2 on bad arguments or input.
     """
-    from feeds.replay import (
+    from feeds.replay.simulator import (
         FileSource,
         TickSource,
         load_bar_source,
@@ -117,7 +117,7 @@ async def migrate(self: Any) -> None:
 @app.command(name="create-topics")
 async def create_topics(self: Any) -> None:
     """Create the ticks, closed-bars and dead-letter topics with their partition counts."""
-    from app.admin import ensure_topics
+    from core.admin import ensure_topics
 
     await ensure_topics(settings)
     self.say(f"topics ready: {settings.topics.ticks}, {settings.topics.bars}, "

@@ -1,4 +1,4 @@
-"""Builds the :class:`faust.App` from :mod:`app.config`."""
+"""Builds the :class:`faust.App` from :mod:`core.config`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import faust
 from aiokafka.errors import KafkaConnectionError
 
-from app.config import Settings
+from core.config import Settings
 
 __all__ = ["MarketflowApp", "app", "faust_options", "json_logging_config"]
 
@@ -95,8 +95,8 @@ class MarketflowApp(faust.App):
             ConfigError: the broker stayed unreachable (the worker exits non-zero).
         """
         from app import settings
-        from app.admin import ensure_topics
-        from app.errors import ConfigError
+        from core.admin import ensure_topics
+        from core.errors import ConfigError
 
         await super().on_first_start()
         deadline = time.monotonic() + settings.broker.connect_timeout_s

@@ -1,4 +1,4 @@
-"""CLI commands for historical data: ``faust -A app backfill`` (see :mod:`feeds.backfill`).
+"""CLI commands for historical data: ``faust -A app backfill`` (see :mod:`feeds.history.backfill`).
 
 Usage::
 
@@ -19,8 +19,8 @@ import asyncpg
 from faust.cli import option
 
 from app import settings
-from app.errors import HistoryError, QueryError
 from app.faust_app import app
+from core.errors import HistoryError, QueryError
 
 __all__ = ["backfill", "format_progress"]
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 def format_progress(p: Any) -> str:
-    """One terminal line for a :class:`feeds.backfill.BackfillProgress`."""
+    """One terminal line for a :class:`feeds.history.backfill.BackfillProgress`."""
     from views.params import iso_ms
 
     pos = "start" if p.next_to_ms is None else iso_ms(p.next_to_ms)
@@ -57,10 +57,10 @@ async def backfill(self: Any, symbols: tuple[str, ...], exchanges: tuple[str, ..
                    from_: str, to: str, source: str | None, overwrite_own: bool | None,
                    force: bool) -> None:
     """Fetch historical 1-minute bars from a REST source into bars_1m (resumable)."""
-    from app.ohlcv_cache import OhlcvCache
-    from feeds.backfill import BackfillProgress, run_backfill
-    from feeds.history import make_history_client, split_symbol
+    from feeds.history.backfill import BackfillProgress, run_backfill
+    from feeds.history.rest import make_history_client, split_symbol
     from sql.migrate import apply_migrations
+    from stores.ohlcv_cache import OhlcvCache
     from views.params import parse_name, parse_time_ms
 
     def fail(msg: str) -> NoReturn:

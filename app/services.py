@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from app import settings
-from app.db import Database
 from app.faust_app import app
-from app.latest import LatestPrices
-from app.ohlcv_cache import OhlcvCache
 from app.topics import dead_letter_topic, ticks_topic
-from feeds.gaps import GapService
-from feeds.ingest import IngestManager, TickPublisher
+from feeds.history.gaps import GapService
+from feeds.live.manager import IngestManager, TickPublisher
+from sql.pool import Database
+from stores.latest import LatestPrices
+from stores.ohlcv_cache import OhlcvCache
 
 __all__ = ["database", "gaps", "ingest", "latest_prices", "ohlcv_cache", "publisher"]
 
@@ -34,7 +34,7 @@ app.service(latest_prices)  # type: ignore[arg-type]
 app.service(ohlcv_cache)  # type: ignore[arg-type]
 
 
-# ---- ingest (feeds -> ticks topic), leader only; see feeds/ingest.py
+# ---- ingest (feeds -> ticks topic), leader only; see feeds/live/manager.py
 
 
 async def _send_tick(key: bytes | None, value: bytes) -> Any:
@@ -50,7 +50,7 @@ publisher = TickPublisher(_send_tick, _send_dead, settings.feeds.max_buffered_ti
 ingest = IngestManager(settings, publisher, latest_prices.client, app.is_leader)
 app.service(ingest)  # type: ignore[arg-type]
 gaps = GapService(settings, database, ingest, app.is_leader, latest_prices.client,
-                  ohlcv_cache.invalidate)  # feeds/gaps.py: outages, scan, repair
+                  ohlcv_cache.invalidate)  # feeds/history/gaps.py: outages, scan, repair
 app.service(gaps)  # type: ignore[arg-type]
 
 

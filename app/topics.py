@@ -1,11 +1,11 @@
 """Every topic marketflow uses, declared once.
 
 * ``ticks`` — key ``"<exchange>:<symbol>"``, value one tick or a JSON array of ticks of
-  that key (schema in :mod:`app.models`).
+  that key (schema in :mod:`core.models`).
 * closed bars (``bars-1m``) — key ``"<exchange>:<symbol>"``, value one closed bar (schema
   in :func:`tables.window.finalize_bar` and the README).
 * dead letter — key ``"<exchange>:<symbol>"`` when known, value
-  :func:`app.models.dead_letter_message`.
+  :func:`core.models.dead_letter_message`.
 * history requests (``history-requests``) — key ``"<exchange>:<symbol>"``, value
   ``{"request_id", "exchange", "symbol", "start_ms", "end_ms"}``: on-demand fetches for
   the coordinator (:mod:`agents.history`).

@@ -54,7 +54,7 @@ from common import (  # noqa: E402  (bench/common.py)
     sql_exec,
 )
 
-from app.config import load_settings  # noqa: E402
+from core.config import load_settings  # noqa: E402
 
 DAY = 86_400_000
 GEN_EXCHANGES = ["exchange1", "exchange2", "exchange3"]  # the test generator's exchanges

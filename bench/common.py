@@ -28,7 +28,7 @@ import psutil  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
 from aiokafka.errors import for_code  # noqa: E402
 
-from app.config import Settings  # noqa: E402
+from core.config import Settings  # noqa: E402
 
 FAUST = REPO / ".venv" / "bin" / "faust"
 MINUTE = 60_000

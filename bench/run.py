@@ -50,10 +50,10 @@ from common import (  # noqa: E402  (bench/common.py)
     sql_exec,
 )
 
-from app.admin import ensure_topics  # noqa: E402
-from app.config import Settings, load_settings  # noqa: E402
-from app.models import Tick, parse_tick, tick_to_json  # noqa: E402
-from feeds.replay import batch_ticks, merge_by_time, read_trades  # noqa: E402
+from core.admin import ensure_topics  # noqa: E402
+from core.config import Settings, load_settings  # noqa: E402
+from core.models import Tick, parse_tick, tick_to_json  # noqa: E402
+from feeds.replay.simulator import batch_ticks, merge_by_time, read_trades  # noqa: E402
 from tables.aggregator import WindowAggregator  # noqa: E402
 from tables.window import finalize_bar  # noqa: E402
 

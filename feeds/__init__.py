@@ -1,2 +1,2 @@
 """Inputs that publish ticks to the ``ticks`` topic (replay of recorded trades; live
-exchange feeds come later). Each adapter yields :class:`app.models.Tick`."""
+exchange feeds come later). Each adapter yields :class:`core.models.Tick`."""

@@ -274,7 +274,7 @@ async def fetch_rollup_json(
 async def price_stats(conn: asyncpg.Connection, symbol: str, exchange: str | None,
                       start_ms: int, end_ms: int) -> list[float] | None:
     """``[low, high, price_sum, count]`` over the 1-minute bars starting in
-    ``[start_ms, end_ms)`` (the per-second aggregate shape of :mod:`tables.price_stats`),
+    ``[start_ms, end_ms)`` (the per-second aggregate shape of :mod:`query.price_stats`),
     None when there are none."""
     r = await conn.fetchrow(_STATS, symbol, exchange, _ts(start_ms), _ts(end_ms))
     if r is None or not r["n"]:

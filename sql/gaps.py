@@ -4,7 +4,7 @@ parameters only).
 A gap is ``[start_ms, end_ms)`` (UTC epoch ms, minute-aligned) of one ``(exchange,
 symbol)`` without bars while the pair was active; its ``cause`` is ``feed_outage`` (from the
 feeds' connection state) or ``scan`` (found in the stored bars), its ``state`` ``open`` ->
-``repairing`` -> ``repaired`` | ``unrepairable`` (see :mod:`feeds.gaps`).
+``repairing`` -> ``repaired`` | ``unrepairable`` (see :mod:`feeds.history.gaps`).
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ async def missing_minutes(conn: asyncpg.Connection, start_ms: int, end_ms: int,
 
     A pair is active when it has a bar in the horizon; a hole is a run of minutes between
     two of its bars without a row. Whether a hole is a gap or a quiet market is decided by
-    the caller (:func:`feeds.gaps.select_scan_holes`).
+    the caller (:func:`feeds.history.gaps.select_scan_holes`).
 
     Args:
         conn: connection.

@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from app.errors import ConfigError
-from app.models import Tick
+from core.errors import ConfigError
+from core.models import Tick
 from tables.window import (
     WINDOW_MS,
     Bar,

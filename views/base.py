@@ -11,7 +11,7 @@ with ``self.ok(body)``.
 
 What :meth:`ApiView.dispatch` adds to Faust's ``View``:
 
-* **Access control** (:mod:`app.auth`) on every path except ``/health``: with
+* **Access control** (:mod:`views.auth`) on every path except ``/health``: with
   ``auth.enabled`` a missing/invalid bearer token gets 401 with
   ``WWW-Authenticate: Bearer ...``; with ``auth.rate_limit_per_s`` > 0 a client over its
   limit gets 429 with ``Retry-After: <seconds>``. The client id is kept in
@@ -38,8 +38,9 @@ import orjson
 from faust.web import Request, Response, View
 from faust.web.exceptions import WebError
 
-from app.auth import AccessDenied, AccessGuard, load_auth_settings
-from app.errors import ConfigError
+from core.config import load_settings
+from core.errors import ConfigError
+from views.auth import AccessDenied, AccessGuard
 
 __all__ = ["CLIENT_ID_KEY", "PUBLIC_PATHS", "ApiView", "access_guard", "error_body",
            "set_access_guard"]
@@ -66,7 +67,7 @@ _guard: AccessGuard | None = None
 
 
 def access_guard() -> AccessGuard:
-    """The process-wide :class:`AccessGuard`, built from :func:`load_auth_settings` on
+    """The process-wide :class:`AccessGuard`, built from ``settings.auth`` on
     first use.
 
     Raises:
@@ -74,7 +75,7 @@ def access_guard() -> AccessGuard:
     """
     global _guard
     if _guard is None:
-        _guard = AccessGuard(load_auth_settings())
+        _guard = AccessGuard(load_settings().auth)
     return _guard
 
 

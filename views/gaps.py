@@ -1,5 +1,5 @@
 """``GET /gaps?exchange=&symbol=&state=&limit=``: known gaps of the stored 1-minute bars and
-their repair state (see :mod:`feeds.gaps`).
+their repair state (see :mod:`feeds.history.gaps`).
 
 Response 200, newest gap first::
 
@@ -22,9 +22,9 @@ from typing import Any
 import asyncpg
 from faust.web import Request, Response
 
-from app.errors import QueryError
 from app.faust_app import app
 from app.services import database
+from core.errors import QueryError
 from sql.gaps import STATES, list_gaps
 from views.base import ApiView
 from views.params import iso_ms, parse_name

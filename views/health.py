@@ -13,7 +13,7 @@
 
 A feed outage (state ``reconnecting``) shows in ``ingest.feeds`` but does not turn the
 HTTP status to 503: the pipeline itself is healthy. ``ingest`` is null when no worker
-ingests (mode ``off``). ``gaps`` is the leader's gap job (:mod:`feeds.gaps`):
+ingests (mode ``off``). ``gaps`` is the leader's gap job (:mod:`feeds.history.gaps`):
 ``{"state": "idle"|"scanning"|"repairing"|"error", "last_scan_ms", "open", "counts",
 "source", "last_error", "updated_ms"}``, null when no worker runs it.
 
@@ -21,7 +21,7 @@ Redis down (``"redis": "down"``, 503): the pipeline keeps running — ticks are 
 bars reach TimescaleDB and the closed-bars topic — and ``"redis_fallback"`` says how the
 API answers meanwhile: ``{"prices_latest": "database", "prices_stats": "database
 (minute granularity)", "redis_writes": "buffered"}``. ``"redis_writer"`` (always present)
-is this worker's Redis writer (:meth:`app.latest.LatestPrices.status`): ``{"up",
+is this worker's Redis writer (:meth:`stores.latest.LatestPrices.status`): ``{"up",
 "outage_since_ms", "backlog": {"latest", "seconds", "bars"}, "dropped": {"seconds",
 "bars"}, "republished_ms", "last_error"}``. Once Redis answers again the status returns to
 200 and the writer re-publishes the worker's current state (no restart needed)."""
@@ -37,9 +37,9 @@ from redis.exceptions import RedisError
 
 from app import settings
 from app.faust_app import app
-from app.mode import get_mode, read_ingest_status
 from app.services import database, latest_prices
-from feeds.gaps import read_gap_status
+from feeds.history.gaps import read_gap_status
+from stores.control import get_mode, read_ingest_status
 from views.base import ApiView
 
 __all__ = ["Health", "check_all"]

@@ -1,4 +1,4 @@
-"""``GET /metrics``: Prometheus text exposition of :mod:`app.metrics`."""
+"""``GET /metrics``: Prometheus text exposition of :mod:`core.metrics`."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from redis.exceptions import RedisError
 
 from app import settings
 from app.faust_app import app
-from app.mode import get_mode, read_ingest_status, set_mode
 from app.services import latest_prices
+from stores.control import get_mode, read_ingest_status, set_mode
 from views.base import ApiView
 
 __all__ = ["Mode", "SwitchMode"]

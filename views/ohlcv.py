@@ -26,13 +26,13 @@ Response 200::
 
 The still-open bucket is included from live state (the bar agent mirrors its open and
 just-closed 1-minute bars into Redis) and marked ``"closed": false``; minutes not yet in
-TimescaleDB (within the live window, :func:`app.ohlcv_cache.live_window_ms`: 5 minutes at
+TimescaleDB (within the live window, :func:`stores.ohlcv_cache.live_window_ms`: 5 minutes at
 the default grace) come from there, the rest from the database, so there is no gap and no
 overlap at the boundary.
 
 Buckets that end before the live window are *sealed*; their JSON is cached in Redis
 (read-through, ``web.ohlcv_cache_ttl_s``, invalidated when an old bar is rewritten, see
-:mod:`app.ohlcv_cache`), and the newer buckets are computed on every request.
+:mod:`stores.ohlcv_cache`), and the newer buckets are computed on every request.
 
 404 when the symbol (on that exchange) has no bars at all; 503 when the database or Redis
 is down.
@@ -50,10 +50,9 @@ from faust.web import Request, Response
 from redis.exceptions import RedisError
 
 from app import settings
-from app.errors import QueryError
 from app.faust_app import app
-from app.ohlcv_cache import entry_key, live_window_ms, sealed_end_ms
 from app.services import database, latest_prices, ohlcv_cache
+from core.errors import QueryError
 from sql.bars_1m import (
     fetch_rollup,
     fetch_rollup_json,
@@ -61,6 +60,7 @@ from sql.bars_1m import (
     stored_minutes,
     symbol_known,
 )
+from stores.ohlcv_cache import entry_key, live_window_ms, sealed_end_ms
 from views.base import ApiView
 from views.params import iso_ms, parse_name, parse_time_ms
 

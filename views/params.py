@@ -6,7 +6,7 @@ import re
 from datetime import UTC, datetime
 from time import gmtime as _gmtime
 
-from app.errors import QueryError
+from core.errors import QueryError
 
 __all__ = ["iso_ms", "parse_name", "parse_time_ms"]
 

@@ -14,7 +14,7 @@ sink's flush interval (the still-open minute is not stored yet); 404 when no bar
 ``GET /prices/{highest|lowest|average}/{symbol}`` and ``.../{exchange}/{symbol}``,
 ``?period=<n>s|m|h|d`` (e.g. 1s, 3s, 5s, 10s, 30s, 1m, 3m, 5m, 15m, 1h, 24h, 7d; at most
 31d; **default 24h**) — over the ticks with event time in the period (see
-:mod:`tables.price_stats` for the exact bounds): exact to the second for periods up to
+:mod:`query.price_stats` for the exact bounds): exact to the second for periods up to
 15 minutes, exact to the minute at the start of longer ones. Average is the mean of the
 tick prices. 200::
 
@@ -44,14 +44,14 @@ from faust.web import Request, Response
 from redis.exceptions import RedisError
 
 from app import settings
-from app.errors import QueryError
 from app.faust_app import app
-from app.metrics import REDIS_FALLBACKS
 from app.services import database, latest_prices
-from feeds.replay_control import active_clock_ms
+from core.errors import QueryError
+from core.metrics import REDIS_FALLBACKS
+from query.price_stats import RECENT_S, parse_period_s, seconds_in_period, stats
 from sql.bars_1m import latest_close, price_stats, symbol_known
+from stores.replay_control import active_clock_ms
 from tables.aggregator import clock_of
-from tables.price_stats import RECENT_S, parse_period_s, seconds_in_period, stats
 from views.base import ApiView
 from views.params import iso_ms, parse_name
 

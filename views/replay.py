@@ -1,7 +1,7 @@
 """Control of a running market replay (``faust -A app replay``) over HTTP.
 
 The replay is a separate process; these views talk to it through Redis
-(:mod:`feeds.replay_control`), so any worker answers them.
+(:mod:`stores.replay_control`), so any worker answers them.
 
 * ``GET /replay/status`` — 200: the replay state (session, ``state``
   running|paused|stopped|finished, ``speed``, simulated ``clock_ms`` and ``clock``
@@ -27,10 +27,10 @@ from faust.web import Request, Response
 from redis.exceptions import RedisError
 
 from app import settings
-from app.errors import QueryError
 from app.faust_app import app
 from app.services import latest_prices
-from feeds.replay_control import (
+from core.errors import QueryError
+from stores.replay_control import (
     COMMANDS,
     check_transition,
     parse_speed,

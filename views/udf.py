@@ -65,12 +65,12 @@ from redis.exceptions import RedisError
 
 import sql.bars_1m as bars_sql
 from app import settings
-from app.errors import QueryError
 from app.faust_app import app
-from app.ohlcv_cache import sealed_end_ms
 from app.services import database, latest_prices
-from feeds.replay_control import active_clock_ms
+from core.errors import QueryError
 from sql.bars_1m import fetch_rollup, symbol_known
+from stores.ohlcv_cache import sealed_end_ms
+from stores.replay_control import active_clock_ms
 from views.base import ApiView
 from views.ohlcv import INTERVALS_MS, MAX_BARS, SeriesError, recent_buckets, rows_to_bars
 from views.params import parse_name

@@ -12,7 +12,7 @@ with the expected reason (count per reason, and every tagged bad tick exactly on
 bar equals the pure aggregation of the good trades (and Binance's klines where complete).
 
 Unknown symbols are rejected by the feeds (reason ``unknown_symbol``), not by the worker:
-it accepts any well-formed ``exchange``/``symbol`` (``app.models.parse_tick``) and builds
+it accepts any well-formed ``exchange``/``symbol`` (``core.models.parse_tick``) and builds
 that key's bars. Here a few well-formed ticks of an unlisted symbol get their own bar and
 touch neither the dead-letter topic nor the BTCUSDT bars.
 """
@@ -31,7 +31,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from app.models import MAX_MESSAGE_BYTES, parse_tick
+from core.models import MAX_MESSAGE_BYTES, parse_tick
 from tables.aggregator import WindowAggregator
 from tests.integration.conftest import (
     SAMPLE,

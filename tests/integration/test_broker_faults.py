@@ -19,7 +19,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
-from app.config import DEFAULT_PAIRS
+from core.config import DEFAULT_PAIRS
 from tables.window import apply_tick
 from tests.integration.conftest import (
     PrivateKafka,

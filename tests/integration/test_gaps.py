@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from app.config import DEFAULT_PAIRS
+from core.config import DEFAULT_PAIRS
 from sql import gaps as gaps_sql
 from sql.bars_1m import upsert_bars
 from sql.migrate import apply_migrations

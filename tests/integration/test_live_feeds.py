@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from app.config import DEFAULT_PAIRS
+from core.config import DEFAULT_PAIRS
 from tables.window import apply_tick
 from tests.integration.conftest import SAMPLE, Stack, until
 

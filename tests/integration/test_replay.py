@@ -11,7 +11,7 @@ import time
 import orjson
 import pytest
 
-from feeds.replay import replay
+from feeds.replay.simulator import replay
 from tests.integration.conftest import REPO, SAMPLE, Stack
 
 pytestmark = pytest.mark.integration

@@ -1,6 +1,6 @@
 """A local stand-in for the CryptoCompare legacy streamer, for tests.
 
-It speaks the documented protocol (see :mod:`feeds.cryptocompare` for the sources):
+It speaks the documented protocol (see :mod:`feeds.live.cryptocompare` for the sources):
 
 * websocket at ``ws://127.0.0.1:<port>/v2?api_key=KEY``; a missing or wrong key gets
   ``{"TYPE":"401","MESSAGE":"UNAUTHORIZED",...}`` and the socket is closed;

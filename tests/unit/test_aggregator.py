@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from app.models import Tick
+from core.models import Tick
 from tables.aggregator import WindowAggregator
 
 MIN = 60_000
@@ -350,7 +350,7 @@ def test_trade_id_ranges_stay_compact_and_exact() -> None:
 def test_unknown_late_policy_is_a_config_error() -> None:
     import pytest
 
-    from app.errors import ConfigError
+    from core.errors import ConfigError
 
     with pytest.raises(ConfigError):
         corr_agg(policy="ignore")

@@ -1,4 +1,4 @@
-"""Access control (:mod:`app.auth`): bearer tokens, JWTs, the rate limiter, the settings
+"""Access control (:mod:`views.auth`): bearer tokens, JWTs, the rate limiter, the settings
 loader, and :class:`views.base.ApiView` dispatch in-process (405, 500, error shape)."""
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from faust.web import Request, Response
 
-from app.auth import (
+from core.config import AuthSection, load_settings
+from core.errors import ConfigError, MarketflowError
+from views.auth import (
     AccessGuard,
-    AuthSection,
     RateLimited,
     RateLimiter,
     Unauthorized,
     check_token,
-    load_auth_settings,
 )
-from app.errors import ConfigError, MarketflowError
 from views.base import CLIENT_ID_KEY, ApiView, set_access_guard
 
 KEY = "k-0123456789abcdef"
@@ -162,16 +161,16 @@ def auth_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
 def test_loader_reads_toml_table_and_env_wins(auth_env: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     auth_env.write_text('[web]\nport = 1\n')
-    assert load_auth_settings() == AuthSection()  # no [auth] table: defaults
+    assert load_settings().auth == AuthSection()  # no [auth] table: defaults
     auth_env.write_text(f'[auth]\nenabled = true\napi_keys = ["{KEY}"]\n'
                         'rate_limit_per_s = 5\n')
-    s = load_auth_settings()
+    s = load_settings().auth
     assert s.enabled and [k.get_secret_value() for k in s.api_keys] == [KEY]
     assert s.rate_limit_per_s == 5 and s.rate_limit_burst == 20
     monkeypatch.setenv("MARKETFLOW_AUTH__API_KEYS", json.dumps([OTHER_KEY]))
     monkeypatch.setenv("MARKETFLOW_AUTH__RATE_LIMIT_BURST", "3")
     monkeypatch.setenv("MARKETFLOW_AUTH__JWT_HS256_SECRET", SECRET)
-    s = load_auth_settings()
+    s = load_settings().auth
     assert [k.get_secret_value() for k in s.api_keys] == [OTHER_KEY]
     assert s.rate_limit_burst == 3 and s.jwt_hs256_secret is not None
 
@@ -180,15 +179,15 @@ def test_loader_errors_name_the_setting_not_the_secret(
         auth_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     auth_env.write_text('[auth]\nenabeld = true\n')
     with pytest.raises(ConfigError, match=r"auth\.enabeld"):
-        load_auth_settings()
+        load_settings()
     auth_env.write_text("")
     monkeypatch.setenv("MARKETFLOW_AUTH__JWT_HS256_SECRET", "leaky-but-short")
     with pytest.raises(ConfigError, match=r"auth\.jwt_hs256_secret") as info:
-        load_auth_settings()
+        load_settings()
     assert "leaky-but-short" not in str(info.value)
     auth_env.write_text("[auth\n")
     with pytest.raises(ConfigError, match="cannot read"):
-        load_auth_settings()
+        load_settings()
 
 
 # -- rate limiter -----------------------------------------------------------------------

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.errors import ReplayError
-from feeds.bar_ticks import bar_price_path, bar_to_ticks, split_volume
+from core.errors import ReplayError
+from feeds.replay.bar_ticks import bar_price_path, bar_to_ticks, split_volume
 from tables.window import apply_tick, finalize_bar
 
 B = 1_723_161_300_000  # a minute boundary

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from app.errors import InvalidTick
-from app.models import Tick, parse_tick, tick_to_json
-from feeds.base import Backoff, FeedState
-from feeds.cryptocompare import CryptoCompareFeed, message_type, parse_message, subadd_message
+from core.errors import InvalidTick
+from core.models import Tick, parse_tick, tick_to_json
+from feeds.live.base import Backoff, FeedState
+from feeds.live.cryptocompare import CryptoCompareFeed, message_type, parse_message, subadd_message
 from tests.support.cc_server import CryptoCompareServer, make_trade, wait_until
 
 KEY = "s3cret-key-0123456789abcdef"
@@ -253,7 +253,7 @@ async def test_reconnects_and_resubscribes_after_server_drop() -> None:
 async def test_wrong_api_key_reports_error_and_keeps_retrying(
         caplog: pytest.LogCaptureFixture) -> None:
     sink = MemorySink()
-    caplog.set_level(logging.DEBUG, logger="feeds.cryptocompare")
+    caplog.set_level(logging.DEBUG, logger="feeds.live.cryptocompare")
     async with CryptoCompareServer(api_key="the-right-key") as server:
         feed = make_feed(server.url, sink, api_key=KEY)
         async with running(feed):

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from app.config import DEFAULT_PAIRS
-from feeds.emulator import (
+from core.config import DEFAULT_PAIRS
+from feeds.emulator.server import (
     BAD_KINDS,
     START_PRICES,
     EmulatorConfig,

@@ -9,11 +9,11 @@ from typing import Any
 import orjson
 import pytest
 
-from app.errors import InvalidTick
-from feeds.base import Backoff, normalise_ts_ms
-from feeds.generator import SyntheticTicks
-from feeds.ingest import TickPublisher
-from feeds.marketflow_tcp import parse_line
+from core.errors import InvalidTick
+from feeds.live.base import Backoff, normalise_ts_ms
+from feeds.live.generator import SyntheticTicks
+from feeds.live.manager import TickPublisher
+from feeds.live.marketflow_tcp import parse_line
 
 PAIRS = {"BTCUSDT", "ETHUSDT"}
 NOW = 1_744_631_432_487

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from app.config import FeedsSection
-from app.errors import QueryError
-from feeds.base import FeedState
-from feeds.gaps import (
+from core.config import FeedsSection
+from core.errors import QueryError
+from feeds.history.gaps import (
     MINUTE_MS,
     SCAN_MIN_MINUTES,
     GapRange,
@@ -21,6 +20,7 @@ from feeds.gaps import (
     select_scan_holes,
     stored_end_ms,
 )
+from feeds.live.base import FeedState
 
 M = 1_723_161_600_000  # a minute boundary (2024-08-09T00:00:00Z)
 
@@ -138,7 +138,7 @@ def test_feed_state_reports_transitions_once() -> None:
 
 def test_recorder_driven_by_feed_states(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter([M + 5_000, M + 30_000, M + 95_000])
-    monkeypatch.setattr("feeds.base.now_ms", lambda: next(clock))
+    monkeypatch.setattr("feeds.live.base.now_ms", lambda: next(clock))
     r = OutageRecorder()
     out: list[Outage] = []
 
@@ -173,7 +173,7 @@ def test_parse_gaps_query() -> None:
 
 
 def test_scan_ignores_replay_namespaces() -> None:
-    from feeds.gaps import select_scan_holes
+    from feeds.history.gaps import select_scan_holes
 
     m = 60_000
     holes = [("replay.binance", "BTCUSDT", 0, 30 * m), ("binance", "BTCUSDT", 0, 30 * m)]

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from app.config import HistorySection
-from app.errors import HistoryError
-from feeds.history import (
+from core.config import HistorySection
+from core.errors import HistoryError
+from feeds.history.rest import (
     BarPage,
     CoinDeskHistory,
     CryptoCompareHistory,

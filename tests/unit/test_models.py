@@ -7,8 +7,8 @@ import math
 import orjson
 import pytest
 
-from app.errors import InvalidTick
-from app.models import (
+from core.errors import InvalidTick
+from core.models import (
     MAX_MESSAGE_BYTES,
     dead_letter_message,
     decode_ticks_payload,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from app.config import load_settings
-from app.errors import ConfigError, QueryError
+from core.config import load_settings
+from core.errors import ConfigError, QueryError
 from views.params import iso_ms, parse_name, parse_time_ms
 
 REPO = Path(__file__).resolve().parents[2]

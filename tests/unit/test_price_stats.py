@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.errors import QueryError
-from app.models import Tick
-from tables.price_stats import (
+from core.errors import QueryError
+from core.models import Tick
+from query.price_stats import (
     combine,
     parse_period_s,
     per_second,

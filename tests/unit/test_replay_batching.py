@@ -1,4 +1,4 @@
-"""Replay ordering and batching (pure parts of feeds.replay)."""
+"""Replay ordering and batching (pure parts of feeds.replay.simulator)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import ReplayError
-from app.models import Tick
-from feeds.csv_trades import read_trades
-from feeds.replay import batch_ticks, merge_by_time
+from core.errors import ReplayError
+from core.models import Tick
+from feeds.replay.csv_trades import read_trades
+from feeds.replay.simulator import batch_ticks, merge_by_time
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "trades"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import ReplayError
-from feeds.replay import (
+from core.errors import ReplayError
+from feeds.replay.simulator import (
     BarSource,
     FileSource,
     ReplayController,
@@ -16,7 +16,7 @@ from feeds.replay import (
     format_progress,
     resolve_namespace,
 )
-from feeds.replay_control import check_transition, parse_speed
+from stores.replay_control import check_transition, parse_speed
 
 SPOT = (Path(__file__).resolve().parents[2] / "data" / "sample" / "trades"
         / "binance_spot_btcusdt_2020-09-27_trades.csv")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.models import Tick
+from core.models import Tick
 
 __all__ = ["Backoff", "FeedState", "TickSink", "normalise_ts_ms", "now_ms"]
 
@@ -75,7 +75,7 @@ class FeedState:
         messages: lines/frames received; ticks: ticks published; dead_lettered: rejected.
         reconnects: reconnect attempts; last_error: text of the last connection error.
         on_change: optional ``(state, previous_state) -> None`` called synchronously after
-            every state change (:mod:`feeds.gaps` records outages with it); not reported.
+            every state change (:mod:`feeds.history.gaps` records outages with it); not reported.
     """
 
     name: str
@@ -113,7 +113,7 @@ class FeedState:
 
 
 class TickSink(Protocol):
-    """Where feeds put their output (implemented by :class:`feeds.ingest.TickPublisher`)."""
+    """Where feeds put their output (implemented by :class:`feeds.live.manager.TickPublisher`)."""
 
     async def publish(self, ticks: list[Tick]) -> None:
         """Queue validated ticks for the ``ticks`` topic (may wait: back-pressure)."""

@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
-from app.errors import QueryError
-from app.models import Tick
+from core.errors import QueryError
+from core.models import Tick
 
 __all__ = ["MAX_PERIOD_S", "PERIODS_EXAMPLES", "RECENT_S", "SecondAgg", "combine",
            "parse_period_s", "per_second", "seconds_in_period", "select", "stats"]

@@ -39,7 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from app.metrics import CACHE_REQUESTS, SINK_ERRORS
+from core.metrics import CACHE_REQUESTS, SINK_ERRORS
 
 __all__ = ["SEAL_MARGIN_MS", "OhlcvCache", "entry_key", "gen_key", "live_window_ms",
            "sealed_end_ms", "stale_write_ms"]

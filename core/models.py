@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from app.errors import InvalidTick
+from core.errors import InvalidTick
 
 __all__ = [
     "CONTROL_IDLE_CHECK",

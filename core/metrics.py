@@ -39,7 +39,7 @@ CACHE_REQUESTS = Counter(
 )
 
 # --------------------------------------------------------------------------- history
-# (REST history clients, feeds/history.py; appended — keep the sections above as they are)
+# (REST history clients, feeds/history/rest.py; appended — keep the sections above as they are)
 
 __all__ += ["HISTORY_BARS", "HISTORY_ERRORS", "HISTORY_REQUESTS", "HISTORY_RETRIES"]
 
@@ -60,7 +60,7 @@ HISTORY_BARS = Counter(
     "marketflow_history_bars_total", "1-minute bars received from a history source", ["source"],
 )
 
-# ---- gaps (feeds/gaps.py)
+# ---- gaps (feeds/history/gaps.py)
 
 __all__ += ["GAPS_RECORDED", "GAP_ERRORS", "GAP_REPAIRS"]
 
@@ -71,7 +71,7 @@ GAP_REPAIRS = Counter("marketflow_gap_repairs_total", "Gap repairs finished, by 
 GAP_ERRORS = Counter("marketflow_gap_errors_total",
                      "Failures of the gap job (retried), by stage", ["stage"])
 
-# ---- Redis outages and consumer lag (app/latest.py, agents/bars.py; appended)
+# ---- Redis outages and consumer lag (stores/latest.py, agents/bars.py; appended)
 
 __all__ += ["CONSUMER_LAG", "REDIS_BACKLOG", "REDIS_DROPPED", "REDIS_FALLBACKS",
             "REDIS_REPUBLISHED", "REDIS_WRITER_UP"]

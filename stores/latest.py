@@ -9,7 +9,7 @@ Keys (``<p>`` is ``redis.key_prefix``, default ``mf``), each a hash
 A write only replaces a value whose ``ts_ms`` is not newer (one Lua script, atomic), so
 re-delivered or out-of-order batches never move the latest price backwards.
 
-Recent per-second state for price statistics (:mod:`tables.price_stats`):
+Recent per-second state for price statistics (:mod:`query.price_stats`):
 
 * ``<p>:sec:<exchange>:<symbol>:<minute>`` — hash ``<second> -> "min,max,sum,count"`` of
   the ticks with event time in that second (``minute``/``second`` are epoch minutes and
@@ -54,7 +54,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from app.metrics import (
+from core.metrics import (
     REDIS_BACKLOG,
     REDIS_DROPPED,
     REDIS_REPUBLISHED,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from app.config import Settings
-from app.errors import ConfigError
-from app.models import MAX_MESSAGE_BYTES
+from core.config import Settings
+from core.errors import ConfigError
+from core.models import MAX_MESSAGE_BYTES
 
 __all__ = ["TICKS_TOPIC_MAX_MESSAGE_BYTES", "create_topic", "delete_topics", "ensure_topics"]
 

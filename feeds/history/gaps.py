@@ -18,7 +18,7 @@ from the REST history source.
   (:func:`select_scan_holes`), and only when no known gap of the pair overlaps it.
 * **Repair** (when ``history.source`` is not ``none``): an ``open`` gap detected at least
   :func:`settle_ms` ago (so the minutes before the outage's end are sealed in the
-  database) goes ``repairing``, is fetched with :func:`feeds.backfill.run_backfill`
+  database) goes ``repairing``, is fetched with :func:`feeds.history.backfill.run_backfill`
   (``overwrite_own=False``: only minutes without a bar of our own are filled) and becomes
   ``repaired`` when no sealed minute of it lacks a bar any more, else ``unrepairable``
   (the source has no bars for them, or failed for good: ``detail`` says which). Every
@@ -43,10 +43,10 @@ import orjson
 from mode import Service
 from redis.exceptions import RedisError
 
-from app.config import FeedsSection, Settings
-from app.errors import HistoryError
-from app.metrics import GAP_ERRORS, GAP_REPAIRS, GAPS_RECORDED
-from feeds.base import FeedState, now_ms
+from core.config import FeedsSection, Settings
+from core.errors import HistoryError
+from core.metrics import GAP_ERRORS, GAP_REPAIRS, GAPS_RECORDED
+from feeds.live.base import FeedState, now_ms
 from sql import gaps as gaps_sql
 from tables.aggregator import clock_of
 
@@ -282,8 +282,8 @@ class GapService(Service):
 
     Args:
         settings: the worker's settings (``history``, ``feeds``, ``window``, ``redis``).
-        database: the :class:`app.db.Database` service (its ``pool()``).
-        ingest: the :class:`feeds.ingest.IngestManager`; its feeds report their state
+        database: the :class:`sql.pool.Database` service (its ``pool()``).
+        ingest: the :class:`feeds.live.manager.IngestManager`; its feeds report their state
             transitions to this service.
         is_leader: ``() -> bool``.
         redis_client: ``redis.asyncio`` client for the status key.
@@ -435,7 +435,7 @@ class GapService(Service):
 
     def _history_client(self) -> Any:
         if self._client is None:
-            from feeds.history import make_history_client
+            from feeds.history.rest import make_history_client
 
             self._client = make_history_client(self.settings.history)
         return self._client
@@ -463,7 +463,7 @@ class GapService(Service):
         Raises:
             asyncpg.PostgresError / OSError: the database failed before the repair started.
         """
-        from feeds.backfill import run_backfill
+        from feeds.history.backfill import run_backfill
 
         client = self._history_client()
         if client is None:

@@ -90,9 +90,9 @@ import aiohttp
 import orjson
 import yarl
 
-from app.errors import InvalidTick
-from app.models import MIN_TS_MS, Tick
-from feeds.base import Backoff, FeedState, TickSink, now_ms
+from core.errors import InvalidTick
+from core.models import MIN_TS_MS, Tick
+from feeds.live.base import Backoff, FeedState, TickSink, now_ms
 
 __all__ = [
     "ERROR_TYPES",
@@ -310,7 +310,7 @@ class _RecentIds:
 
 
 class CryptoCompareFeed:
-    """Streams CryptoCompare trades into a :class:`~feeds.base.TickSink` until cancelled.
+    """Streams CryptoCompare trades into a :class:`~feeds.live.base.TickSink` until cancelled.
 
     Connects, sends one ``SubAdd`` with all ``subs``, publishes trades, dead-letters
     malformed trades, and reconnects (and resubscribes) after a server close, a websocket
@@ -331,7 +331,7 @@ class CryptoCompareFeed:
         api_key: CryptoCompare API key (added as ``?api_key=``; omitted when empty).
         subs: subscription strings, e.g. ``["0~Coinbase~BTC~USD"]``.
         sink: where ticks and malformed trades go.
-        state: this feed's :class:`~feeds.base.FeedState` (reported in ``/health``).
+        state: this feed's :class:`~feeds.live.base.FeedState` (reported in ``/health``).
         idle_timeout_s: reconnect when no frame (trade, heartbeat...) arrives for this long.
         backoff: reconnect delays.
         min_reconnect_delay_s: floor of every reconnect delay (the provider asks for 5 s).

@@ -30,7 +30,7 @@ Both take the API key as ``Authorization: Apikey <key>`` (never logged). Request
 paced client-side (``history.requests_per_s``); 429 (honouring ``Retry-After``), 5xx,
 timeouts, connection errors and CryptoCompare's "rate limit" error envelope are retried
 with exponential backoff and jitter up to ``history.max_retries`` times; other 4xx and
-error envelopes raise :class:`~app.errors.HistoryError` at once.
+error envelopes raise :class:`~core.errors.HistoryError` at once.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ from typing import Any
 import aiohttp
 import orjson
 
-from app.config import HistorySection
-from app.errors import HistoryError
-from app.metrics import HISTORY_BARS, HISTORY_ERRORS, HISTORY_REQUESTS, HISTORY_RETRIES
+from core.config import HistorySection
+from core.errors import HistoryError
+from core.metrics import HISTORY_BARS, HISTORY_ERRORS, HISTORY_REQUESTS, HISTORY_RETRIES
 
 __all__ = [
     "MAX_LIMIT",

@@ -6,7 +6,7 @@
   slow, ``publish`` waits for the sends, which stops the feeds reading, so TCP/websocket
   back-pressure reaches the exchanges and memory stays bounded.
 * :class:`IngestManager` runs on every worker but ingests only on the consumer-group
-  leader (``app.is_leader()``), in the mode requested through Redis (:mod:`app.mode`):
+  leader (``app.is_leader()``), in the mode requested through Redis (:mod:`stores.control`):
   ``live`` = one task per exchange program (+ CryptoCompare when enabled), ``test`` = the
   synthetic generator, ``off`` = nothing. It re-checks every 0.5 s, so a mode switch or a
   leader change takes effect within about a second, and it publishes its feeds' state for
@@ -26,13 +26,13 @@ import orjson
 from mode import Service
 from redis.exceptions import RedisError
 
-from app.config import Settings
-from app.metrics import DEAD_LETTERED
-from app.mode import get_mode, write_ingest_status
-from app.models import Tick, dead_letter_message, tick_to_json
-from feeds.base import Backoff, FeedState, now_ms
-from feeds.generator import SyntheticTicks, TestGenerator
-from feeds.marketflow_tcp import MarketflowExchangeFeed
+from core.config import Settings
+from core.metrics import DEAD_LETTERED
+from core.models import Tick, dead_letter_message, tick_to_json
+from feeds.live.base import Backoff, FeedState, now_ms
+from feeds.live.generator import SyntheticTicks, TestGenerator
+from feeds.live.marketflow_tcp import MarketflowExchangeFeed
+from stores.control import get_mode, write_ingest_status
 
 __all__ = ["IngestManager", "TickPublisher"]
 
@@ -148,7 +148,7 @@ class IngestManager(Service):
         self.states: dict[str, FeedState] = {}
         self._feed_tasks: list[asyncio.Task[None]] = []
         self._requested = settings.feeds.mode
-        #: given to every feed's :attr:`FeedState.on_change` (set by :mod:`feeds.gaps`)
+        #: given to every feed's :attr:`FeedState.on_change` (set by :mod:`feeds.history.gaps`)
         self.on_feed_state: Callable[[FeedState, str], None] | None = None
 
     def _make_feeds(self, mode: str) -> list[tuple[FeedState, Awaitable[None]]]:
@@ -163,7 +163,7 @@ class IngestManager(Service):
                 out.append((st, feed.run()))
             cc = f.cryptocompare
             if cc.enabled:
-                from feeds.cryptocompare import CryptoCompareFeed
+                from feeds.live.cryptocompare import CryptoCompareFeed
 
                 st = FeedState("cryptocompare", "cryptocompare")
                 ccfeed = CryptoCompareFeed(cc.url, cc.api_key, cc.subs, self.publisher, st,

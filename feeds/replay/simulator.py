@@ -1,9 +1,9 @@
 """Market replay simulator: recorded trades or stored 1-minute bars into the ``ticks``
 topic, in event-time order, paced, controllable while it runs.
 
-**Sources.** Trade files (:func:`feeds.csv_trades.read_trades`) are merged by ``ts_ms``
+**Sources.** Trade files (:func:`feeds.replay.csv_trades.read_trades`) are merged by ``ts_ms``
 (ties keep file order, then row order); stored bars (:func:`load_bar_source`) become
-deterministic ticks (:mod:`feeds.bar_ticks`) that rebuild the same bars.
+deterministic ticks (:mod:`feeds.replay.bar_ticks`) that rebuild the same bars.
 
 **Namespace.** With ``namespace`` ``"replay"`` (the default, ``replay.namespace``) every
 tick's exchange becomes ``replay.<exchange>`` and its ``source`` ``replay``, so replayed
@@ -25,7 +25,7 @@ speed change. ``rebase_now`` rewrites timestamps to the publishing clock:
 live and never go back in time (at speed 0 re-based ticks run ahead of the wall clock and
 meet the worker's ``window.max_future_ms`` check).
 
-**Control** (:mod:`feeds.replay_control`): pause (publishing stops after the flush in
+**Control** (:mod:`stores.replay_control`): pause (publishing stops after the flush in
 flight), resume, seek (jump forward or back in the merged sequence, by ``ts_ms``; going
 back without ``rebase_now`` re-publishes ticks whose windows may already be closed: the
 worker dead-letters them as ``late``), speed, stop; via Redis commands (the ``/replay/...``
@@ -57,13 +57,13 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from redis.exceptions import RedisError
 
-from app.admin import ensure_topics
-from app.config import Settings
-from app.errors import ReplayError
-from app.models import Tick, tick_to_json
-from feeds.bar_ticks import BAR_MS, bar_tick_count, bar_to_ticks
-from feeds.csv_trades import read_trades
-from feeds.replay_control import (
+from core.admin import ensure_topics
+from core.config import Settings
+from core.errors import ReplayError
+from core.models import Tick, tick_to_json
+from feeds.replay.bar_ticks import BAR_MS, bar_tick_count, bar_to_ticks
+from feeds.replay.csv_trades import read_trades
+from stores.replay_control import (
     FINAL_TTL_MS,
     STATE_INTERVAL_S,
     control_key,
@@ -171,7 +171,7 @@ def namespaced(exchange: str, namespace: str) -> str:
 
 
 def format_progress(state: dict[str, Any]) -> str:
-    """One terminal progress line from a replay state (:mod:`feeds.replay_control`).
+    """One terminal progress line from a replay state (:mod:`stores.replay_control`).
 
     Example: ``replay running x60 2024-08-08T23:56:12Z 41.2% 12000/29123 ticks
     5400 ticks/s ETA 31 s``.
@@ -302,7 +302,7 @@ class _Bar:
 
 @dataclass
 class BarSource:
-    """Stored 1-minute bars of one exchange/symbol as ticks (:mod:`feeds.bar_ticks`).
+    """Stored 1-minute bars of one exchange/symbol as ticks (:mod:`feeds.replay.bar_ticks`).
 
     Attributes:
         exchange: the bars' exchange (as stored); the ticks get
@@ -537,7 +537,7 @@ class ReplayController:
         return None
 
     def apply(self, command: dict[str, Any]) -> str | None:
-        """Apply one Redis command object (:mod:`feeds.replay_control`); returns an error
+        """Apply one Redis command object (:mod:`stores.replay_control`); returns an error
         text or None. Records its ``id`` as acknowledged either way."""
         cmd = command.get("cmd")
         cid = command.get("id")

@@ -15,10 +15,19 @@ Invalid configuration raises :class:`ConfigError` with every problem listed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -26,12 +35,12 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from app.auth import AuthSection
-from app.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = [
     "DEFAULT_PAIRS",
     "AppSection",
+    "AuthSection",
     "BrokerSection",
     "CryptoCompareSection",
     "DatabaseSection",
@@ -51,6 +60,52 @@ __all__ = [
 
 CONFIG_ENV = "MARKETFLOW_CONFIG"
 DEFAULT_CONFIG_FILE = "marketflow.toml"
+
+
+_API_KEY_RE = re.compile(r"^[\x21-\x7e]{16,}$")
+_MIN_JWT_SECRET_BYTES = 32  # RFC 7518 3.2: a key at least as long as the hash output
+
+
+class AuthSection(BaseModel):
+    """The ``[auth]`` settings, ``Settings.auth`` (the rules are in :mod:`views.auth`).
+
+    Attributes:
+        enabled: require a bearer token on every API view except ``/health``.
+        api_keys: static bearer tokens, each at least 16 visible ASCII characters.
+        jwt_hs256_secret: also accept HS256 JWTs signed with this secret (>= 32 bytes).
+        rate_limit_per_s: sustained requests per second per client; 0 turns it off.
+        rate_limit_burst: requests a client may make at once (bucket size).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    jwt_hs256_secret: SecretStr | None = None
+    rate_limit_per_s: float = Field(default=0.0, ge=0, le=1_000_000, allow_inf_nan=False)
+    rate_limit_burst: int = Field(default=20, ge=1, le=1_000_000)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, v: list[SecretStr]) -> list[SecretStr]:
+        for i, key in enumerate(v):
+            if not _API_KEY_RE.match(key.get_secret_value()):
+                raise ValueError(f"api_keys[{i}]: must be at least 16 visible ASCII "
+                                 "characters without spaces")
+        return v
+
+    @field_validator("jwt_hs256_secret")
+    @classmethod
+    def _check_secret(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().encode()) < _MIN_JWT_SECRET_BYTES:
+            raise ValueError(f"must be at least {_MIN_JWT_SECRET_BYTES} bytes (HS256)")
+        return v
+
+    @model_validator(mode="after")
+    def _credentials_when_enabled(self) -> AuthSection:
+        if self.enabled and not self.api_keys and self.jwt_hs256_secret is None:
+            raise ValueError("auth.enabled needs api_keys or jwt_hs256_secret")
+        return self
 
 
 class BrokerSection(BaseModel):
@@ -171,7 +226,7 @@ class WebSection(BaseModel):
         host: bind address.
         port: bind port.
         ohlcv_cache_ttl_s: lifetime of a cached sealed OHLCV range in Redis
-            (:mod:`app.ohlcv_cache`); 0 disables the cache.
+            (:mod:`stores.ohlcv_cache`); 0 disables the cache.
         ohlcv_cache_max_bytes: larger ranges are not cached.
     """
 

@@ -16,7 +16,7 @@ Sources of lines:
   evenly; prices are rounded by magnitude (>= 1000: 2 decimals, >= 1: 3, else 6) like the
   provided exchange programs;
 * **trades files** (``--trades``): recorded trades in the trades-CSV format
-  (:func:`feeds.csv_trades.read_trades`), merged by trade time, paced at real speed times
+  (:func:`feeds.replay.csv_trades.read_trades`), merged by trade time, paced at real speed times
   ``--speed``, re-stamped with the emission wall clock; the files loop forever (each pass
   starts :data:`PASS_GAP_S` trade-time seconds after the previous one ended).
 
@@ -59,11 +59,11 @@ from decimal import Decimal
 from pathlib import Path
 from types import TracebackType
 
-from app.config import DEFAULT_PAIRS
-from app.errors import MarketflowError
-from app.models import Tick
-from feeds.base import now_ms
-from feeds.csv_trades import read_trades
+from core.config import DEFAULT_PAIRS
+from core.errors import MarketflowError
+from core.models import Tick
+from feeds.live.base import now_ms
+from feeds.replay.csv_trades import read_trades
 
 __all__ = [
     "BAD_KINDS",
@@ -380,7 +380,7 @@ def trades_schedule(
         paths: trades-CSV files (each in trade-time order).
         speed: pacing factor (> 0): 2 = twice as fast as the trades happened.
         passes: number of passes over the files (``None``: forever).
-        reader: file -> ticks (default :func:`feeds.csv_trades.read_trades`).
+        reader: file -> ticks (default :func:`feeds.replay.csv_trades.read_trades`).
 
     Yields:
         (offset_s, symbol, price): a trade at ``ts_ms`` is due
@@ -388,7 +388,7 @@ def trades_schedule(
         each pass starts ``PASS_GAP_S / speed`` after the previous pass's last trade.
 
     Raises:
-        feeds.csv_trades.ReplayError: unreadable or malformed file.
+        feeds.replay.csv_trades.ReplayError: unreadable or malformed file.
         ValueError: ``speed <= 0``, no paths, or the files hold no trades.
     """
     if speed <= 0:
@@ -451,7 +451,7 @@ class EmulatorConfig:
         """The emission schedule this configuration describes (trades or random walk).
 
         Raises:
-            feeds.csv_trades.ReplayError: a trades file is unreadable or lacks columns.
+            feeds.replay.csv_trades.ReplayError: a trades file is unreadable or lacks columns.
             ValueError: invalid rate/pairs, or the trades files hold no trades.
         """
         if self.trades:
@@ -800,5 +800,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     return asyncio.run(_serve(cfg))
 
 
-if __name__ == "__main__":
-    sys.exit(main())

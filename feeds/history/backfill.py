@@ -2,7 +2,7 @@
 
 A job is identified by (source, exchange, symbol, start_ms, end_ms) and recorded in
 ``backfill_jobs`` (:mod:`sql.backfill_jobs`). It pages backwards from ``end_ms`` with
-:meth:`feeds.history.HistoryClient.fetch_minutes`; each page is upserted with
+:meth:`feeds.history.rest.HistoryClient.fetch_minutes`; each page is upserted with
 :func:`sql.bars_1m.upsert_fetched_bars` in the same transaction that advances
 ``next_to_ms`` to the page's lower bound, so an interrupted job resumes exactly where the
 last committed page ended and never fetches a committed page again. A finished job is
@@ -19,8 +19,8 @@ from typing import Any
 
 import asyncpg
 
-from app.errors import HistoryError
-from feeds.history import BarPage, HistoryClient
+from core.errors import HistoryError
+from feeds.history.rest import BarPage, HistoryClient
 from sql import backfill_jobs
 from sql.bars_1m import upsert_fetched_bars
 

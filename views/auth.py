@@ -1,5 +1,5 @@
 """HTTP API access control: bearer tokens (static API keys, HS256 JWTs) and a per-client
-token-bucket rate limit. Pure: no I/O except :func:`load_auth_settings`, no Faust imports.
+token-bucket rate limit. Pure: no I/O, no Faust imports.
 
 Configuration (the ``[auth]`` table of the TOML file, or environment overrides)::
 
@@ -10,11 +10,7 @@ Configuration (the ``[auth]`` table of the TOML file, or environment overrides):
     rate_limit_per_s = 10                # MARKETFLOW_AUTH__RATE_LIMIT_PER_S (0 = off)
     rate_limit_burst = 20                # MARKETFLOW_AUTH__RATE_LIMIT_BURST
 
-Until :class:`AuthSection` is a field of :class:`app.config.Settings`, the main settings
-refuse an ``[auth]`` table in the TOML file (``extra="forbid"``), so only the environment
-variables can be used; :func:`load_auth_settings` already reads both. To fold it in: add
-``auth: AuthSection = AuthSection()`` to ``Settings`` and replace
-``load_auth_settings()`` by ``settings.auth``.
+The settings are :class:`core.config.AuthSection` (``settings.auth``).
 
 Rules:
 
@@ -38,97 +34,27 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import re
 from collections import OrderedDict
 
 import jwt
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    field_validator,
-    model_validator,
-)
 
-from app.errors import MarketflowError
+from core.config import AuthSection
+from core.errors import MarketflowError
 
 __all__ = [
     "MAX_CLIENTS",
     "AccessDenied",
     "AccessGuard",
-    "AuthSection",
     "RateLimited",
     "RateLimiter",
     "Unauthorized",
     "check_token",
-    "load_auth_settings",
 ]
 
 #: realm announced in ``WWW-Authenticate``
 REALM = "marketflow"
 #: most clients the rate limiter remembers (least recently seen are forgotten first)
 MAX_CLIENTS = 10_000
-
-_API_KEY_RE = re.compile(r"^[\x21-\x7e]{16,}$")
-_MIN_JWT_SECRET_BYTES = 32  # RFC 7518 3.2: a key at least as long as the hash output
-
-
-class AuthSection(BaseModel):
-    """The ``[auth]`` settings (see the module docstring); a plain section model, ready to
-    become ``Settings.auth``.
-
-    Attributes:
-        enabled: require a bearer token on every API view except ``/health``.
-        api_keys: static bearer tokens, each at least 16 visible ASCII characters.
-        jwt_hs256_secret: also accept HS256 JWTs signed with this secret (>= 32 bytes).
-        rate_limit_per_s: sustained requests per second per client; 0 turns it off.
-        rate_limit_burst: requests a client may make at once (bucket size).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = False
-    api_keys: list[SecretStr] = Field(default_factory=list)
-    jwt_hs256_secret: SecretStr | None = None
-    rate_limit_per_s: float = Field(default=0.0, ge=0, le=1_000_000, allow_inf_nan=False)
-    rate_limit_burst: int = Field(default=20, ge=1, le=1_000_000)
-
-    @field_validator("api_keys")
-    @classmethod
-    def _check_keys(cls, v: list[SecretStr]) -> list[SecretStr]:
-        for i, key in enumerate(v):
-            if not _API_KEY_RE.match(key.get_secret_value()):
-                raise ValueError(f"api_keys[{i}]: must be at least 16 visible ASCII "
-                                 "characters without spaces")
-        return v
-
-    @field_validator("jwt_hs256_secret")
-    @classmethod
-    def _check_secret(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and len(v.get_secret_value().encode()) < _MIN_JWT_SECRET_BYTES:
-            raise ValueError(f"must be at least {_MIN_JWT_SECRET_BYTES} bytes (HS256)")
-        return v
-
-    @model_validator(mode="after")
-    def _credentials_when_enabled(self) -> AuthSection:
-        if self.enabled and not self.api_keys and self.jwt_hs256_secret is None:
-            raise ValueError("auth.enabled needs api_keys or jwt_hs256_secret")
-        return self
-
-
-def load_auth_settings() -> AuthSection:
-    """The ``[auth]`` section of the one settings object (:func:`app.config.load_settings`:
-    ``MARKETFLOW_AUTH__*`` > TOML ``[auth]`` > defaults).
-
-    Raises:
-        ConfigError: unreadable file or invalid values (every problem listed, no secret
-            values in the message).
-    """
-    from app.config import load_settings  # app.config imports this module
-
-    return load_settings().auth
-
 
 class AccessDenied(MarketflowError):
     """A request is refused before reaching its view.

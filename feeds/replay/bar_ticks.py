@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 
-from app.errors import ReplayError
-from app.models import Tick
+from core.errors import ReplayError
+from core.models import Tick
 
 __all__ = ["BAR_MS", "bar_price_path", "bar_tick_count", "bar_to_ticks", "split_volume"]
 

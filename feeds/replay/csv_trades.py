@@ -14,8 +14,8 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.errors import ReplayError
-from app.models import Tick
+from core.errors import ReplayError
+from core.models import Tick
 
 __all__ = ["REQUIRED_COLUMNS", "read_trades"]
 

@@ -7,7 +7,7 @@ Keys (``<p>`` = ``redis.key_prefix``):
   consumer-group leader), TTL 5 s: ``{"worker", "mode", "updated_ms", "feeds": {...}}``.
 
 Every worker's HTTP API can switch the mode (``POST /mode/{mode}``); the leader's
-:class:`feeds.ingest.IngestManager` polls the key and starts/stops its feeds, so exactly one
+:class:`feeds.live.manager.IngestManager` polls the key and starts/stops its feeds, so exactly one
 ingest runs cluster-wide.
 
 Redis outages: reads raise (callers keep their current mode and retry); the status is

@@ -12,8 +12,8 @@ import math
 import random
 from collections.abc import Sequence
 
-from app.models import Tick
-from feeds.base import FeedState, TickSink, now_ms
+from core.models import Tick
+from feeds.live.base import FeedState, TickSink, now_ms
 
 __all__ = ["START_PRICES", "SyntheticTicks", "TestGenerator"]
 

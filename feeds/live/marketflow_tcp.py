@@ -8,7 +8,7 @@ sends nothing. Sample line::
 
 The exchange name comes from our configuration, never from the line. Parsing is tolerant:
 keys are case-insensitive, ``timestamp`` may be seconds, milliseconds or microseconds
-(normalised by magnitude, :func:`feeds.base.normalise_ts_ms`) or an RFC 3339 string, and
+(normalised by magnitude, :func:`feeds.live.base.normalise_ts_ms`) or an RFC 3339 string, and
 the receive time is kept apart from the exchange time (``Tick.recv_ms``).
 """
 
@@ -23,9 +23,9 @@ from typing import Any
 
 import orjson
 
-from app.errors import InvalidTick
-from app.models import Tick
-from feeds.base import Backoff, FeedState, TickSink, normalise_ts_ms, now_ms
+from core.errors import InvalidTick
+from core.models import Tick
+from feeds.live.base import Backoff, FeedState, TickSink, normalise_ts_ms, now_ms
 
 __all__ = ["MAX_LINE_BYTES", "MarketflowExchangeFeed", "parse_line"]
 
