@@ -35,9 +35,9 @@ from app.faust_app import app
 from app.services import database, ohlcv_cache
 from app.topics import bars_topic
 from core.metrics import BARS_WRITTEN, FLUSH_SECONDS, SINK_ERRORS, SINK_RETRIES
+from core.timeutil import stale_write_ms
 from sql.bars_1m import upsert_bars
 from sql.pool import Database
-from stores.ohlcv_cache import stale_write_ms
 
 __all__ = ["PENDING_BARS", "BarSinkService", "BarWriter", "flush_bars",
            "flush_bars_at_shutdown", "persist_bars", "writer"]

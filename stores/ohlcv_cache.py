@@ -1,7 +1,8 @@
 """Read-through Redis cache of *sealed* OHLCV ranges, invalidated by late writes.
 
 ``GET /ohlcv`` splits a request at the **seal boundary**: buckets that end before the live
-window (:func:`live_window_ms`) are *sealed* — all their minutes are old enough to be in
+window (:func:`core.timeutil.live_window_ms`) are *sealed* — all their minutes are old
+enough to be in
 TimescaleDB, so the answer for them changes only when an old bar is (re)written. Their
 serialised JSON is cached; the newer buckets (database + live bars in Redis) are computed
 on every request and spliced after them.
@@ -13,12 +14,12 @@ Keys (``<p>`` is ``redis.key_prefix``):
   ``<last bar JSON or null>\\n<JSON array of the sealed bars>``, TTL ``web.ohlcv_cache_ttl_s``.
 
 Invalidation: every writer of ``bars_1m`` calls :meth:`OhlcvCache.invalidate` after its
-commit for the symbols of bars older than :func:`stale_write_ms` (a correction, a
+commit for the symbols of bars older than :func:`core.timeutil.stale_write_ms` (a correction, a
 backfill, a sink catching up after an outage); that ``INCR`` makes every cached entry of
 the symbol unreachable (they expire by TTL). Readers read the generation *before* querying
 the database and store under that generation, so a write committed during a read leaves
 at most an unreachable entry. Writes of recent bars (the normal once-a-minute close) do
-not invalidate: a bar younger than :func:`stale_write_ms` at commit lies at least
+not invalidate: a bar younger than :func:`core.timeutil.stale_write_ms` at commit lies at least
 2 minutes after every seal boundary a reader could have used before that commit
 (margin for clock skew between workers). An invalidation that fails because Redis is
 down is retried on the next call (:meth:`OhlcvCache.retry_pending`); meanwhile entries
@@ -41,40 +42,12 @@ from redis.exceptions import RedisError
 
 from core.metrics import CACHE_REQUESTS, SINK_ERRORS
 
-__all__ = ["SEAL_MARGIN_MS", "OhlcvCache", "entry_key", "gen_key", "live_window_ms",
-           "sealed_end_ms", "stale_write_ms"]
+__all__ = ["OhlcvCache", "entry_key", "gen_key"]
 
 log = logging.getLogger(__name__)
 
 #: margin between the newest bar a write may touch without invalidating and the oldest
-#: seal boundary a reader may have used (clock skew between workers, slow readers)
-SEAL_MARGIN_MS = 2 * 60_000
-_MIN_LIVE_WINDOW_MS = 5 * 60_000
 _INVALIDATE_TIMEOUT_S = 2.0
-
-
-def live_window_ms(grace_ms: int) -> int:
-    """How far back (ms, from the current minute's start) ``/ohlcv`` merges live bars
-    from Redis: minutes this recent may not be in TimescaleDB yet. At least 5 minutes, and
-    ``grace_ms`` + 4 minutes (a bar is written about 1 minute + grace after its start)."""
-    return max(_MIN_LIVE_WINDOW_MS, grace_ms + 4 * 60_000)
-
-
-def stale_write_ms(grace_ms: int) -> int:
-    """Age (ms, wall clock at commit minus ``bucket_start_ms``) from which a written bar
-    invalidates the symbol's cached ranges: the live window minus :data:`SEAL_MARGIN_MS`."""
-    return live_window_ms(grace_ms) - SEAL_MARGIN_MS
-
-
-def sealed_end_ms(now_ms: int, grace_ms: int, interval_ms: int) -> int:
-    """First bucket start (UTC epoch ms, a multiple of ``interval_ms``) that is not sealed.
-
-    Buckets ``[b, b + interval_ms)`` with ``b + interval_ms <= live_from`` (where
-    ``live_from`` is the current minute's start minus :func:`live_window_ms`) are sealed,
-    i.e. those with ``b < sealed_end_ms``.
-    """
-    live_from = now_ms - now_ms % 60_000 - live_window_ms(grace_ms)
-    return live_from - live_from % interval_ms
 
 
 def gen_key(prefix: str, symbol: str) -> str:

@@ -53,6 +53,7 @@ from app import settings
 from app.faust_app import app
 from app.services import database, latest_prices, ohlcv_cache
 from core.errors import QueryError
+from core.timeutil import live_window_ms, sealed_end_ms
 from sql.bars_1m import (
     fetch_rollup,
     fetch_rollup_json,
@@ -60,7 +61,7 @@ from sql.bars_1m import (
     stored_minutes,
     symbol_known,
 )
-from stores.ohlcv_cache import entry_key, live_window_ms, sealed_end_ms
+from stores.ohlcv_cache import entry_key
 from views.base import ApiView
 from views.params import iso_ms, parse_name, parse_time_ms
 

@@ -68,8 +68,8 @@ from app import settings
 from app.faust_app import app
 from app.services import database, latest_prices
 from core.errors import QueryError
+from core.timeutil import sealed_end_ms
 from sql.bars_1m import fetch_rollup, symbol_known
-from stores.ohlcv_cache import sealed_end_ms
 from stores.replay_control import active_clock_ms
 from views.base import ApiView
 from views.ohlcv import INTERVALS_MS, MAX_BARS, SeriesError, recent_buckets, rows_to_bars

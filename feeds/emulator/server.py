@@ -62,7 +62,8 @@ from types import TracebackType
 from core.config import DEFAULT_PAIRS
 from core.errors import MarketflowError
 from core.models import Tick
-from feeds.live.base import now_ms
+from core.timeutil import now_ms
+from feeds.live.generator import START_PRICES
 from feeds.replay.csv_trades import read_trades
 
 __all__ = [
@@ -74,7 +75,6 @@ __all__ = [
     "MAX_BURST_LINES",
     "MAX_LAG_S",
     "PASS_GAP_S",
-    "START_PRICES",
     "EmulatorConfig",
     "EmulatorServer",
     "LineMaker",
@@ -106,15 +106,6 @@ PASS_GAP_S = 1.0
 #: Typical volatility of the random walk: standard deviation of the log-return over one
 #: second (per sqrt(second); 3e-4 gives about 0.23 % per minute).
 VOL_PER_SQRT_S = 3e-4
-
-#: Starting prices of the random walk (quote currency per base unit).
-START_PRICES: dict[str, float] = {
-    "BTCUSDT": 96_000.0,
-    "ETHUSDT": 3_300.0,
-    "SOLUSDT": 190.0,
-    "TONUSDT": 5.5,
-    "DOGEUSDT": 0.32,
-}
 
 #: The cycle of ``--bad-every`` lines, in order.
 BAD_KINDS = ("not_json", "negative_price", "unknown_symbol", "missing_price", "empty")

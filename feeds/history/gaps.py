@@ -1,8 +1,8 @@
 """Gap detection and repair: feed outages and missing minutes of active pairs, backfilled
 from the REST history source.
 
-* **Outages** (:class:`OutageRecorder`, pure): every live feed's :class:`FeedState`
-  reports its transitions (``FeedState.on_change``, set by :class:`IngestManager` from
+* **Outages** (:class:`OutageRecorder`, pure): every live feed's :class:`StateHolder`
+  reports its transitions (``StateHolder.on_change``, set by :class:`IngestManager` from
   :attr:`IngestManager.on_feed_state`). A feed that was ``connected`` and goes
   ``reconnecting`` at ``t0`` is down until it is ``connected`` again (or ``stopped``) at
   ``t1``; ``t0`` is moved back to the last message received in the connection when there
@@ -46,7 +46,15 @@ from redis.exceptions import RedisError
 from core.config import FeedsSection, Settings
 from core.errors import HistoryError
 from core.metrics import GAP_ERRORS, GAP_REPAIRS, GAPS_RECORDED
-from feeds.live.base import FeedState, now_ms
+from core.state import StateHolder
+from core.timeutil import (
+    MINUTE_MS,
+    ceil_minute,
+    floor_minute,
+    now_ms,
+    settle_ms,
+    stored_end_ms,
+)
 from sql import gaps as gaps_sql
 from tables.aggregator import clock_of
 
@@ -54,7 +62,6 @@ __all__ = [
     "GAPS_RECORDED",
     "GAP_ERRORS",
     "GAP_REPAIRS",
-    "MINUTE_MS",
     "SCAN_HORIZON_MS",
     "SCAN_MIN_MINUTES",
     "GapRange",
@@ -62,20 +69,15 @@ __all__ = [
     "Outage",
     "OutageRecorder",
     "ScanHole",
-    "ceil_minute",
     "feed_pairs",
-    "floor_minute",
     "gap_status_key",
     "outage_gaps",
     "read_gap_status",
     "select_scan_holes",
-    "settle_ms",
-    "stored_end_ms",
 ]
 
 log = logging.getLogger(__name__)
 
-MINUTE_MS = 60_000
 #: the scan looks at bars of the last 24 h only (bounded cost)
 SCAN_HORIZON_MS = 24 * 3_600_000
 #: a hole outside any recorded feed outage is a gap only from this many minutes on;
@@ -83,7 +85,6 @@ SCAN_HORIZON_MS = 24 * 3_600_000
 SCAN_MIN_MINUTES = 10
 #: time after a bar's window end (plus ``window.grace_ms``) by which it is in the database
 #: (sink flush, idle close)
-STORE_MARGIN_MS = 5_000
 #: open gaps repaired per pass
 _REPAIR_BATCH = 20
 _STATUS_TTL_MS = 10_000
@@ -92,28 +93,6 @@ _LOOP_S = 1.0
 
 
 # ------------------------------------------------------------------------------ pure logic
-
-def floor_minute(ms: int) -> int:
-    """Start of the UTC minute holding ``ms`` (epoch ms)."""
-    return ms // MINUTE_MS * MINUTE_MS
-
-
-def ceil_minute(ms: int) -> int:
-    """Smallest minute boundary ``>= ms`` (epoch ms)."""
-    return -(-ms // MINUTE_MS) * MINUTE_MS
-
-
-def stored_end_ms(now: int, grace_ms: int, margin_ms: int = STORE_MARGIN_MS) -> int:
-    """Every minute starting before this boundary (epoch ms) is final in the database:
-    its window ended at least ``grace_ms + margin_ms`` ago."""
-    return floor_minute(now - grace_ms - margin_ms)
-
-
-def settle_ms(grace_ms: int) -> int:
-    """How long after its detection a gap waits before its repair (ms): the minutes up to
-    the detection are then sealed."""
-    return grace_ms + STORE_MARGIN_MS
-
 
 @dataclass(frozen=True)
 class Outage:
@@ -316,9 +295,9 @@ class GapService(Service):
         self._client: Any = None
         ingest.on_feed_state = self.on_feed_state
 
-    # -- outage recording (called synchronously by FeedState.set_state) -----------------
+    # -- outage recording (called synchronously by StateHolder.set_state) -----------------
 
-    def on_feed_state(self, st: FeedState, previous: str) -> None:
+    def on_feed_state(self, st: StateHolder, previous: str) -> None:
         """Record a feed transition; a finished outage is queued for the database."""
         outage = self.recorder.observe(st.name, st.state, st.since_ms, st.last_message_ms)
         if outage is None:

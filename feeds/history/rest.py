@@ -50,10 +50,10 @@ import orjson
 from core.config import HistorySection
 from core.errors import HistoryError
 from core.metrics import HISTORY_BARS, HISTORY_ERRORS, HISTORY_REQUESTS, HISTORY_RETRIES
+from core.timeutil import MINUTE_MS
 
 __all__ = [
     "MAX_LIMIT",
-    "MINUTE_MS",
     "QUOTE_ASSETS",
     "BarPage",
     "CoinDeskHistory",
@@ -69,7 +69,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MINUTE_MS = 60_000
 #: most points one request may ask for (both sources document 2000)
 MAX_LIMIT = 2000
 #: known quote assets, matched as symbol suffixes, longest first (FDUSD before USD)

@@ -1,22 +1,15 @@
-"""Shared plumbing of the live/test feeds: feed state for ``/health``, reconnect backoff,
-timestamp-unit normalisation, and the sink interface feeds publish into."""
+"""Shared plumbing of the live/test feeds: reconnect backoff, timestamp-unit normalisation,
+and the sink interface feeds publish into (each feed's state is a
+:class:`core.state.StateHolder`)."""
 
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from core.models import Tick
 
-__all__ = ["Backoff", "FeedState", "TickSink", "normalise_ts_ms", "now_ms"]
-
-
-def now_ms() -> int:
-    """Wall clock, UTC epoch milliseconds."""
-    return time.time_ns() // 1_000_000
+__all__ = ["Backoff", "TickSink", "normalise_ts_ms"]
 
 
 def normalise_ts_ms(value: float) -> int:
@@ -61,55 +54,6 @@ class Backoff:
     def reset(self) -> None:
         """Back to ``initial_s`` (after a successful connection delivered data)."""
         self._next = self.initial_s
-
-
-@dataclass
-class FeedState:
-    """Live state of one feed, reported in ``GET /health``.
-
-    Attributes:
-        name: feed name (an exchange name such as ``exchange1``, or ``cryptocompare``).
-        kind: ``marketflow_tcp``, ``cryptocompare`` or ``generator``.
-        state: ``starting`` | ``connected`` | ``reconnecting`` | ``stopped``.
-        last_message_ms: wall clock of the last message received (UTC epoch ms) or None.
-        messages: lines/frames received; ticks: ticks published; dead_lettered: rejected.
-        reconnects: reconnect attempts; last_error: text of the last connection error.
-        on_change: optional ``(state, previous_state) -> None`` called synchronously after
-            every state change (:mod:`feeds.history.gaps` records outages with it); not reported.
-    """
-
-    name: str
-    kind: str
-    state: str = "starting"
-    since_ms: int = field(default_factory=now_ms)
-    last_message_ms: int | None = None
-    messages: int = 0
-    ticks: int = 0
-    dead_lettered: int = 0
-    ignored: int = 0
-    reconnects: int = 0
-    last_error: str | None = None
-    on_change: Callable[[FeedState, str], None] | None = field(
-        default=None, repr=False, compare=False)
-
-    def set_state(self, state: str, error: str | None = None) -> None:
-        """Change state (and remember the error that caused it, if any)."""
-        if error is not None:
-            self.last_error = error[:300]
-        if state != self.state:
-            previous, self.state = self.state, state
-            self.since_ms = now_ms()
-            if self.on_change is not None:
-                self.on_change(self, previous)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-able view for ``/health``."""
-        return {
-            "kind": self.kind, "state": self.state, "since_ms": self.since_ms,
-            "last_message_ms": self.last_message_ms, "messages": self.messages,
-            "ticks": self.ticks, "dead_lettered": self.dead_lettered, "ignored": self.ignored,
-            "reconnects": self.reconnects, "last_error": self.last_error,
-        }
 
 
 class TickSink(Protocol):

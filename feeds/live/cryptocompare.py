@@ -92,7 +92,9 @@ import yarl
 
 from core.errors import InvalidTick
 from core.models import MIN_TS_MS, Tick
-from feeds.live.base import Backoff, FeedState, TickSink, now_ms
+from core.state import StateHolder
+from core.timeutil import now_ms
+from feeds.live.base import Backoff, TickSink
 
 __all__ = [
     "ERROR_TYPES",
@@ -331,7 +333,7 @@ class CryptoCompareFeed:
         api_key: CryptoCompare API key (added as ``?api_key=``; omitted when empty).
         subs: subscription strings, e.g. ``["0~Coinbase~BTC~USD"]``.
         sink: where ticks and malformed trades go.
-        state: this feed's :class:`~feeds.live.base.FeedState` (reported in ``/health``).
+        state: this feed's :class:`~feeds.live.base.StateHolder` (reported in ``/health``).
         idle_timeout_s: reconnect when no frame (trade, heartbeat...) arrives for this long.
         backoff: reconnect delays.
         min_reconnect_delay_s: floor of every reconnect delay (the provider asks for 5 s).
@@ -340,7 +342,7 @@ class CryptoCompareFeed:
     """
 
     def __init__(self, url: str, api_key: str, subs: Sequence[str], sink: TickSink,
-                 state: FeedState, idle_timeout_s: float, backoff: Backoff, *,
+                 state: StateHolder, idle_timeout_s: float, backoff: Backoff, *,
                  min_reconnect_delay_s: float = 5.0, connect_timeout_s: float = 10.0,
                  dedup_ids_per_pair: int = 1000) -> None:
         if not subs:

@@ -13,7 +13,9 @@ import random
 from collections.abc import Sequence
 
 from core.models import Tick
-from feeds.live.base import FeedState, TickSink, now_ms
+from core.state import StateHolder
+from core.timeutil import now_ms
+from feeds.live.base import TickSink
 
 __all__ = ["START_PRICES", "SyntheticTicks", "TestGenerator"]
 
@@ -71,7 +73,7 @@ class TestGenerator:
     __test__ = False  # not a pytest test class
 
     def __init__(self, maker: SyntheticTicks, rate_per_s: float, sink: TickSink,
-                 state: FeedState, tick_s: float = 0.05) -> None:
+                 state: StateHolder, tick_s: float = 0.05) -> None:
         self.maker = maker
         self.rate_per_s = rate_per_s
         self.sink = sink

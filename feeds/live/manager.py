@@ -29,7 +29,9 @@ from redis.exceptions import RedisError
 from core.config import Settings
 from core.metrics import DEAD_LETTERED
 from core.models import Tick, dead_letter_message, tick_to_json
-from feeds.live.base import Backoff, FeedState, now_ms
+from core.state import StateHolder
+from core.timeutil import now_ms
+from feeds.live.base import Backoff
 from feeds.live.generator import SyntheticTicks, TestGenerator
 from feeds.live.marketflow_tcp import MarketflowExchangeFeed
 from stores.control import get_mode, write_ingest_status
@@ -145,18 +147,18 @@ class IngestManager(Service):
         self.is_leader = is_leader
         self.worker_id = worker_id or f"{socket.gethostname()}:{settings.web.port}"
         self.running_mode = "off"
-        self.states: dict[str, FeedState] = {}
+        self.states: dict[str, StateHolder] = {}
         self._feed_tasks: list[asyncio.Task[None]] = []
         self._requested = settings.feeds.mode
-        #: given to every feed's :attr:`FeedState.on_change` (set by :mod:`feeds.history.gaps`)
-        self.on_feed_state: Callable[[FeedState, str], None] | None = None
+        #: given to every feed's :attr:`StateHolder.on_change` (set by :mod:`feeds.history.gaps`)
+        self.on_feed_state: Callable[[StateHolder, str], None] | None = None
 
-    def _make_feeds(self, mode: str) -> list[tuple[FeedState, Awaitable[None]]]:
+    def _make_feeds(self, mode: str) -> list[tuple[StateHolder, Awaitable[None]]]:
         f = self.settings.feeds
-        out: list[tuple[FeedState, Awaitable[None]]] = []
+        out: list[tuple[StateHolder, Awaitable[None]]] = []
         if mode == "live":
             for ex in f.exchanges:
-                st = FeedState(ex.name, "marketflow_tcp")
+                st = StateHolder(ex.name, "marketflow_tcp")
                 feed = MarketflowExchangeFeed(
                     ex.name, ex.host, ex.port, f.pairs, self.publisher, st, f.idle_timeout_s,
                     Backoff(f.backoff_initial_s, f.backoff_max_s))
@@ -165,14 +167,14 @@ class IngestManager(Service):
             if cc.enabled:
                 from feeds.live.cryptocompare import CryptoCompareFeed
 
-                st = FeedState("cryptocompare", "cryptocompare")
+                st = StateHolder("cryptocompare", "cryptocompare")
                 ccfeed = CryptoCompareFeed(cc.url, cc.api_key, cc.subs, self.publisher, st,
                                            cc.idle_timeout_s,
                                            Backoff(f.backoff_initial_s, f.backoff_max_s))
                 out.append((st, ccfeed.run()))
         elif mode == "test":
             g = f.generator
-            st = FeedState("generator", "generator")
+            st = StateHolder("generator", "generator")
             gen = TestGenerator(SyntheticTicks(g.exchanges, f.pairs, g.seed), g.rate_per_s,
                                 self.publisher, st)
             out.append((st, gen.run()))

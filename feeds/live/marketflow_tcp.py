@@ -25,7 +25,9 @@ import orjson
 
 from core.errors import InvalidTick
 from core.models import Tick
-from feeds.live.base import Backoff, FeedState, TickSink, normalise_ts_ms, now_ms
+from core.state import StateHolder
+from core.timeutil import now_ms
+from feeds.live.base import Backoff, TickSink, normalise_ts_ms
 
 __all__ = ["MAX_LINE_BYTES", "MarketflowExchangeFeed", "parse_line"]
 
@@ -112,13 +114,13 @@ class MarketflowExchangeFeed:
         host, port: the exchange program's TCP address.
         pairs: symbols to keep.
         sink: where ticks and rejected lines go.
-        state: this feed's :class:`FeedState` (reported in ``/health``).
+        state: this feed's :class:`StateHolder` (reported in ``/health``).
         idle_timeout_s: silence after which the connection is dropped and re-dialled.
         backoff: reconnect delays.
     """
 
     def __init__(self, name: str, host: str, port: int, pairs: Collection[str],
-                 sink: TickSink, state: FeedState, idle_timeout_s: float, backoff: Backoff
+                 sink: TickSink, state: StateHolder, idle_timeout_s: float, backoff: Backoff
                  ) -> None:
         self.name = name
         self.host = host

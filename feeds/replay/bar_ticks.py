@@ -26,10 +26,10 @@ import math
 
 from core.errors import ReplayError
 from core.models import Tick
+from core.timeutil import MINUTE_MS
 
-__all__ = ["BAR_MS", "bar_price_path", "bar_tick_count", "bar_to_ticks", "split_volume"]
+__all__ = [ "bar_price_path", "bar_tick_count", "bar_to_ticks", "split_volume"]
 
-BAR_MS = 60_000
 
 
 def bar_price_path(open_: float, high: float, low: float, close: float,
@@ -131,12 +131,12 @@ def bar_to_ticks(exchange: str, symbol: str, bucket_start_ms: int, open_: float,
         ReplayError: inconsistent bar (see :func:`bar_price_path`, :func:`split_volume`)
             or ``bucket_start_ms`` not on a minute boundary.
     """
-    if bucket_start_ms % BAR_MS:
+    if bucket_start_ms % MINUTE_MS:
         raise ReplayError(f"bucket_start_ms {bucket_start_ms} is not a minute boundary")
     prices = bar_price_path(open_, high, low, close, trade_count)
     n = len(prices)
     qtys = split_volume(volume, n)
-    last = BAR_MS - 1
+    last = MINUTE_MS - 1
     return [
         Tick(exchange, symbol, p, q,
              bucket_start_ms + (i * last // (n - 1) if n > 1 else 0),

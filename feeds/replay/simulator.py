@@ -61,7 +61,8 @@ from core.admin import ensure_topics
 from core.config import Settings
 from core.errors import ReplayError
 from core.models import Tick, tick_to_json
-from feeds.replay.bar_ticks import BAR_MS, bar_tick_count, bar_to_ticks
+from core.timeutil import MINUTE_MS
+from feeds.replay.bar_ticks import bar_tick_count, bar_to_ticks
 from feeds.replay.csv_trades import read_trades
 from stores.replay_control import (
     FINAL_TTL_MS,
@@ -330,7 +331,7 @@ class BarSource:
         for b in self.bars:
             b.n_ticks = bar_tick_count(b.open, b.high, b.low, b.close, b.trade_count)
         self.first_ts_ms = self.bars[0].bucket_ms
-        self.last_ts_ms = self.bars[-1].bucket_ms + BAR_MS - 1
+        self.last_ts_ms = self.bars[-1].bucket_ms + MINUTE_MS - 1
         self.total = sum(b.n_ticks for b in self.bars)
         self.description = {"bars": {"exchange": self.exchange, "symbol": self.symbol,
                                      "from_ms": self.from_ms, "to_ms": self.to_ms,
@@ -340,7 +341,7 @@ class BarSource:
         """See :class:`TickSource`; whole bars before ``from_ts_ms`` are skipped by count."""
         pos = 0
         start = 0
-        while start < len(self.bars) and self.bars[start].bucket_ms + BAR_MS <= from_ts_ms:
+        while start < len(self.bars) and self.bars[start].bucket_ms + MINUTE_MS <= from_ts_ms:
             pos += self.bars[start].n_ticks
             start += 1
         head: list[Tick] = []
@@ -391,7 +392,7 @@ async def load_bar_source(settings: Settings, exchange: str, symbol: str, from_m
                                  float(r["volume"]), int(r["trade_count"])))
             if len(rows) < _BARS_PAGE:
                 break
-            lo = bars[-1].bucket_ms + BAR_MS
+            lo = bars[-1].bucket_ms + MINUTE_MS
     finally:
         await conn.close()
     return BarSource(exchange, symbol, bars, namespace, from_ms, to_ms)

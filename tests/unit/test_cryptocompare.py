@@ -14,7 +14,8 @@ import pytest
 
 from core.errors import InvalidTick
 from core.models import Tick, parse_tick, tick_to_json
-from feeds.live.base import Backoff, FeedState
+from core.state import StateHolder
+from feeds.live.base import Backoff
 from feeds.live.cryptocompare import CryptoCompareFeed, message_type, parse_message, subadd_message
 from tests.support.cc_server import CryptoCompareServer, make_trade, wait_until
 
@@ -134,7 +135,7 @@ def make_feed(url: str, sink: MemorySink, *, api_key: str = KEY, subs: list[str]
               idle_timeout_s: float = 5.0) -> CryptoCompareFeed:
     return CryptoCompareFeed(
         url, api_key, SUBS if subs is None else subs, sink,
-        FeedState("cryptocompare", "cryptocompare"), idle_timeout_s,
+        StateHolder("cryptocompare", "cryptocompare"), idle_timeout_s,
         Backoff(initial_s=0.05, max_s=0.2, jitter=0.0, rng=random.Random(1)),
         min_reconnect_delay_s=0.0, connect_timeout_s=2.0)
 

@@ -22,7 +22,6 @@ import pytest
 from core.config import DEFAULT_PAIRS
 from feeds.emulator.server import (
     BAD_KINDS,
-    START_PRICES,
     EmulatorConfig,
     EmulatorServer,
     LineMaker,
@@ -33,6 +32,7 @@ from feeds.emulator.server import (
     round_price,
     trades_schedule,
 )
+from feeds.live.generator import START_PRICES
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_FILE = ROOT / "data" / "sample" / "trades" / "binance_spot_btcusdt_2020-09-27_trades.csv"

@@ -7,6 +7,7 @@ import pytest
 
 from core.config import FeedsSection
 from core.errors import QueryError
+from core.state import StateHolder
 from feeds.history.gaps import (
     MINUTE_MS,
     SCAN_MIN_MINUTES,
@@ -20,7 +21,6 @@ from feeds.history.gaps import (
     select_scan_holes,
     stored_end_ms,
 )
-from feeds.live.base import FeedState
 
 M = 1_723_161_600_000  # a minute boundary (2024-08-09T00:00:00Z)
 
@@ -126,7 +126,7 @@ def test_scan_rule_quiet_market_long_hole_and_outage() -> None:
 
 def test_feed_state_reports_transitions_once() -> None:
     seen: list[tuple[str, str, str | None]] = []
-    st = FeedState("exchange1", "marketflow_tcp")
+    st = StateHolder("exchange1", "marketflow_tcp")
     st.on_change = lambda s, prev: seen.append((prev, s.state, s.last_error))
     st.set_state("connected")
     st.set_state("connected")  # no change: no call
@@ -138,16 +138,16 @@ def test_feed_state_reports_transitions_once() -> None:
 
 def test_recorder_driven_by_feed_states(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = iter([M + 5_000, M + 30_000, M + 95_000])
-    monkeypatch.setattr("feeds.live.base.now_ms", lambda: next(clock))
+    monkeypatch.setattr("core.state.now_ms", lambda: next(clock))
     r = OutageRecorder()
     out: list[Outage] = []
 
-    def listen(s: FeedState, prev: str) -> None:
+    def listen(s: StateHolder, prev: str) -> None:
         o = r.observe(s.name, s.state, s.since_ms, s.last_message_ms)
         if o is not None:
             out.append(o)
 
-    st = FeedState("exchange1", "marketflow_tcp", on_change=listen)
+    st = StateHolder("exchange1", "marketflow_tcp", on_change=listen)
     st.set_state("connected")
     st.last_message_ms = M + 20_000
     st.set_state("reconnecting", "EOF")

@@ -6,7 +6,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stores.ohlcv_cache import SEAL_MARGIN_MS, live_window_ms, sealed_end_ms, stale_write_ms
+from core.timeutil import SEAL_MARGIN_MS, live_window_ms, sealed_end_ms, stale_write_ms
 from views.ohlcv import INTERVALS_MS, splice_json_arrays
 
 MIN = 60_000
