@@ -28,32 +28,27 @@ import faust
 import orjson
 from faust.types import EventT, StreamT
 from mode import Service
-from prometheus_client import Gauge
 
-from app import settings
-from app.faust_app import app
-from app.services import database, ohlcv_cache
-from app.topics import bars_topic
-from core.metrics import BARS_WRITTEN, FLUSH_SECONDS, SINK_ERRORS, SINK_RETRIES
-from core.timeutil import stale_write_ms
+from core.config import Settings
+from core.metrics import BARS_WRITTEN, FLUSH_SECONDS, PENDING_BARS, SINK_ERRORS, SINK_RETRIES
+from core.timeutil import now_ms, stale_write_ms
+from core.topics import Topics
 from sql.bars_1m import upsert_bars
 from sql.pool import Database
+from stores.ohlcv_cache import OhlcvCache
 
-__all__ = ["PENDING_BARS", "BarSinkService", "BarWriter", "flush_bars",
-           "flush_bars_at_shutdown", "persist_bars", "writer"]
+__all__ = ["BarWriter", "register_sink"]
 
 log = logging.getLogger(__name__)
-
-#: Bars held in memory by the sink (pending + being written); at most 2 x batch_size.
-PENDING_BARS = Gauge("marketflow_sink_pending_bars",
-                     "Closed bars held in memory by the TimescaleDB sink (bounded)")
 
 _REQUIRED = ("exchange", "symbol", "bucket_start_ms", "open", "high", "low", "close",
              "volume", "trade_count", "avg_price", "vwap", "open_ts_ms", "close_ts_ms")
 
 
-class BarWriter:
-    """Buffers closed bars with their events and upserts them in batches.
+class BarWriter(Service):
+    """Buffers closed bars with their events and upserts them in batches; a service that
+    owns the database service (mode stops a dependency after its owner, so the pool
+    closes only after the last flush).
 
     Args:
         db: the database service.
@@ -65,6 +60,9 @@ class BarWriter:
             the bars older than ``stale_ms`` (wall clock minus ``bucket_start_ms``).
         stale_ms: see ``invalidate``.
 
+    Each bar is queued with the stream it came from, which acks its event once the row is
+    committed.
+
     At most ``2 * batch_size`` bars are held (:attr:`held`): the batch being written and
     the next one; :meth:`add` blocks the agent while both are full (back-pressure).
     """
@@ -72,7 +70,9 @@ class BarWriter:
     def __init__(self, db: Database, batch_size: int, flush_interval_s: float,
                  retry_max_s: float, upsert: Callable[..., Awaitable[int]] = upsert_bars,
                  invalidate: Callable[[set[str]], Awaitable[None]] | None = None,
-                 stale_ms: int = 0) -> None:
+                 stale_ms: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_dependency(db)
         self.db = db
         self.upsert = upsert
         self.invalidate = invalidate
@@ -80,23 +80,23 @@ class BarWriter:
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.retry_max_s = retry_max_s
-        self._pending: list[tuple[dict[str, Any], EventT]] = []
+        self._pending: list[tuple[dict[str, Any], EventT, StreamT]] = []
         self._inflight = 0
         self._oldest_s = 0.0
         self._lock = asyncio.Lock()
-        self.stream: StreamT | None = None
 
     @property
     def held(self) -> int:
         """Bars held in memory: pending plus the batch being written (<= 2 x batch_size)."""
         return len(self._pending) + self._inflight
 
-    async def add(self, bar: dict[str, Any], event: EventT) -> None:
-        """Queue one bar; when the batch is full, flush it and wait (back-pressure: while a
-        write is retried, the caller waits here instead of queueing more bars)."""
+    async def add(self, bar: dict[str, Any], event: EventT, stream: StreamT) -> None:
+        """Queue one bar (``stream`` acks ``event`` once it is written); when the batch
+        is full, flush it and wait (back-pressure: while a write is retried, the caller
+        waits here instead of queueing more bars)."""
         if not self._pending:
             self._oldest_s = time.monotonic()
-        self._pending.append((bar, event))
+        self._pending.append((bar, event, stream))
         PENDING_BARS.set(self.held)
         if len(self._pending) >= self.batch_size:
             await self.flush()
@@ -125,7 +125,7 @@ class BarWriter:
                 self._inflight = 0
                 PENDING_BARS.set(self.held)
 
-    async def _write(self, batch: list[tuple[dict[str, Any], EventT]]) -> int:
+    async def _write(self, batch: list[tuple[dict[str, Any], EventT, StreamT]]) -> int:
         """Upsert ``batch`` (retrying with backoff until it succeeds), then ack its events."""
         delay = 0.2
         while True:
@@ -133,7 +133,7 @@ class BarWriter:
                 pool = await self.db.pool()
                 with FLUSH_SECONDS.time():
                     async with pool.acquire() as conn:
-                        n = await self.upsert(conn, [b for b, _ in batch])
+                        n = await self.upsert(conn, [b for b, _, _ in batch])
                 break
             except (TimeoutError, OSError, asyncpg.PostgresError,
                     asyncpg.InterfaceError) as exc:
@@ -145,19 +145,13 @@ class BarWriter:
                 delay = min(delay * 2, self.retry_max_s)
         BARS_WRITTEN.inc(n)
         if self.invalidate is not None:
-            old_before = time.time_ns() // 1_000_000 - self.stale_ms
-            stale = {b["symbol"] for b, _ in batch if b["bucket_start_ms"] < old_before}
+            old_before = now_ms() - self.stale_ms
+            stale = {b["symbol"] for b, _, _ in batch if b["bucket_start_ms"] < old_before}
             if stale:
                 await self.invalidate(stale)
-        assert self.stream is not None
-        for _, event in batch:
-            await self.stream.ack(event)
+        for _, event, stream in batch:
+            await stream.ack(event)
         return n
-
-
-writer = BarWriter(database, settings.sink.batch_size, settings.sink.flush_interval_s,
-                   settings.sink.retry_max_s, invalidate=ohlcv_cache.invalidate,
-                   stale_ms=stale_write_ms(settings.window.grace_ms))
 
 
 def _decode_bar(raw: Any) -> dict[str, Any] | None:
@@ -170,54 +164,51 @@ def _decode_bar(raw: Any) -> dict[str, Any] | None:
     return bar
 
 
-@app.agent(bars_topic)
-async def persist_bars(stream: StreamT) -> None:
-    """Upsert every closed bar into ``bars_1m``; acks only after the row is committed."""
-    manual = cast(faust.Stream, stream).noack()
-    writer.stream = manual
-    async for event in manual.events():
-        bar = _decode_bar(event.value)
-        if bar is None:
-            SINK_ERRORS.labels("bad_bar").inc()
-            log.error("skipping undecodable closed-bar message at %s[%s]@%s: %r",
-                      event.message.topic, event.message.partition, event.message.offset,
-                      event.value[:200] if event.value else event.value)
-            await manual.ack(event)
-            continue
-        await writer.add(bar, event)
+def register_sink(app: faust.App, settings: Settings, topics: Topics, database: Database,
+                  ohlcv_cache: OhlcvCache) -> BarWriter:
+    """Register the sink on ``app``: the closed-bars agent (``agents.sink.persist_bars``,
+    upserts every closed bar into ``bars_1m`` and acks only after the row is committed), the
+    flush timer (a quiet stream still gets its bars written; cache invalidations that did
+    not reach Redis are retried), the writer service (which owns ``database``) and the
+    shutdown flush (before Faust waits for acks and stops).
 
-
-@app.timer(interval=max(0.05, settings.sink.flush_interval_s / 4))
-async def flush_bars() -> None:
-    """Flush the bar batch when it is due (a quiet stream still gets its bars written), and
-    retry cache invalidations that did not reach Redis."""
-    await writer.flush_if_due()
-    await ohlcv_cache.retry_pending()
-
-
-class BarSinkService(Service):
-    """Owns the database service, so the pool closes only after this service stops.
-
-    mode stops children after the parent's ``on_stop``; registered on its own, the
-    database would be closed concurrently with the last flush.
+    Returns:
+        BarWriter: the writer, already a service of ``app``.
     """
+    sink = settings.sink
+    writer = BarWriter(database, sink.batch_size, sink.flush_interval_s, sink.retry_max_s,
+                       invalidate=ohlcv_cache.invalidate,
+                       stale_ms=stale_write_ms(settings.window.grace_ms))
 
-    def __init__(self, db: Database, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.add_dependency(db)
+    async def persist_bars(stream: StreamT) -> None:
+        manual = cast(faust.Stream, stream).noack()
+        async for event in manual.events():
+            bar = _decode_bar(event.value)
+            if bar is None:
+                SINK_ERRORS.labels("bad_bar").inc()
+                log.error("skipping undecodable closed-bar message at %s[%s]@%s: %r",
+                          event.message.topic, event.message.partition, event.message.offset,
+                          event.value[:200] if event.value else event.value)
+                await manual.ack(event)
+                continue
+            await writer.add(bar, event, manual)
 
+    async def flush_bars() -> None:
+        await writer.flush_if_due()
+        await ohlcv_cache.retry_pending()
 
-@app.before_stop
-async def flush_bars_at_shutdown() -> None:
-    """Write the pending bar batch (and ack it) before Faust waits for acks and stops."""
-    try:
-        n = await asyncio.wait_for(writer.flush(), timeout=max(5.0, settings.sink.retry_max_s))
-    except TimeoutError:
-        log.error("database unreachable at shutdown: pending bars stay unacknowledged "
-                  "and are written after the next start")
-        return
-    if n:
-        log.info("flushed %d bars at shutdown", n, extra={"bars": n})
+    async def flush_bars_at_shutdown() -> None:
+        try:
+            n = await asyncio.wait_for(writer.flush(), timeout=max(5.0, sink.retry_max_s))
+        except TimeoutError:
+            log.error("database unreachable at shutdown: pending bars stay unacknowledged "
+                      "and are written after the next start")
+            return
+        if n:
+            log.info("flushed %d bars at shutdown", n, extra={"bars": n})
 
-
-app.service(BarSinkService(database))  # type: ignore[arg-type]
+    app.agent(topics.bars, name="agents.sink.persist_bars")(persist_bars)
+    app.timer(interval=max(0.05, sink.flush_interval_s / 4))(flush_bars)
+    cast(Any, app).before_stop(flush_bars_at_shutdown)
+    app.service(writer)  # type: ignore[arg-type]
+    return writer

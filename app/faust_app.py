@@ -1,4 +1,5 @@
-"""Builds the :class:`faust.App` from :mod:`core.config`."""
+"""The :class:`faust.App` subclass marketflow runs, and its options from :mod:`core.config`
+(built by :func:`app.factory.create_app`)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from typing import Any
 import faust
 from aiokafka.errors import KafkaConnectionError
 
+from core.admin import ensure_topics
 from core.config import Settings
+from core.errors import ConfigError
 
-__all__ = ["MarketflowApp", "app", "faust_options", "json_logging_config"]
+__all__ = ["MarketflowApp", "faust_options", "json_logging_config", "use_event_loop"]
 
 
 def json_logging_config() -> dict[str, Any]:
@@ -64,10 +67,15 @@ def faust_options(s: Settings) -> dict[str, Any]:
 
 class MarketflowApp(faust.App):
     """:class:`faust.App` that creates its topics (explicit partition counts) before the
-    consumer subscribes, and runs shutdown hooks before Faust's own stop."""
+    consumer subscribes, and runs shutdown hooks before Faust's own stop.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    Args:
+        settings: marketflow's settings (``app.id`` and :func:`faust_options` come from it).
+    """
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(settings.app.id, **faust_options(settings), **kwargs)
+        self.mf_settings = settings
         self._pre_stop_hooks: list[Callable[[], Awaitable[Any]]] = []
 
     def before_stop(self, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
@@ -94,10 +102,7 @@ class MarketflowApp(faust.App):
         Raises:
             ConfigError: the broker stayed unreachable (the worker exits non-zero).
         """
-        from app import settings
-        from core.admin import ensure_topics
-        from core.errors import ConfigError
-
+        settings = self.mf_settings
         await super().on_first_start()
         deadline = time.monotonic() + settings.broker.connect_timeout_s
         delay = 0.5
@@ -145,14 +150,3 @@ def use_event_loop(name: str, *, cli_only: bool = True) -> str:
         if not isinstance(asyncio.get_event_loop_policy(), uvloop.EventLoopPolicy):
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return name
-
-
-def _make_app() -> MarketflowApp:
-    from app import settings
-
-    use_event_loop(settings.app.event_loop)
-    opts = faust_options(settings)
-    return MarketflowApp(settings.app.id, **opts)
-
-
-app: MarketflowApp = _make_app()

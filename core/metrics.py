@@ -11,6 +11,7 @@ __all__ = [
     "DEAD_LETTERED",
     "DUPLICATE_TICKS",
     "LATE_TICKS",
+    "PENDING_BARS",
     "SINK_ERRORS",
     "SINK_RETRIES",
     "TICKS_APPLIED",
@@ -131,3 +132,6 @@ SKIPPED_RECOVERED = Counter(
     "ticks messages the Faust stream skipped (an offset jump) that the agent read back "
     "and handled",
 )
+#: Bars held in memory by the sink (pending + being written); at most 2 x batch_size.
+PENDING_BARS = Gauge("marketflow_sink_pending_bars",
+                     "Closed bars held in memory by the TimescaleDB sink (bounded)")

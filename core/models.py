@@ -1,4 +1,5 @@
-"""Wire formats of the ``ticks``, closed-bars and dead-letter topics, and tick validation.
+"""Wire formats of the ``ticks``, closed-bars and dead-letter topics, the ``/ohlcv`` bar,
+and tick validation.
 
 Everything here is pure (no I/O) so it is unit-tested without a broker.
 
@@ -25,22 +26,31 @@ Everything here is pure (no I/O) so it is unit-tested without a broker.
 from __future__ import annotations
 
 import math
-import re
+from collections.abc import Mapping
+from time import gmtime
 from typing import Any, NamedTuple
 
 import orjson
 
 from core.errors import InvalidTick
+from core.names import NAME_RE
 
 __all__ = [
+    "BAR_ALIASES",
+    "BAR_FIELDS",
+    "BAR_VALUES",
+    "CLOSED_BAR_FIELDS",
     "CONTROL_IDLE_CHECK",
     "MAX_MESSAGE_BYTES",
     "MIN_TS_MS",
     "SOURCES",
     "Tick",
+    "closed_bar",
     "control_message",
     "dead_letter_message",
     "decode_ticks_payload",
+    "iso_ms",
+    "ohlcv_bar",
     "parse_tick",
     "tick_to_json",
 ]
@@ -52,7 +62,6 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 #: 2009-01-03T00:00:00Z (the Bitcoin genesis block): anything older is not a crypto trade.
 MIN_TS_MS = 1_230_940_800_000
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/\-]{0,39}$")
 
 
 class Tick(NamedTuple):
@@ -121,7 +130,7 @@ def _name(obj: dict[str, Any], field: str) -> str:
         raise InvalidTick("missing_field", field)
     if not isinstance(v, str):
         raise InvalidTick("bad_type", f"{field} must be a string")
-    if not _NAME_RE.match(v):
+    if not NAME_RE.match(v):
         raise InvalidTick("bad_name", f"{field}={v[:60]!r}")
     return v
 
@@ -256,3 +265,102 @@ def dead_letter_message(
     except TypeError:  # e.g. integers beyond 64 bits in the payload
         msg["payload"] = repr(payload)[:65536]
         return orjson.dumps(msg)
+
+
+# ---- bars: the closed-bars topic message and the /ohlcv bar -----------------------------
+
+#: The OHLCV values of a bar, in response order: a 1-minute bar (``bars_1m`` columns, live
+#: bars in Redis) or a rolled-up bucket (:func:`sql.bars_1m.fetch_rollup` record fields).
+#: ``open``..``close`` quote currency per base unit, ``volume`` base units, ``trade_count``
+#: trades, ``avg_price`` mean trade price, ``vwap`` volume-weighted average price (null
+#: without quantities).
+BAR_VALUES: tuple[str, ...] = ("open", "high", "low", "close", "volume", "trade_count",
+                               "avg_price", "vwap")
+#: Fields that repeat a value under another name: ``min_price`` is ``low``, ``max_price``
+#: is ``high``.
+BAR_ALIASES: dict[str, str] = {"min_price": "low", "max_price": "high"}
+#: One ``/ohlcv`` bar (also the cached and the PostgreSQL-serialised JSON, see
+#: :data:`sql.bars_1m.BAR_JSON_SQL`), in response order: ``exchange`` (null when
+#: consolidated across exchanges), ``symbol``, ``bucket_start_ms`` (UTC epoch ms),
+#: ``time`` (:func:`iso_ms` of it), :data:`BAR_VALUES`, :data:`BAR_ALIASES`, ``closed``
+#: (false for a bucket still open).
+BAR_FIELDS: tuple[str, ...] = ("exchange", "symbol", "bucket_start_ms", "time", *BAR_VALUES,
+                               *BAR_ALIASES, "closed")
+#: One closed-bars topic message (and the row source of ``bars_1m``), in wire order; a
+#: re-emitted corrected bar adds ``"correction": true``, a live bar in Redis ``"closed"``.
+CLOSED_BAR_FIELDS: tuple[str, ...] = (
+    "exchange", "symbol", "bucket_start_ms", "bucket_end_ms", "open", "high", "low", "close",
+    "volume", "trade_count", "avg_price", "min_price", "max_price", "vwap", "open_ts_ms",
+    "close_ts_ms")
+
+
+def iso_ms(ms: int) -> str:
+    """UTC ISO-8601 with milliseconds and ``Z``, e.g. ``2024-08-08T23:55:00.000Z``.
+
+    Args:
+        ms: UTC epoch milliseconds, 0 .. year 9999.
+
+    Returns:
+        str: the bar ``time`` format (PostgreSQL writes the same in
+        :data:`sql.bars_1m.BAR_JSON_SQL`).
+    """
+    s, rest = divmod(ms, 1000)
+    t = gmtime(s)
+    return f"{t[0]:04d}-{t[1]:02d}-{t[2]:02d}T{t[3]:02d}:{t[4]:02d}:{t[5]:02d}.{rest:03d}Z"
+
+
+def ohlcv_bar(exchange: str | None, symbol: str, bucket_start_ms: int,
+              values: Mapping[str, Any], closed: bool) -> dict[str, Any]:
+    """One ``/ohlcv`` bar (:data:`BAR_FIELDS`, in that order).
+
+    Args:
+        exchange: the bar's exchange, None for a bar consolidated across exchanges.
+        symbol: the symbol.
+        bucket_start_ms: bucket start, UTC epoch ms.
+        values: holds every :data:`BAR_VALUES` field (a rollup record, a bar dict).
+        closed: whether the bucket is over and none of its minutes is still open.
+
+    Returns:
+        dict: the bar.
+    """
+    bar: dict[str, Any] = {"exchange": exchange, "symbol": symbol,
+                           "bucket_start_ms": bucket_start_ms, "time": iso_ms(bucket_start_ms)}
+    for field in BAR_VALUES:
+        bar[field] = values[field]
+    for alias, field in BAR_ALIASES.items():
+        bar[alias] = values[field]
+    bar["closed"] = closed
+    return bar
+
+
+def closed_bar(exchange: str, symbol: str, bucket_start_ms: int, bucket_end_ms: int, *,
+               open: float, high: float, low: float, close: float, volume: float,
+               trade_count: int, avg_price: float, vwap: float | None, open_ts_ms: int,
+               close_ts_ms: int) -> dict[str, Any]:
+    """One closed-bars topic message (:data:`CLOSED_BAR_FIELDS`, in that order).
+
+    Args:
+        exchange: exchange id.
+        symbol: the exchange's pair name.
+        bucket_start_ms: window start, UTC epoch ms.
+        bucket_end_ms: window end (exclusive), UTC epoch ms.
+        open: first trade price by event time (quote currency per base unit).
+        high: highest trade price.
+        low: lowest trade price.
+        close: last trade price by event time.
+        volume: sum of quantities, base units.
+        trade_count: number of trades.
+        avg_price: mean trade price.
+        vwap: volume-weighted average price, None when no trade carried a quantity.
+        open_ts_ms: event time of the open trade, UTC epoch ms.
+        close_ts_ms: event time of the close trade, UTC epoch ms.
+
+    Returns:
+        dict: the message (``min_price``/``max_price`` repeat ``low``/``high``,
+        :data:`BAR_ALIASES`).
+    """
+    return {"exchange": exchange, "symbol": symbol, "bucket_start_ms": bucket_start_ms,
+            "bucket_end_ms": bucket_end_ms, "open": open, "high": high, "low": low,
+            "close": close, "volume": volume, "trade_count": trade_count,
+            "avg_price": avg_price, "min_price": low, "max_price": high, "vwap": vwap,
+            "open_ts_ms": open_ts_ms, "close_ts_ms": close_ts_ms}

@@ -431,7 +431,7 @@ psql_admin() {
 }
 
 # Build TimescaleDB (Apache-2 edition) from Debian trixie's source package against bookworm's
-# PostgreSQL 15 (bookworm itself has no timescaledb package; see shared/reference/timescaledb-install.md).
+# PostgreSQL 15 (bookworm itself has no timescaledb package; see docs/operations.md).
 timescaledb_installed() { [[ -f $PG_SHAREDIR/extension/timescaledb.control ]]; }
 
 # Write the trixie deb-src entry (same mirror as the machine's bookworm sources). main() calls this

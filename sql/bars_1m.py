@@ -7,11 +7,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 
-__all__ = ["fetch_bars", "fetch_rollup", "fetch_rollup_json", "newest_bar_before",
-           "oldest_bar_in", "pairs",
-           "price_stats", "recent_prices", "stored_minutes", "symbol_known", "upsert_bars",
-           "upsert_fetched_bars"]
+from core.models import BAR_ALIASES, BAR_FIELDS, BAR_VALUES
+
+__all__ = ["BAR_JSON_SQL", "CONSOLIDATE_SQL", "fetch_bars", "fetch_rollup", "fetch_rollup_json",
+           "fetch_rollup_live", "newest_bar_before", "oldest_bar_in", "pairs", "price_stats",
+           "recent_prices", "symbol_known", "upsert_bars", "upsert_fetched_bars"]
 
 _UPSERT = """
 INSERT INTO bars_1m (exchange, symbol, bucket_start, open, high, low, close, volume,
@@ -50,10 +52,15 @@ ORDER BY bucket_start, exchange
 LIMIT $5
 """
 
-#: Float sums are ordered (bucket_start, exchange) so a bucket's values do not depend on the
-#: query plan or on which other rows the range holds (summation is not associative).
-_ROLLUP = """
-SELECT time_bucket($5::interval, bucket_start) AS b,
+#: The consolidation rule: how the 1-minute bars of one bucket (several minutes, several
+#: exchanges) make one bar. Open of the earliest trade (by ``open_ts_ms``), close of the
+#: latest (by ``close_ts_ms``), high max, low min, volume and trade count summed, average
+#: price count-weighted, VWAP volume-weighted over the bars that have one. It is the only
+#: copy of the rule: every rollup (stored bars, stored plus live bars) uses it, and
+#: ``tests/unit/test_series.py`` tests it. Float sums are ordered (bucket_start, exchange)
+#: so a bucket's values do not depend on the query plan or on which other rows the range
+#: holds (summation is not associative).
+CONSOLIDATE_SQL = """
        first(open, open_ts_ms)  AS open,
        max(high)                AS high,
        min(low)                 AS low,
@@ -66,39 +73,91 @@ SELECT time_bucket($5::interval, bucket_start) AS b,
          / nullif(sum(volume ORDER BY bucket_start, exchange)
                   FILTER (WHERE vwap IS NOT NULL), 0) AS vwap,
        min(open_ts_ms)          AS open_ts_ms,
-       max(close_ts_ms)         AS close_ts_ms
+       max(close_ts_ms)         AS close_ts_ms"""
+
+#: The stored 1-minute bars of $1 (on exchange $2, NULL = any) starting in [$3, $4).
+_IN_RANGE = """symbol = $1 AND ($2::text IS NULL OR exchange = $2)
+  AND bucket_start >= $3 AND bucket_start < $4"""
+
+_ROLLUP = """
+SELECT time_bucket($5::interval, bucket_start) AS b,""" + CONSOLIDATE_SQL + """
 FROM bars_1m
-WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
-  AND bucket_start >= $3 AND bucket_start < $4
+WHERE """ + _IN_RANGE + """
 GROUP BY b
 ORDER BY b
 LIMIT $6
 """
 
-#: The rollup of :data:`_ROLLUP` as one JSON array in the ``/ohlcv`` bar shape, built by
-#: PostgreSQL (the worker only passes the text on). Every bucket is closed: callers use it
-#: for buckets that ended before the live window only.
-_ROLLUP_JSON = """
-SELECT coalesce(json_agg(json_build_object(
-           'exchange', $2::text, 'symbol', $1::text,
-           'bucket_start_ms', (extract(epoch FROM b) * 1000)::bigint,
-           'time', to_char(b AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
-           'open', open, 'high', high, 'low', low, 'close', close, 'volume', volume,
-           'trade_count', trade_count, 'avg_price', avg_price, 'vwap', vwap,
-           'min_price', low, 'max_price', high, 'closed', true) ORDER BY b), '[]')::text
-FROM (""" + _ROLLUP + """) AS r
+#: Columns of a live 1-minute bar passed as JSON ($7, an array of live-bar objects: the
+#: closed-bar schema plus ``closed``).
+_LIVE_COLUMNS = """exchange text, bucket_start_ms bigint, open float8, high float8,
+       low float8, close float8, volume float8, trade_count integer, avg_price float8,
+       vwap float8, open_ts_ms bigint, close_ts_ms bigint, closed boolean"""
+_LIVE_START = "(timestamptz 'epoch' + l.bucket_start_ms * interval '1 millisecond')"
+
+#: :data:`_ROLLUP` over the stored bars plus the live bars ($7) whose minute is not stored
+#: (a stored row wins), with ``closed`` (no minute of the bucket still open) and
+#: ``live_minutes`` (live bars merged) per bucket.
+_ROLLUP_LIVE = """
+SELECT time_bucket($5::interval, bucket_start) AS b,""" + CONSOLIDATE_SQL + """,
+       bool_and(closed)         AS closed,
+       count(*) FILTER (WHERE live) AS live_minutes
+FROM (
+    SELECT exchange, bucket_start, open, high, low, close, volume, trade_count, avg_price,
+           vwap, open_ts_ms, close_ts_ms, true AS closed, false AS live
+    FROM bars_1m
+    WHERE """ + _IN_RANGE + """
+    UNION ALL
+    SELECT l.exchange, """ + _LIVE_START + """, l.open, l.high, l.low, l.close,
+           l.volume, l.trade_count, l.avg_price, l.vwap, l.open_ts_ms, l.close_ts_ms,
+           l.closed, true
+    FROM jsonb_to_recordset($7::jsonb) AS l(""" + _LIVE_COLUMNS + """)
+    WHERE ($2::text IS NULL OR l.exchange = $2)
+      AND """ + _LIVE_START + """ >= $3 AND """ + _LIVE_START + """ < $4
+      AND NOT EXISTS (SELECT 1 FROM bars_1m AS s
+                      WHERE s.exchange = l.exchange AND s.symbol = $1
+                        AND s.bucket_start = """ + _LIVE_START + """)
+) AS m
+GROUP BY b
+ORDER BY b
+LIMIT $6
 """
+
+#: SQL of each ``/ohlcv`` bar field (:data:`core.models.BAR_FIELDS`) that is not a rollup
+#: value (:data:`core.models.BAR_VALUES`) or an alias of one (:data:`core.models.BAR_ALIASES`),
+#: over a rollup record (``b`` = bucket start); the bars serialised by PostgreSQL are
+#: sealed, hence closed.
+_BAR_KEY_SQL = {
+    "exchange": "$2::text",
+    "symbol": "$1::text",
+    "bucket_start_ms": "(extract(epoch FROM b) * 1000)::bigint",
+    "time": """to_char(b AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')""",
+    "closed": "true",
+}
+
+
+def _bar_field_sql(field: str) -> str:
+    if field in BAR_VALUES:
+        return field
+    if field in BAR_ALIASES:
+        return BAR_ALIASES[field]
+    return _BAR_KEY_SQL[field]  # a new bar field needs its SQL here (KeyError at import)
+
+
+#: ``json_build_object`` of one ``/ohlcv`` bar over a rollup record, generated from
+#: :data:`core.models.BAR_FIELDS` (same fields, same order as :func:`core.models.ohlcv_bar`).
+BAR_JSON_SQL = "json_build_object(" + ", ".join(
+    f"'{field}', {_bar_field_sql(field)}" for field in BAR_FIELDS) + ")"
+
+#: The rollup of :data:`_ROLLUP` as one JSON array of ``/ohlcv`` bars, built by PostgreSQL
+#: (the worker only passes the text on). Every bucket is closed: callers use it for
+#: buckets that ended before the live window only.
+_ROLLUP_JSON = ("SELECT coalesce(json_agg(" + BAR_JSON_SQL + " ORDER BY b), '[]')::text\n"
+                "FROM (" + _ROLLUP + ") AS r\n")
 
 _STATS = """
 SELECT max(high) AS high, min(low) AS low, sum(avg_price * trade_count) AS price_sum,
        sum(trade_count)::bigint AS n
-FROM bars_1m
-WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
-  AND bucket_start >= $3 AND bucket_start < $4
-"""
-
-_STORED_MINUTES = """
-SELECT exchange, (extract(epoch from bucket_start) * 1000)::bigint AS b
 FROM bars_1m
 WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
   AND bucket_start >= $3 AND bucket_start < $4
@@ -241,19 +300,55 @@ async def fetch_rollup(
     """OHLCV of ``symbol`` rolled up from the 1-minute bars into ``interval_ms`` buckets.
 
     Buckets are ``time_bucket`` aligned (UTC midnight origin for sub-day intervals); a
-    bucket is included when its 1-minute bars start in ``[start_ms, end_ms)`` (callers
-    align ``start_ms`` down to the interval for whole buckets). With ``exchange=None`` the
-    exchanges are consolidated: open of the earliest trade (by ``open_ts_ms``), close of the
-    latest (by ``close_ts_ms``), high max, low min, volume and trade count summed, average
-    price count-weighted, VWAP volume-weighted over bars that have one.
+    bucket holds its 1-minute bars starting in ``[start_ms, end_ms)`` (callers align
+    ``start_ms`` down to the interval for whole buckets). The bars of a bucket (its minutes
+    and, with ``exchange=None``, every exchange) make one bar by :data:`CONSOLIDATE_SQL`.
+
+    Args:
+        conn: connection.
+        symbol: the symbol.
+        exchange: one exchange, None for all (consolidated).
+        start_ms: range start, UTC epoch ms (inclusive).
+        end_ms: range end, UTC epoch ms (exclusive).
+        interval_ms: bucket length, ms.
+        limit: at most this many buckets (the oldest).
 
     Returns:
         Records ``b`` (bucket start, timestamptz), ``open``, ``high``, ``low``, ``close``,
         ``volume``, ``trade_count``, ``avg_price``, ``vwap``, ``open_ts_ms``,
-        ``close_ts_ms``, oldest first, at most ``limit``.
+        ``close_ts_ms``, oldest first.
     """
     return await conn.fetch(_ROLLUP, symbol, exchange, _ts(start_ms), _ts(end_ms),
                             timedelta(milliseconds=interval_ms), limit)
+
+
+async def fetch_rollup_live(
+    conn: asyncpg.Connection, symbol: str, exchange: str | None, start_ms: int, end_ms: int,
+    interval_ms: int, limit: int, live: Sequence[dict[str, Any]],
+) -> Sequence[asyncpg.Record]:
+    """:func:`fetch_rollup` over the stored 1-minute bars plus live ones: each live bar
+    whose minute is not stored counts like a stored bar (one query, so a minute stored
+    meanwhile is counted once, from the database).
+
+    Args:
+        conn: connection.
+        symbol: the symbol.
+        exchange: one exchange, None for all (consolidated).
+        start_ms: range start, UTC epoch ms (inclusive).
+        end_ms: range end, UTC epoch ms (exclusive).
+        interval_ms: bucket length, ms.
+        limit: at most this many buckets (the oldest).
+        live: live 1-minute bars of ``symbol`` (the closed-bar schema,
+            :data:`core.models.CLOSED_BAR_FIELDS`, plus ``closed``); those outside the
+            range or on another exchange are ignored.
+
+    Returns:
+        The records of :func:`fetch_rollup` plus ``closed`` (false when a live minute of
+        the bucket is still open) and ``live_minutes`` (live bars counted in the bucket).
+    """
+    return await conn.fetch(_ROLLUP_LIVE, symbol, exchange, _ts(start_ms), _ts(end_ms),
+                            timedelta(milliseconds=interval_ms), limit,
+                            orjson.dumps(live).decode())
 
 
 async def fetch_rollup_json(
@@ -261,10 +356,9 @@ async def fetch_rollup_json(
     interval_ms: int, limit: int,
 ) -> bytes:
     """:func:`fetch_rollup` serialised by PostgreSQL as a JSON array of ``/ohlcv`` bars
-    (``exchange``, ``symbol``, ``bucket_start_ms``, ``time`` ISO-8601 UTC, ``open``,
-    ``high``, ``low``, ``close``, ``volume``, ``trade_count``, ``avg_price``, ``vwap``,
-    ``min_price``, ``max_price``, ``closed`` always true), oldest first; ``b"[]"`` when
-    there are none. Only for buckets that are closed and stored completely.
+    (:data:`core.models.BAR_FIELDS` by :data:`BAR_JSON_SQL`; ``exchange`` as given,
+    ``closed`` always true), oldest first; ``b"[]"`` when there are none. Only for buckets
+    that are closed and stored completely.
     """
     text = await conn.fetchval(_ROLLUP_JSON, symbol, exchange, _ts(start_ms), _ts(end_ms),
                                timedelta(milliseconds=interval_ms), limit)
@@ -280,13 +374,6 @@ async def price_stats(conn: asyncpg.Connection, symbol: str, exchange: str | Non
     if r is None or not r["n"]:
         return None
     return [r["low"], r["high"], r["price_sum"], float(r["n"])]
-
-
-async def stored_minutes(conn: asyncpg.Connection, symbol: str, exchange: str | None,
-                         start_ms: int, end_ms: int) -> set[tuple[str, int]]:
-    """``(exchange, bucket_start_ms)`` of the stored 1-minute bars in ``[start_ms, end_ms)``."""
-    rows = await conn.fetch(_STORED_MINUTES, symbol, exchange, _ts(start_ms), _ts(end_ms))
-    return {(r["exchange"], int(r["b"])) for r in rows}
 
 
 async def pairs(conn: asyncpg.Connection, exchange: str | None, query: str, limit: int

@@ -23,7 +23,9 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-__all__ = ["MODES", "get_mode", "ingest_status_key", "mode_key", "read_ingest_status",
+from stores.keys import ingest_status_key, mode_key
+
+__all__ = ["MODES", "get_mode", "read_ingest_status",
            "set_mode", "write_ingest_status"]
 
 MODES = ("live", "test", "off")
@@ -33,14 +35,8 @@ STATUS_TTL_MS = 5_000
 _last_mode: dict[str, str] = {}
 
 
-def mode_key(prefix: str) -> str:
-    """Redis key of the requested mode."""
-    return f"{prefix}:mode"
 
 
-def ingest_status_key(prefix: str) -> str:
-    """Redis key of the ingesting worker's status."""
-    return f"{prefix}:ingest"
 
 
 async def get_mode(client: aioredis.Redis, prefix: str, default: str) -> str:

@@ -2,10 +2,9 @@
 
 ``GET /ohlcv`` splits a request at the **seal boundary**: buckets that end before the live
 window (:func:`core.timeutil.live_window_ms`) are *sealed* — all their minutes are old
-enough to be in
-TimescaleDB, so the answer for them changes only when an old bar is (re)written. Their
-serialised JSON is cached; the newer buckets (database + live bars in Redis) are computed
-on every request and spliced after them.
+enough to be in TimescaleDB, so the answer for them changes only when an old bar is
+(re)written. Their serialised JSON is cached; the newer buckets (database + live bars in
+Redis) are computed on every request and spliced after them.
 
 Keys (``<p>`` is ``redis.key_prefix``):
 
@@ -35,14 +34,12 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from mode import Service
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from core.metrics import CACHE_REQUESTS, SINK_ERRORS
+from stores.keys import ohlcv_gen_key
 
-__all__ = ["OhlcvCache", "entry_key", "gen_key"]
+__all__ = ["OhlcvCache"]
 
 log = logging.getLogger(__name__)
 
@@ -50,35 +47,24 @@ log = logging.getLogger(__name__)
 _INVALIDATE_TIMEOUT_S = 2.0
 
 
-def gen_key(prefix: str, symbol: str) -> str:
-    """Redis key of the symbol's stored-bars generation."""
-    return f"{prefix}:ohlcv:gen:{symbol}"
 
 
-def entry_key(prefix: str, symbol: str, gen: int, exchange: str | None, interval: str,
-              fill: str, start_ms: int, sealed_end: int) -> str:
-    """Redis key of one cached sealed range."""
-    return (f"{prefix}:ohlcv:{symbol}:{gen}:{exchange or '*'}:{interval}:{fill}:"
-            f"{start_ms}:{sealed_end}")
 
 
-class OhlcvCache(Service):
+class OhlcvCache:
     """The sealed-range cache (see the module docstring).
 
     Args:
-        url: Redis URL.
+        redis: the shared connection (:mod:`stores.connection`; responses decoded, so a
+            cached range is re-encoded to bytes on a hit).
         prefix: key prefix.
         ttl_s: entry lifetime; 0 disables the cache (reads miss, writes are skipped;
             invalidations still happen, so enabling it later is safe).
         max_bytes: larger entries are not stored.
     """
 
-    def __init__(self, url: str, prefix: str, ttl_s: int, max_bytes: int,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # fail fast: a Redis outage must not hold up the sink's flush or a request
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=1.0, retry=Retry(NoBackoff(), 1))
+    def __init__(self, redis: aioredis.Redis, prefix: str, ttl_s: int, max_bytes: int) -> None:
+        self.redis = redis
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.max_bytes = max_bytes
@@ -89,17 +75,13 @@ class OhlcvCache(Service):
         """Whether reads and writes use the cache."""
         return self.ttl_s > 0
 
-    async def on_stop(self) -> None:
-        """Close the connection pool."""
-        await self.client.aclose()
-
     async def generation(self, symbol: str) -> int | None:
         """The symbol's current generation (0 before any invalidation); None when the
         cache is disabled or Redis does not answer (counted, logged at debug)."""
         if not self.enabled:
             return None
         try:
-            raw = await self.client.get(gen_key(self.prefix, symbol))
+            raw = await self.redis.get(ohlcv_gen_key(self.prefix, symbol))
         except (RedisError, OSError) as exc:
             CACHE_REQUESTS.labels("error").inc()
             log.debug("ohlcv cache: generation read failed: %s", exc)
@@ -110,7 +92,7 @@ class OhlcvCache(Service):
         """``(last sealed bar or None, JSON array bytes)`` of a cached range, or None on a
         miss (or a Redis error, counted)."""
         try:
-            raw = await self.client.get(key)
+            raw = await self.redis.get(key)
         except (RedisError, OSError) as exc:
             CACHE_REQUESTS.labels("error").inc()
             log.debug("ohlcv cache: read failed: %s", exc)
@@ -119,8 +101,8 @@ class OhlcvCache(Service):
             CACHE_REQUESTS.labels("miss").inc()
             return None
         CACHE_REQUESTS.labels("hit").inc()
-        assert isinstance(raw, bytes)  # the client does not decode responses
-        head, _, blob = raw.partition(b"\n")
+        data = raw.encode() if isinstance(raw, str) else raw
+        head, _, blob = data.partition(b"\n")
         return orjson.loads(head), blob
 
     async def put(self, key: str, last_bar: dict[str, Any] | None, blob: bytes) -> None:
@@ -129,7 +111,7 @@ class OhlcvCache(Service):
         if not self.enabled or len(blob) > self.max_bytes:
             return
         try:
-            await self.client.set(key, orjson.dumps(last_bar) + b"\n" + blob, ex=self.ttl_s)
+            await self.redis.set(key, orjson.dumps(last_bar) + b"\n" + blob, ex=self.ttl_s)
         except (RedisError, OSError) as exc:
             CACHE_REQUESTS.labels("error").inc()
             log.debug("ohlcv cache: write failed: %s", exc)
@@ -148,9 +130,9 @@ class OhlcvCache(Service):
         todo = sorted(self._pending)
         try:
             async with asyncio.timeout(_INVALIDATE_TIMEOUT_S):
-                async with self.client.pipeline(transaction=False) as pipe:
+                async with self.redis.pipeline(transaction=False) as pipe:
                     for s in todo:
-                        pipe.incr(gen_key(self.prefix, s))
+                        pipe.incr(ohlcv_gen_key(self.prefix, s))
                     await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             SINK_ERRORS.labels("ohlcv_cache").inc()

@@ -34,6 +34,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from stores.keys import replay_control_key, replay_seq_key, replay_state_key
+
 __all__ = [
     "ACTIVE_STATES",
     "COMMANDS",
@@ -44,14 +46,11 @@ __all__ = [
     "STATE_TTL_MS",
     "active_clock_ms",
     "check_transition",
-    "control_key",
     "is_active",
     "parse_speed",
     "pop_commands",
     "read_state",
     "send_command",
-    "seq_key",
-    "state_key",
     "write_state",
 ]
 
@@ -66,19 +65,10 @@ COMMAND_TTL_S = 30
 MAX_SPEED = 1_000_000.0
 
 
-def state_key(prefix: str) -> str:
-    """Redis key of the running replay's state (JSON string)."""
-    return f"{prefix}:replay:state"
 
 
-def control_key(prefix: str) -> str:
-    """Redis key of the command list the replay pops."""
-    return f"{prefix}:replay:control"
 
 
-def seq_key(prefix: str) -> str:
-    """Redis key of the command id counter."""
-    return f"{prefix}:replay:seq"
 
 
 def is_active(state: dict[str, Any] | None) -> bool:
@@ -141,7 +131,7 @@ async def read_state(client: aioredis.Redis, prefix: str) -> dict[str, Any] | No
     Raises:
         redis.exceptions.RedisError, OSError: Redis unreachable.
     """
-    raw = await client.get(state_key(prefix))
+    raw = await client.get(replay_state_key(prefix))
     if not raw:
         return None
     state = orjson.loads(raw)
@@ -155,7 +145,7 @@ async def write_state(client: aioredis.Redis, prefix: str, state: dict[str, Any]
     Raises:
         redis.exceptions.RedisError, OSError: Redis unreachable.
     """
-    await client.set(state_key(prefix), orjson.dumps(state), px=ttl_ms)
+    await client.set(replay_state_key(prefix), orjson.dumps(state), px=ttl_ms)
 
 
 async def send_command(client: aioredis.Redis, prefix: str, cmd: str,
@@ -177,10 +167,10 @@ async def send_command(client: aioredis.Redis, prefix: str, cmd: str,
     """
     if cmd not in COMMANDS:
         raise ValueError(f"unknown replay command {cmd!r}")
-    cmd_id = int(await client.incr(seq_key(prefix)))
+    cmd_id = int(await client.incr(replay_seq_key(prefix)))
     async with client.pipeline(transaction=True) as pipe:
-        pipe.rpush(control_key(prefix), orjson.dumps({"id": cmd_id, "cmd": cmd, **args}))
-        pipe.expire(control_key(prefix), COMMAND_TTL_S)
+        pipe.rpush(replay_control_key(prefix), orjson.dumps({"id": cmd_id, "cmd": cmd, **args}))
+        pipe.expire(replay_control_key(prefix), COMMAND_TTL_S)
         await pipe.execute()
     return cmd_id
 
@@ -196,11 +186,11 @@ async def pop_commands(client: aioredis.Redis, prefix: str, timeout_s: float
     Raises:
         redis.exceptions.RedisError, OSError: Redis unreachable.
     """
-    got = await client.blpop([control_key(prefix)], timeout=timeout_s)
+    got = await client.blpop([replay_control_key(prefix)], timeout=timeout_s)
     if not got:
         return []
     raws = [got[1]]
-    more = await client.lpop(control_key(prefix), 1000)
+    more = await client.lpop(replay_control_key(prefix), 1000)
     if isinstance(more, list):
         raws += more
     out: list[dict[str, Any]] = []

@@ -11,6 +11,9 @@ with ``self.ok(body)``.
 
 What :meth:`ApiView.dispatch` adds to Faust's ``View``:
 
+* **Dependencies**: a registered view class carries its :class:`views.context.ViewContext`
+  as the class attribute ``ctx`` (bound by :func:`bind_view`, called by
+  :func:`views.register_views`); the access guard is ``ctx.access_guard``.
 * **Access control** (:mod:`views.auth`) on every path except ``/health``: with
   ``auth.enabled`` a missing/invalid bearer token gets 401 with
   ``WWW-Authenticate: Bearer ...``; with ``auth.rate_limit_per_s`` > 0 a client over its
@@ -28,22 +31,19 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 import orjson
 from faust.web import Request, Response, View
 from faust.web.exceptions import WebError
 
-from core.config import load_settings
-from core.errors import ConfigError
-from views.auth import AccessDenied, AccessGuard
+from views.auth import AccessDenied
+from views.context import ViewContext
 
-__all__ = ["CLIENT_ID_KEY", "PUBLIC_PATHS", "ApiView", "access_guard", "error_body",
-           "set_access_guard"]
+__all__ = ["CLIENT_ID_KEY", "PUBLIC_PATHS", "ApiView", "Routes", "bind_view", "error_body"]
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +63,6 @@ except ImportError:  # aiohttp < 3.13
 _ROUTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _HANDLERS = ("get", "head", "post", "put", "patch", "delete", "options")
 
-_guard: AccessGuard | None = None
-
-
-def access_guard() -> AccessGuard:
-    """The process-wide :class:`AccessGuard`, built from ``settings.auth`` on
-    first use.
-
-    Raises:
-        ConfigError: invalid ``[auth]`` settings.
-    """
-    global _guard
-    if _guard is None:
-        _guard = AccessGuard(load_settings().auth)
-    return _guard
-
-
-def set_access_guard(guard: AccessGuard | None) -> None:
-    """Replace the process-wide guard (tests); None reloads the settings on next use."""
-    global _guard
-    _guard = guard
-
-
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     """The documented error body."""
     err: dict[str, Any] = {"status": status, "message": message}
@@ -96,21 +74,15 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
 class ApiView(View):
     """Faust ``View`` with access control, JSON 405/500 and the one error shape.
 
-    Subclass it exactly like ``View`` (``@app.page(path)``, ``async def get(self,
-    request, **match_info)``) and answer with :meth:`ok` / :meth:`fail`.
+    Subclass it like ``View`` (``async def get(self, request, **match_info)``), answer
+    with :meth:`ok` / :meth:`fail`, read dependencies from :attr:`ctx`, and list the class
+    in the module's routes (:data:`Routes`) instead of decorating it with ``@app.page``.
     """
 
-    #: set by ``@app.page``
+    #: the view's dependencies, set on the registered subclass by :func:`bind_view`
+    ctx: ClassVar[ViewContext]
+    #: set by ``app.page``
     view_path: str
-
-    def __post_init__(self) -> None:
-        # Load the auth settings when the view is registered (worker start), so an
-        # invalid configuration stops the process like any other (exit status 2).
-        try:
-            access_guard()
-        except ConfigError as exc:
-            print(f"marketflow: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
 
     # -- helpers for views ------------------------------------------------------------
 
@@ -176,7 +148,7 @@ class ApiView(View):
         if method == "OPTIONS" and "options" not in _overridden(type(self)):
             return self.bytes(b"", status=204, headers=allow_header)
         if getattr(self, "view_path", None) not in PUBLIC_PATHS:
-            guard = access_guard()
+            guard = self.ctx.access_guard
             if guard.active:
                 try:
                     request[CLIENT_ID_KEY] = guard.admit(
@@ -197,6 +169,28 @@ class ApiView(View):
             log.exception("unhandled error in %s %s (ref %s)", method,
                           getattr(request, "path", "?"), ref)
             return self.fail(500, f"internal server error (ref {ref})")
+
+
+#: a view module's routes: ``(path, view class)``, registered in this order
+Routes = Sequence[tuple[str, type[ApiView]]]
+
+_V = TypeVar("_V", bound=ApiView)
+
+
+def bind_view(cls: type[_V], ctx: ViewContext) -> type[_V]:
+    """A subclass of ``cls`` carrying ``ctx`` (same name, so Faust names the view as
+    before); ``cls`` itself stays unbound, so it can be registered on several apps.
+
+    Args:
+        cls: the view class.
+        ctx: the dependencies.
+
+    Returns:
+        type: the subclass, to pass to ``app.page(path)``.
+    """
+    attrs = {"ctx": ctx, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+             "__doc__": cls.__doc__}
+    return cast(type[_V], type(cls.__name__, (cls,), attrs))
 
 
 def _json_default(value: Any) -> Any:

@@ -22,14 +22,13 @@ from typing import Any
 import asyncpg
 from faust.web import Request, Response
 
-from app.faust_app import app
-from app.services import database
 from core.errors import QueryError
+from core.timeutil import MINUTE_MS
 from sql.gaps import STATES, list_gaps
-from views.base import ApiView
+from views.base import ApiView, Routes
 from views.params import iso_ms, parse_name
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "Gaps", "gap_json", "parse_gaps_query"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "ROUTES", "Gaps", "gap_json", "parse_gaps_query"]
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -66,12 +65,11 @@ def gap_json(r: Any) -> dict[str, Any]:
     start, end = int(r["start_ms"]), int(r["end_ms"])
     return {"exchange": r["exchange"], "symbol": r["symbol"], "start_ms": start,
             "end_ms": end, "start": iso_ms(start), "end": iso_ms(end),
-            "minutes": (end - start) // 60_000, "cause": r["cause"], "state": r["state"],
+            "minutes": (end - start) // MINUTE_MS, "cause": r["cause"], "state": r["state"],
             "detail": r["detail"], "detected_ms": int(r["detected_ms"]),
             "updated_ms": int(r["updated_ms"])}
 
 
-@app.page("/gaps")
 class Gaps(ApiView):
     """Known gaps and their repair state."""
 
@@ -81,9 +79,12 @@ class Gaps(ApiView):
         except QueryError as exc:
             return self.fail(400, str(exc), param=exc.param)
         try:
-            pool = await database.pool()
+            pool = await self.ctx.database.pool()
             async with pool.acquire() as conn:
                 rows = await list_gaps(conn, exchange, symbol, state, limit)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             return self.fail(503, f"database unavailable: {type(exc).__name__}")
         return self.ok({"gaps": [gap_json(r) for r in rows]})
+
+
+ROUTES: Routes = [("/gaps", Gaps)]

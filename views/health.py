@@ -21,7 +21,7 @@ Redis down (``"redis": "down"``, 503): the pipeline keeps running — ticks are 
 bars reach TimescaleDB and the closed-bars topic — and ``"redis_fallback"`` says how the
 API answers meanwhile: ``{"prices_latest": "database", "prices_stats": "database
 (minute granularity)", "redis_writes": "buffered"}``. ``"redis_writer"`` (always present)
-is this worker's Redis writer (:meth:`stores.latest.LatestPrices.status`): ``{"up",
+is this worker's Redis writer (:meth:`stores.buffer.RedisWriteBuffer.status`): ``{"up",
 "outage_since_ms", "backlog": {"latest", "seconds", "bars"}, "dropped": {"seconds",
 "bars"}, "republished_ms", "last_error"}``. Once Redis answers again the status returns to
 200 and the writer re-publishes the worker's current state (no restart needed)."""
@@ -35,20 +35,18 @@ from aiokafka import AIOKafkaClient
 from faust.web import Request, Response
 from redis.exceptions import RedisError
 
-from app import settings
-from app.faust_app import app
-from app.services import database, latest_prices
 from feeds.history.gaps import read_gap_status
 from stores.control import get_mode, read_ingest_status
-from views.base import ApiView
+from views.base import ApiView, Routes
+from views.context import ViewContext
 
-__all__ = ["Health", "check_all"]
+__all__ = ["ROUTES", "Health", "check_all"]
 
 _TIMEOUT_S = 2.0
 
 
-async def _broker() -> None:
-    client = AIOKafkaClient(bootstrap_servers=settings.broker.bootstrap_servers,
+async def _broker(ctx: ViewContext) -> None:
+    client = AIOKafkaClient(bootstrap_servers=ctx.settings.broker.bootstrap_servers,
                             request_timeout_ms=int(_TIMEOUT_S * 1000))
     try:
         await client.bootstrap()
@@ -56,21 +54,28 @@ async def _broker() -> None:
         await client.close()
 
 
-async def _database() -> None:
-    pool = await database.pool()
+async def _database(ctx: ViewContext) -> None:
+    pool = await ctx.database.pool()
     async with pool.acquire() as conn:
         await conn.fetchval("SELECT 1")
 
 
-async def _redis() -> None:
-    await latest_prices.ping()
+async def _redis(ctx: ViewContext) -> None:
+    await ctx.latest.ping()
 
 
-async def check_all() -> dict[str, Any]:
-    """Probe each dependency concurrently (2 s timeout each)."""
+async def check_all(ctx: ViewContext) -> dict[str, Any]:
+    """Probe each dependency concurrently (2 s timeout each) and collect the status.
+
+    Args:
+        ctx: the views' dependencies.
+
+    Returns:
+        dict: the ``/health`` body (see the module docstring).
+    """
     names = ("broker", "database", "redis")
     results = await asyncio.gather(
-        *(asyncio.wait_for(f(), _TIMEOUT_S) for f in (_broker, _database, _redis)),
+        *(asyncio.wait_for(f(ctx), _TIMEOUT_S) for f in (_broker, _database, _redis)),
         return_exceptions=True,
     )
     out: dict[str, Any] = {"details": {}}
@@ -81,32 +86,30 @@ async def check_all() -> dict[str, Any]:
         else:
             out[name] = "up"
     out["status"] = "ok" if all(out[n] == "up" for n in names) else "degraded"
-    out["redis_writer"] = latest_prices.status()
+    out["redis_writer"] = ctx.redis_writes.status()
     if out["redis"] == "down":
         out["redis_fallback"] = {"prices_latest": "database",
                                  "prices_stats": "database (minute granularity)",
                                  "redis_writes": "buffered"}
     out["event_loop"] = type(asyncio.get_running_loop()).__module__.split(".")[0]
-    from agents.history import coordinator_status, writer_status
-
-    out["history"] = {"coordinator": coordinator_status.as_dict(),
-                      "writer": writer_status.as_dict()}
+    out["history"] = ctx.on_demand.status()
     if out["redis"] == "up":
+        prefix = ctx.settings.redis.key_prefix
         try:
-            out["mode"] = await get_mode(latest_prices.client, settings.redis.key_prefix,
-                                         settings.feeds.mode)
-            out["ingest"] = await read_ingest_status(latest_prices.client,
-                                                     settings.redis.key_prefix)
-            out["gaps"] = await read_gap_status(latest_prices.client, settings.redis.key_prefix)
+            out["mode"] = await get_mode(ctx.redis, prefix, ctx.settings.feeds.mode)
+            out["ingest"] = await read_ingest_status(ctx.redis, prefix)
+            out["gaps"] = await read_gap_status(ctx.redis, prefix)
         except (RedisError, OSError) as exc:
             out["details"]["ingest"] = f"{type(exc).__name__}: {exc}"[:200]
     return out
 
 
-@app.page("/health")
 class Health(ApiView):
     """Dependency health."""
 
     async def get(self, request: Request) -> Response:
-        body = await check_all()
+        body = await check_all(self.ctx)
         return self.ok(body, status=200 if body["status"] == "ok" else 503)
+
+
+ROUTES: Routes = [("/health", Health)]

@@ -5,15 +5,16 @@ from __future__ import annotations
 from faust.web import Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.faust_app import app
-from views.base import ApiView
+from views.base import ApiView, Routes
 
-__all__ = ["Metrics"]
+__all__ = ["ROUTES", "Metrics"]
 
 
-@app.page("/metrics")
 class Metrics(ApiView):
     """Prometheus scrape endpoint."""
 
     async def get(self, request: Request) -> Response:
         return self.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+
+ROUTES: Routes = [("/metrics", Metrics)]

@@ -14,43 +14,43 @@ from __future__ import annotations
 from faust.web import Request, Response
 from redis.exceptions import RedisError
 
-from app import settings
-from app.faust_app import app
-from app.services import latest_prices
 from stores.control import get_mode, read_ingest_status, set_mode
-from views.base import ApiView
+from views.base import ApiView, Routes
 
-__all__ = ["Mode", "SwitchMode"]
+__all__ = ["ROUTES", "Mode", "SwitchMode"]
 
 _SWITCHABLE = ("live", "test")
 
 
-@app.page("/mode")
 class Mode(ApiView):
     """The requested mode and the ingesting worker's status."""
 
     async def get(self, request: Request) -> Response:
+        settings = self.ctx.settings
         prefix = settings.redis.key_prefix
         try:
-            mode = await get_mode(latest_prices.client, prefix, settings.feeds.mode)
-            status = await read_ingest_status(latest_prices.client, prefix)
+            mode = await get_mode(self.ctx.redis, prefix, settings.feeds.mode)
+            status = await read_ingest_status(self.ctx.redis, prefix)
         except (RedisError, OSError) as exc:
             return self.fail(503, f"redis unavailable: {type(exc).__name__}")
         return self.ok({"mode": mode, "ingest": status})
 
 
-@app.page("/mode/{mode}")
 class SwitchMode(ApiView):
     """Switch the cluster to ``live`` or ``test`` ingest."""
 
     async def post(self, request: Request, mode: str) -> Response:
         if mode not in _SWITCHABLE:
             return self.fail(400, f"unknown mode {mode[:20]!r}: use live or test", param="mode")
+        settings = self.ctx.settings
         try:
-            previous = await set_mode(latest_prices.client, settings.redis.key_prefix, mode,
+            previous = await set_mode(self.ctx.redis, settings.redis.key_prefix, mode,
                                       settings.feeds.mode)
         except (RedisError, OSError) as exc:
             return self.fail(503, f"redis unavailable: {type(exc).__name__}")
         if previous == mode:
             return self.fail(409, f"already in {mode} mode", param="mode")
         return self.ok({"mode": mode, "previous": previous})
+
+
+ROUTES: Routes = [("/mode", Mode), ("/mode/{mode}", SwitchMode)]

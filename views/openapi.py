@@ -12,17 +12,19 @@ from __future__ import annotations
 import html
 import json
 import re
+from functools import cache
 from importlib import metadata
 from typing import Any
 
 from faust.web import Request, Response
 
-from app.faust_app import app
-from views.base import ApiView
+from core.models import BAR_FIELDS
+from core.names import NAME_PATTERN
+from query.series import FILLS, INTERVALS_MS, MAX_BARS
+from views.base import ApiView, Routes
 
-__all__ = ["PATHS", "SCHEMAS", "Docs", "OpenApi", "build_spec", "render_html"]
-
-_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/\-]{0,39}$"
+__all__ = ["PATHS", "ROUTES", "SCHEMAS", "Docs", "OpenApi", "build_spec", "render_html",
+           "spec", "spec_html"]
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -41,12 +43,12 @@ def _error(description: str) -> dict[str, Any]:
 def _name_param(name: str, where: str, description: str, required: bool = True
                 ) -> dict[str, Any]:
     return {"name": name, "in": where, "required": required, "description": description,
-            "schema": {"type": "string", "pattern": _NAME_PATTERN},
+            "schema": {"type": "string", "pattern": NAME_PATTERN},
             "example": "BTCUSDT" if name == "symbol" else "binance"}
 
 
 _NUMBER = {"type": "number", "format": "double"}
-_INTERVALS = ["1m", "5m", "15m", "30m", "1h", "4h", "1d"]
+_INTERVALS = list(INTERVALS_MS)
 _MS = {"type": "integer", "format": "int64", "description": "UTC epoch milliseconds"}
 _ISO = {"type": "string", "format": "date-time",
         "description": "UTC ISO-8601 with milliseconds, e.g. 2024-08-08T23:55:00.000Z"}
@@ -108,15 +110,13 @@ SCHEMAS: dict[str, Any] = {
         "max_price": {**_NUMBER, "description": "= high"},
         "closed": {"type": "boolean",
                    "description": "false for the still-open bucket (from live state)"},
-    }, ["exchange", "symbol", "bucket_start_ms", "time", "open", "high", "low", "close",
-        "volume", "trade_count", "avg_price", "vwap", "min_price", "max_price", "closed"],
-        "One OHLCV bucket."),
+    }, list(BAR_FIELDS), "One OHLCV bucket."),
     "Ohlcv": _obj({
         "symbol": {"type": "string"},
         "exchange": {"type": "string", "nullable": True,
                      "description": "null when bars of every exchange were asked for"},
         "interval": {"type": "string", "enum": _INTERVALS},
-        "fill": {"type": "string", "enum": ["none", "previous"]},
+        "fill": {"type": "string", "enum": list(FILLS)},
         "start": {**_MS, "description": "range start aligned down to the interval "
                                         "(inclusive), epoch ms"},
         "end": {**_MS, "description": "range end (exclusive), epoch ms"},
@@ -309,7 +309,7 @@ PATHS: dict[str, dict[str, Any]] = {
         "description": "Buckets whose start lies in [start aligned down to the interval, "
                        "end); larger intervals are rolled up from the 1-minute bars, "
                        "aligned to UTC midnight. Defaults: end = now, start = end - 100 "
-                       "intervals; more than 5000 buckets is refused. The still-open "
+                       f"intervals; more than {MAX_BARS} buckets is refused. The still-open "
                        "bucket is included from live state with closed = false.",
         "parameters": [
             _name_param("symbol", "query", "trading pair, e.g. BTCUSDT"),
@@ -325,14 +325,14 @@ PATHS: dict[str, dict[str, Any]] = {
              "schema": {"type": "string", "enum": _INTERVALS, "default": "1m"},
              "description": "bucket length"},
             {"name": "fill", "in": "query", "required": False,
-             "schema": {"type": "string", "enum": ["none", "previous"], "default": "none"},
+             "schema": {"type": "string", "enum": list(FILLS), "default": "none"},
              "description": "none: omit buckets without trades; previous: fill gaps after "
                           "the first bar with a flat bar at the previous close, volume 0"},
         ],
         "responses": {
             "200": _json("Ohlcv", "buckets in the range, oldest first"),
             "400": _error("unknown parameter, bad name, time, interval or fill, "
-                          "start >= end, or more than 5000 buckets"),
+                          f"start >= end, or more than {MAX_BARS} buckets"),
             "404": _error("the symbol (on that exchange) has no bars at all (and an "
                           "on-demand fetch found none)"),
             "502": _error("the on-demand fetch of a pair without stored bars failed"),
@@ -697,21 +697,37 @@ def render_html(spec: dict[str, Any]) -> str:
     )
 
 
-SPEC: dict[str, Any] = build_spec()
-_HTML = render_html(SPEC)
+@cache
+def spec() -> dict[str, Any]:
+    """The document (:func:`build_spec`), built on first use."""
+    return build_spec()
 
 
-@app.page("/openapi.json")
+@cache
+def spec_html() -> str:
+    """The document's HTML page (:func:`render_html`), built on first use."""
+    return render_html(spec())
+
+
+def __getattr__(name: str) -> Any:
+    # ``views.openapi.SPEC``: the document, built on first access, not at import
+    if name == "SPEC":
+        return spec()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class OpenApi(ApiView):
     """The OpenAPI 3.0 document."""
 
     async def get(self, request: Request) -> Response:
-        return self.ok(SPEC)
+        return self.ok(spec())
 
 
-@app.page("/docs")
 class Docs(ApiView):
     """The API documentation page."""
 
     async def get(self, request: Request) -> Response:
-        return self.html(_HTML)
+        return self.html(spec_html())
+
+
+ROUTES: Routes = [("/openapi.json", OpenApi), ("/docs", Docs)]

@@ -1,16 +1,16 @@
-"""Query-parameter parsing shared by the views (pure; raises QueryError -> HTTP 400)."""
+"""Query-parameter parsing shared by the views (pure; raises QueryError -> HTTP 400), and
+:func:`iso_ms`, the API's time format (defined with the bar shape in :mod:`core.models`)."""
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime
-from time import gmtime as _gmtime
 
 from core.errors import QueryError
+from core.models import iso_ms
+from core.names import NAME_RE
 
 __all__ = ["iso_ms", "parse_name", "parse_time_ms"]
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/\-]{0,39}$")
 #: accepted epoch-ms range: 1970-01-01 .. 2100-01-01
 _MAX_MS = 4_102_444_800_000
 
@@ -25,7 +25,7 @@ def parse_name(value: str | None, field: str, required: bool = True) -> str | No
         if required:
             raise QueryError(f"missing required parameter {field!r}", field)
         return None
-    if not _NAME_RE.match(value):
+    if not NAME_RE.match(value):
         raise QueryError(f"invalid {field} {value[:60]!r}: expected letters, digits, . _ / -",
                          field)
     return value
@@ -53,11 +53,3 @@ def parse_time_ms(value: str, field: str) -> int:
     if not 0 <= ms <= _MAX_MS:
         raise QueryError(f"{field} out of range (1970-01-01 .. 2100-01-01)", field)
     return ms
-
-
-def iso_ms(ms: int) -> str:
-    """UTC ISO-8601 with milliseconds and ``Z``, e.g. ``2024-08-08T23:55:00.000Z``
-    (``ms``: UTC epoch milliseconds, 0 .. year 9999)."""
-    s, rest = divmod(ms, 1000)
-    t = _gmtime(s)
-    return f"{t[0]:04d}-{t[1]:02d}-{t[2]:02d}T{t[3]:02d}:{t[4]:02d}:{t[5]:02d}.{rest:03d}Z"

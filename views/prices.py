@@ -31,35 +31,38 @@ While Redis is unreachable, every period is computed from the stored 1-minute ba
 starting in ``[period start aligned down to the minute, now]``, on the wall clock (a
 replay's simulated clock lives in Redis). The newest minute or so (open bar, grace, sink
 flush) is not stored yet and therefore missing.
+
+The queries (Redis first, the database as the fallback) are :class:`query.prices.PriceQueries`;
+these views parse, call and serialise.
 """
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
-import asyncpg
 from faust.web import Request, Response
-from redis.exceptions import RedisError
 
-from app import settings
-from app.faust_app import app
-from app.services import database, latest_prices
 from core.errors import QueryError
-from core.metrics import REDIS_FALLBACKS
-from query.price_stats import RECENT_S, parse_period_s, seconds_in_period, stats
-from sql.bars_1m import latest_close, price_stats, symbol_known
-from stores.replay_control import active_clock_ms
+from core.timeutil import now_ms
+from query.errors import StorageUnavailable
+from query.price_stats import parse_period_s
+from query.prices import PeriodStats, PriceQueries
 from tables.aggregator import clock_of
-from views.base import ApiView
+from views.base import ApiView, Routes
+from views.context import ViewContext
 from views.params import iso_ms, parse_name
 
-__all__ = ["LatestPrice", "LatestPriceOnExchange", "PriceStat", "PriceStatOnExchange"]
+__all__ = ["ROUTES", "LatestPrice", "LatestPriceOnExchange", "PriceStat", "PriceStatOnExchange",
+           "price_queries"]
 
-log = logging.getLogger(__name__)
+_STATS = ("highest", "lowest", "average")
+_DEFAULT_PERIOD = "24h"
 
-_DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)
+
+def price_queries(ctx: ViewContext) -> PriceQueries:
+    """The price queries over the views' dependencies."""
+    return PriceQueries(ctx.database, ctx.latest, ctx.stats, ctx.redis,
+                        ctx.settings.redis.key_prefix)
 
 
 async def _latest(view: ApiView, symbol: str, exchange: str | None) -> Response:
@@ -68,42 +71,19 @@ async def _latest(view: ApiView, symbol: str, exchange: str | None) -> Response:
         parse_name(exchange, "exchange", required=False)
     except QueryError as exc:
         return view.fail(400, str(exc), param=exc.param)
-    extra: dict[str, Any] = {"source": "redis"}
     try:
-        found = await latest_prices.get(symbol, exchange)
-    except (RedisError, OSError) as exc:
-        _redis_fallback("latest", exc)
-        extra = {"source": "database", "degraded": True}
-        try:
-            pool = await database.pool()
-            async with pool.acquire() as conn:
-                found = await latest_close(conn, symbol, exchange)
-        except _DB_ERRORS as db_exc:
-            return view.fail(503, f"redis and database unavailable: {type(exc).__name__}, "
-                                  f"{type(db_exc).__name__}")
+        found = await price_queries(view.ctx).latest(symbol, exchange)
+    except StorageUnavailable as exc:
+        return view.fail(503, str(exc))
     if found is None:
         where = f" on exchange {exchange!r}" if exchange else ""
         return view.fail(404, f"unknown symbol {symbol!r}{where}: no price seen", param="symbol")
-    return view.ok({
-        "symbol": symbol,
-        "exchange": found["exchange"],
-        "price": found["price"],
-        "timestamp": found["ts_ms"],
-        "time": iso_ms(found["ts_ms"]),
-        **extra,
-    })
-
-
-def _redis_fallback(view: str, exc: BaseException) -> None:
-    """Count and log (debug: one per request) a Redis read failure answered from
-    TimescaleDB."""
-    REDIS_FALLBACKS.labels(view).inc()
-    log.debug("redis unavailable for /prices/%s (%s: %s); answering from TimescaleDB",
-              view, type(exc).__name__, exc)
-
-
-_STATS = ("highest", "lowest", "average")
-_DEFAULT_PERIOD = "24h"
+    body: dict[str, Any] = {"symbol": symbol, "exchange": found.exchange, "price": found.price,
+                            "timestamp": found.ts_ms, "time": iso_ms(found.ts_ms),
+                            "source": found.source}
+    if found.degraded:
+        body["degraded"] = True
+    return view.ok(body)
 
 
 async def _stat(view: ApiView, request: Request, stat: str, symbol: str,
@@ -122,78 +102,32 @@ async def _stat(view: ApiView, request: Request, stat: str, symbol: str,
         period_s = parse_period_s(period)
     except QueryError as exc:
         return view.fail(400, str(exc), param=exc.param)
-    now_ms = time.time_ns() // 1_000_000
-    granularity = "second"
+    # replayed data (a namespaced exchange) follows the replay's simulated clock
+    replayed = exchange is not None and bool(clock_of(exchange))
     try:
-        if exchange is not None and clock_of(exchange):
-            # replayed data (a namespaced exchange) follows the replay's simulated clock
-            replay_ms = await active_clock_ms(latest_prices.client, settings.redis.key_prefix,
-                                              exchange)
-            now_ms = now_ms if replay_ms is None else replay_ms
-        first_s, last_s = seconds_in_period(now_ms, period_s)
-        if period_s <= RECENT_S:
-            aggs = await latest_prices.seconds(symbol, exchange, first_s, last_s)
-        else:
-            granularity = "minute"
-            cut_s = last_s - RECENT_S
-            cut_s -= cut_s % 60
-            first_s -= first_s % 60
-            aggs = await latest_prices.seconds(symbol, exchange, cut_s, last_s)
-            pool = await database.pool()
-            async with pool.acquire() as conn:
-                stored = await price_stats(conn, symbol, exchange, first_s * 1000,
-                                           cut_s * 1000)
-                if aggs is None and stored is None and not await symbol_known(
-                        conn, symbol, exchange):
-                    aggs = None
-                else:
-                    aggs = (aggs or []) + ([stored] if stored else [])
-    except RedisError as exc:
-        _redis_fallback("stats", exc)
-        return await _stat_from_database(view, stat, symbol, exchange, period, period_s)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        return view.fail(503, f"storage unavailable: {type(exc).__name__}")
-    return _stat_answer(view, stat, symbol, exchange, period, period_s, first_s, last_s, aggs,
-                        {"granularity": granularity})
-
-
-async def _stat_from_database(view: ApiView, stat: str, symbol: str, exchange: str | None,
-                              period: str, period_s: int) -> Response:
-    """The statistic from stored 1-minute bars only (Redis down): see the module docstring."""
-    first_s, last_s = seconds_in_period(time.time_ns() // 1_000_000, period_s)
-    first_s -= first_s % 60
-    try:
-        pool = await database.pool()
-        async with pool.acquire() as conn:
-            stored = await price_stats(conn, symbol, exchange, first_s * 1000,
-                                       (last_s + 1) * 1000)
-            known = stored is not None or await symbol_known(conn, symbol, exchange)
-    except _DB_ERRORS as exc:
-        return view.fail(503, f"redis and database unavailable: {type(exc).__name__}")
-    return _stat_answer(view, stat, symbol, exchange, period, period_s, first_s, last_s,
-                        ([stored] if stored else []) if known else None,
-                        {"granularity": "minute", "source": "database", "degraded": True})
+        r = await price_queries(view.ctx).period_stats(symbol, exchange, period_s, now_ms(),
+                                                        replayed=replayed)
+    except StorageUnavailable as exc:
+        return view.fail(503, str(exc))
+    return _stat_answer(view, stat, symbol, exchange, period, period_s, r)
 
 
 def _stat_answer(view: ApiView, stat: str, symbol: str, exchange: str | None, period: str,
-                 period_s: int, first_s: int, last_s: int, aggs: list[list[float]] | None,
-                 extra: dict[str, Any]) -> Response:
-    if aggs is None:
+                 period_s: int, r: PeriodStats) -> Response:
+    if not r.known:
         where = f" on exchange {exchange!r}" if exchange else ""
         return view.fail(404, f"unknown symbol {symbol!r}{where}: no trades seen",
                          param="symbol")
-    result = stats(aggs)
-    price = None
-    count = 0
-    if result is not None:
-        high, low, avg, count = result
-        price = {"highest": high, "lowest": low, "average": avg}[stat]
-    return view.ok({"symbol": symbol, "exchange": exchange, "stat": stat, "price": price,
-                    "period": period, "period_s": period_s, "from": first_s * 1000,
-                    "to": last_s * 1000 + 999, "count": count, **extra})
+    price = {"highest": r.highest, "lowest": r.lowest, "average": r.average}[stat]
+    body: dict[str, Any] = {"symbol": symbol, "exchange": exchange, "stat": stat,
+                            "price": price, "period": period, "period_s": period_s,
+                            "from": r.first_s * 1000, "to": r.last_s * 1000 + 999,
+                            "count": r.count, "granularity": r.granularity}
+    if r.degraded:
+        body.update(source="database", degraded=True)
+    return view.ok(body)
 
 
-@app.page("/prices/latest/{symbol}")
 class LatestPrice(ApiView):
     """Newest trade price of ``symbol`` on any exchange."""
 
@@ -201,7 +135,6 @@ class LatestPrice(ApiView):
         return await _latest(self, symbol, None)
 
 
-@app.page("/prices/latest/{exchange}/{symbol}")
 class LatestPriceOnExchange(ApiView):
     """Newest trade price of ``symbol`` on ``exchange``."""
 
@@ -211,8 +144,6 @@ class LatestPriceOnExchange(ApiView):
         return await _latest(self, symbol, exchange)
 
 
-# registered after the /prices/latest/... pages, which therefore match first
-@app.page("/prices/{stat}/{exchange}/{symbol}")
 class PriceStatOnExchange(ApiView):
     """Highest / lowest / average price of ``symbol`` on ``exchange`` over a period."""
 
@@ -220,9 +151,17 @@ class PriceStatOnExchange(ApiView):
         return await _stat(self, request, stat, symbol, exchange)
 
 
-@app.page("/prices/{stat}/{symbol}")
 class PriceStat(ApiView):
     """Highest / lowest / average price of ``symbol`` on all exchanges over a period."""
 
     async def get(self, request: Request, stat: str, symbol: str) -> Response:
         return await _stat(self, request, stat, symbol, None)
+
+
+# the /prices/latest/... pages first: they match before /prices/{stat}/...
+ROUTES: Routes = [
+    ("/prices/latest/{symbol}", LatestPrice),
+    ("/prices/latest/{exchange}/{symbol}", LatestPriceOnExchange),
+    ("/prices/{stat}/{exchange}/{symbol}", PriceStatOnExchange),
+    ("/prices/{stat}/{symbol}", PriceStat),
+]

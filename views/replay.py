@@ -26,9 +26,6 @@ from typing import Any
 from faust.web import Request, Response
 from redis.exceptions import RedisError
 
-from app import settings
-from app.faust_app import app
-from app.services import latest_prices
 from core.errors import QueryError
 from stores.replay_control import (
     COMMANDS,
@@ -37,10 +34,10 @@ from stores.replay_control import (
     read_state,
     send_command,
 )
-from views.base import ApiView
+from views.base import ApiView, Routes
 from views.params import iso_ms, parse_time_ms
 
-__all__ = ["ACK_TIMEOUT_S", "ReplayCommand", "ReplayStatus", "status_body"]
+__all__ = ["ACK_TIMEOUT_S", "ROUTES", "ReplayCommand", "ReplayStatus", "status_body"]
 
 #: how long a command view waits for the replay to apply the command
 ACK_TIMEOUT_S = 3.0
@@ -56,13 +53,12 @@ def status_body(state: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-@app.page("/replay/status")
 class ReplayStatus(ApiView):
     """State and simulated clock of the running replay."""
 
     async def get(self, request: Request) -> Response:
         try:
-            state = await read_state(latest_prices.client, settings.redis.key_prefix)
+            state = await read_state(self.ctx.redis, self.ctx.settings.redis.key_prefix)
         except (RedisError, OSError) as exc:
             return self.fail(503, f"redis unavailable: {type(exc).__name__}")
         if state is None:
@@ -70,7 +66,6 @@ class ReplayStatus(ApiView):
         return self.ok(status_body(state))
 
 
-@app.page("/replay/{command}")
 class ReplayCommand(ApiView):
     """``pause``, ``resume``, ``stop``, ``seek?to=``, ``speed?x=`` for the running replay."""
 
@@ -92,8 +87,8 @@ class ReplayCommand(ApiView):
                     raise QueryError(str(exc), "x") from None
         except QueryError as exc:
             return self.fail(400, str(exc), param=exc.param)
-        client = latest_prices.client
-        prefix = settings.redis.key_prefix
+        client = self.ctx.redis
+        prefix = self.ctx.settings.redis.key_prefix
         try:
             state = await read_state(client, prefix)
             refused = check_transition(state, command)
@@ -113,3 +108,6 @@ class ReplayCommand(ApiView):
         if state is None:
             return self.fail(404, "the replay ended")
         return self.ok({**status_body(state), "applied": False}, status=202)
+
+
+ROUTES: Routes = [("/replay/status", ReplayStatus), ("/replay/{command}", ReplayCommand)]

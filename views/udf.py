@@ -3,9 +3,8 @@ bars in TimescaleDB.
 
 Protocol source: the TradingView Charting Library UDF specification,
 https://www.tradingview.com/charting-library-docs/latest/connecting_data/UDF/ (mirrored
-at github.com/m-ahmadi/cw/wiki/UDF), summarised in
-``/work/shared/reference/formats-and-traps.md`` section 5.1. Point the library's
-``UDFCompatibleDatafeed`` at ``http://<host>:6066/udf``.
+at github.com/m-ahmadi/cw/wiki/UDF), summarised in ``docs/formats.md`` ("TradingView
+UDF"). Point the library's ``UDFCompatibleDatafeed`` at ``http://<host>:6066/udf``.
 
 Endpoints (all ``GET``):
 
@@ -24,7 +23,7 @@ Endpoints (all ``GET``):
   ``30`` ``60`` ``240`` minutes and ``1D`` (alias ``D``), rolled up like ``/ohlcv``
   (buckets aligned to UTC midnight). With ``countback=N`` ``from`` is ignored and the
   newest ``N`` bars starting at or before ``to`` are returned, searched further back past
-  gaps (up to :data:`COUNTBACK_STEPS` jumps; fewer bars come back when the history is
+  gaps (up to :data:`query.series.COUNTBACK_STEPS` jumps; fewer bars come back when the history is
   shorter or more fragmented). Buckets in the live window (the last minutes, not all in
   TimescaleDB yet) merge the live 1-minute bars from Redis exactly like ``/ohlcv``, so the
   newest bar is the still-open bucket. Response::
@@ -39,12 +38,14 @@ Endpoints (all ``GET``):
 
 Errors use the UDF shape ``{"s": "error", "errmsg": "..."}``: 400 for a bad parameter
 (missing or non-integer ``from``/``to``, ``from > to``, unknown resolution, more than
-:data:`views.ohlcv.MAX_BARS` bars), 404 for an unknown symbol, 503 when the database is
+:data:`query.series.MAX_BARS` bars), 404 for an unknown symbol, 503 when the database is
 unreachable. Unknown query parameters are ignored (UDF clients add their own). Access
 control, 405, 429 and 500 come from :class:`views.base.ApiView` in its error shape.
 
 Symbol and exchange names are matched exactly first; when nothing is stored under them, a
-case-insensitive match is tried (the chart may upper-case a typed ``exchange:SYMBOL``).
+case-insensitive match is tried (the chart may upper-case a typed ``exchange:SYMBOL``,
+:func:`query.series.canonical_pair`). The series are built by
+:meth:`query.series.SeriesBuilder.history`; these views parse, call and serialise.
 """
 
 from __future__ import annotations
@@ -52,11 +53,10 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
+from functools import cached_property
 from typing import Any
 
 import asyncpg
@@ -64,20 +64,25 @@ from faust.web import Request, Response
 from redis.exceptions import RedisError
 
 import sql.bars_1m as bars_sql
-from app import settings
-from app.faust_app import app
-from app.services import database, latest_prices
 from core.errors import QueryError
-from core.timeutil import sealed_end_ms
-from sql.bars_1m import fetch_rollup, symbol_known
+from core.timeutil import now_ms
+from query.errors import StorageUnavailable
+from query.series import (
+    INTERVALS_MS,
+    MAX_BARS,
+    HistoryBars,
+    SeriesBuilder,
+    bucket_range_ms,
+    canonical_pair,
+)
 from stores.replay_control import active_clock_ms
-from views.base import ApiView
-from views.ohlcv import INTERVALS_MS, MAX_BARS, SeriesError, recent_buckets, rows_to_bars
+from views.base import ApiView, Routes
+from views.ohlcv import series_builder
 from views.params import parse_name
 
 __all__ = [
-    "COUNTBACK_STEPS",
     "RESOLUTIONS",
+    "ROUTES",
     "SEARCH_LIMIT_DEFAULT",
     "SEARCH_LIMIT_MAX",
     "SUPPORTED_RESOLUTIONS",
@@ -87,7 +92,7 @@ __all__ = [
     "UdfSearch",
     "UdfSymbols",
     "UdfTime",
-    "bucket_range_ms",
+    "history_body",
     "parse_history_query",
     "parse_ticker",
     "price_scale",
@@ -95,15 +100,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: UDF resolution -> ``/ohlcv`` interval (:data:`views.ohlcv.INTERVALS_MS` key)
+#: UDF resolution -> ``/ohlcv`` interval (:data:`query.series.INTERVALS_MS` key)
 RESOLUTIONS: dict[str, str] = {"1": "1m", "5": "5m", "15": "15m", "30": "30m", "60": "1h",
                                "240": "4h", "1D": "1d", "D": "1d"}
 #: resolutions advertised by ``/udf/config`` and ``/udf/symbols``
 SUPPORTED_RESOLUTIONS: list[str] = ["1", "5", "15", "30", "60", "240", "1D"]
 SEARCH_LIMIT_DEFAULT = 30
 SEARCH_LIMIT_MAX = 100
-#: how many times a ``countback`` request jumps back over a gap in the data
-COUNTBACK_STEPS = 16
 #: ``pricescale`` when the decimals cannot be derived from the data
 DEFAULT_PRICESCALE = 100
 _MAX_DECIMALS = 10
@@ -113,6 +116,7 @@ _MAX_S = 4_102_444_800
 _INT_RE = re.compile(r"^[+-]?\d{1,15}$")
 _MAX_QUERY_LEN = 64
 _TYPE = "crypto"
+_CONFIG_PAIRS_LIMIT = 10_000
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -166,25 +170,6 @@ def price_scale(prices: Iterable[float | None]) -> int:
     return int(10 ** min(decimals, _MAX_DECIMALS))
 
 
-def bucket_range_ms(from_s: int, to_s: int, interval_ms: int) -> tuple[int, int]:
-    """The ``[start_ms, end_ms)`` range of 1-minute bars making up the whole buckets whose
-    start lies in ``[from_s, to_s]``.
-
-    Args:
-        from_s: first bar time, Unix seconds (included).
-        to_s: last bar time, Unix seconds (included).
-        interval_ms: bucket length in milliseconds (divides a day: buckets are aligned to
-            UTC midnight, as ``time_bucket`` and ``/ohlcv`` align them).
-
-    Returns:
-        ``(start_ms, end_ms)``: ``from`` aligned up and ``to`` aligned down to the
-        interval, plus one interval; ``start_ms == end_ms`` when no bucket starts in range.
-    """
-    start_ms = -(-from_s * 1000 // interval_ms) * interval_ms
-    end_ms = to_s * 1000 - (to_s * 1000) % interval_ms + interval_ms
-    return start_ms, max(start_ms, end_ms)
-
-
 def _int_param(q: dict[str, str], name: str, required: bool = True) -> int | None:
     raw = q.get(name, "").strip()
     if not raw:
@@ -226,7 +211,7 @@ def parse_history_query(q: dict[str, str]) -> HistoryQuery:
         QueryError: missing/invalid ``symbol``; unknown ``resolution``; missing or
             non-integer ``from``/``to``, outside 1970..2100 or ``from > to``; ``countback``
             not an integer in ``1..MAX_BARS``; without ``countback``, more than
-            :data:`~views.ohlcv.MAX_BARS` bars between ``from`` and ``to``.
+            :data:`~query.series.MAX_BARS` bars between ``from`` and ``to``.
     """
     exchange, symbol = parse_ticker(q.get("symbol"))
     resolution = q.get("resolution", "")
@@ -253,10 +238,6 @@ def parse_history_query(q: dict[str, str]) -> HistoryQuery:
     return HistoryQuery(exchange, symbol, resolution, iv, from_s, to_s, countback)
 
 
-def _ts(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
 def _full_name(exchange: str | None, symbol: str) -> str:
     return f"{exchange}:{symbol}" if exchange else symbol
 
@@ -265,92 +246,35 @@ def _description(exchange: str | None, symbol: str) -> str:
     return f"{symbol} on {exchange}" if exchange else f"{symbol}, consolidated across exchanges"
 
 
-# ---- database helpers -------------------------------------------------------------------
+def history_body(hb: HistoryBars, interval_ms: int) -> dict[str, Any] | None:
+    """The UDF ``/history`` body of a series.
 
+    Args:
+        hb: the series (:meth:`query.series.SeriesBuilder.history`).
+        interval_ms: bar length, ms.
 
-async def _pairs(conn: asyncpg.Connection, exchange: str | None, query: str,
-                 limit: int) -> Sequence[asyncpg.Record]:
-    return await bars_sql.pairs(conn, exchange, query, limit)
-
-
-async def _newest_before(conn: asyncpg.Connection, symbol: str, exchange: str | None,
-                         before_ms: int) -> int | None:
-    """Start (ms) of the newest 1-minute bar before ``before_ms``, None if there is none."""
-    return await bars_sql.newest_bar_before(conn, symbol, exchange, before_ms)
-
-
-async def _canonical(conn: asyncpg.Connection, exchange: str | None, symbol: str
-                     ) -> tuple[str | None, str] | None:
-    """The stored spelling of ``exchange``/``symbol`` matched case-insensitively, None when
-    no bar exists under any spelling."""
-    for r in await _pairs(conn, exchange, symbol, SEARCH_LIMIT_MAX):
-        if r["symbol"].lower() == symbol.lower():
-            return (r["exchange"] if exchange else None), r["symbol"]
-    return None
-
-
-async def _countback_rows(conn: asyncpg.Connection, h: HistoryQuery, symbol: str,
-                          exchange: str | None) -> list[asyncpg.Record]:
-    """The newest ``h.countback`` buckets starting at or before ``h.to_s``: query the
-    ``n`` buckets before the end, and while some are missing jump to the newest older bar
-    (skipping the gap) for the remaining ones."""
-    iv = h.interval_ms
-    assert h.countback is not None
-    _, hi = bucket_range_ms(h.to_s, h.to_s, iv)
-    lo = max(0, hi - h.countback * iv)
-    rows: list[asyncpg.Record] = []
-    for _ in range(COUNTBACK_STEPS):
-        got = await fetch_rollup(conn, symbol, exchange, lo, hi, iv, h.countback - len(rows))
-        rows = list(got) + rows
-        if len(rows) >= h.countback or lo <= 0:
-            break
-        prev = await _newest_before(conn, symbol, exchange, lo)
-        if prev is None:
-            break
-        hi = prev - prev % iv + iv
-        lo = max(0, hi - (h.countback - len(rows)) * iv)
-    return rows[-h.countback:]
-
-
-async def _history(conn: asyncpg.Connection, h: HistoryQuery, symbol: str,
-                   exchange: str | None, now_ms: int) -> dict[str, Any] | None:
-    """The UDF history body, or None when the symbol has no bar at all. Buckets in or
-    after the live window come from :func:`views.ohlcv.recent_buckets` (stored bars plus
-    the live 1-minute bars, the still-open bucket included), like ``/ohlcv``.
-
-    Raises:
-        SeriesError: Redis is unreachable.
+    Returns:
+        ``{"s": "ok", "t", "o", "h", "l", "c", "v"}`` (``t`` bucket starts in Unix
+        seconds), ``{"s": "no_data", "nextTime": <start second of the newest bucket with
+        data before the range>}``, ``{"s": "no_data"}`` when no older data exists, or None
+        when the symbol has no bar at all.
     """
-    iv = h.interval_ms
-    if h.countback is not None:
-        rows = await _countback_rows(conn, h, symbol, exchange)
-        start_ms = end_ms = bucket_range_ms(h.to_s, h.to_s, iv)[1]
-        lo = 0
-    else:
-        start_ms, end_ms = bucket_range_ms(h.from_s, h.to_s, iv)
-        rows = (list(await fetch_rollup(conn, symbol, exchange, start_ms, end_ms, iv,
-                                        MAX_BARS))
-                if end_ms > start_ms else [])
-        lo = start_ms
-    bars = rows_to_bars(rows, symbol, exchange, iv, now_ms, keep_ts=False)
-    lo = max(lo, sealed_end_ms(now_ms, settings.window.grace_ms, iv))
-    if end_ms > lo:
-        recent, _ = await recent_buckets(conn, symbol, exchange, lo, end_ms, iv, now_ms)
-        bars = [b for b in bars if b["bucket_start_ms"] < lo] + recent
-        if h.countback is not None:
-            bars = bars[-h.countback:]
+    bars = hb.bars
     if bars:
         return {"s": "ok",
                 "t": [b["bucket_start_ms"] // 1000 for b in bars],
                 "o": [b["open"] for b in bars], "h": [b["high"] for b in bars],
                 "l": [b["low"] for b in bars], "c": [b["close"] for b in bars],
                 "v": [b["volume"] for b in bars]}
-    prev = await _newest_before(conn, symbol, exchange, start_ms)
+    prev = hb.newest_before_ms
     if prev is not None:
-        return {"s": "no_data", "nextTime": (prev - prev % iv) // 1000}
-    if await symbol_known(conn, symbol, exchange):
+        return {"s": "no_data", "nextTime": (prev - prev % interval_ms) // 1000}
+    if hb.known:
         return {"s": "no_data"}
     return None
+
+
+# ---- database helpers -------------------------------------------------------------------
 
 
 async def _symbol_info(conn: asyncpg.Connection, ticker: str, symbol: str,
@@ -391,23 +315,28 @@ def _unknown(exchange: str | None, symbol: str) -> str:
 
 
 class _UdfView(ApiView):
+    @cached_property
+    def series(self) -> SeriesBuilder:
+        """The series builder over :attr:`ctx`."""
+        return series_builder(self.ctx)
+
     def udf_error(self, status: int, message: str) -> Response:
         """A UDF error response ``{"s": "error", "errmsg": message}``."""
         return self.json({"s": "error", "errmsg": message}, status=status)
 
     def db_down(self, exc: BaseException) -> Response:
+        """The UDF 503 for a database failure."""
         return self.udf_error(503, f"database unavailable: {type(exc).__name__}")
 
 
-@app.page("/udf/config")
 class UdfConfig(_UdfView):
     """``GET /udf/config``: the datafeed configuration (UDF ``/config``)."""
 
     async def get(self, request: Request) -> Response:
         try:
-            pool = await database.pool()
+            pool = await self.ctx.database.pool()
             async with pool.acquire() as conn:
-                pairs = await _pairs(conn, None, "", 10_000)
+                pairs = await bars_sql.pairs(conn, None, "", _CONFIG_PAIRS_LIMIT)
         except _DB_ERRORS as exc:
             return self.db_down(exc)
         exchanges = sorted({r["exchange"] for r in pairs})
@@ -424,7 +353,6 @@ class UdfConfig(_UdfView):
         })
 
 
-@app.page("/udf/symbols")
 class UdfSymbols(_UdfView):
     """``GET /udf/symbols?symbol=[EXCHANGE:]SYMBOL``: LibrarySymbolInfo (UDF ``/symbols``)."""
 
@@ -435,11 +363,11 @@ class UdfSymbols(_UdfView):
         except QueryError as exc:
             return self.udf_error(400, str(exc))
         try:
-            pool = await database.pool()
+            pool = await self.ctx.database.pool()
             async with pool.acquire() as conn:
                 info = await _symbol_info(conn, ticker, symbol, exchange)
                 if info is None:
-                    found = await _canonical(conn, exchange, symbol)
+                    found = await canonical_pair(conn, exchange, symbol)
                     if found is not None and found != (exchange, symbol):
                         info = await _symbol_info(conn, ticker, found[1], found[0])
         except _DB_ERRORS as exc:
@@ -449,7 +377,6 @@ class UdfSymbols(_UdfView):
         return self.json(info)
 
 
-@app.page("/udf/search")
 class UdfSearch(_UdfView):
     """``GET /udf/search?query=&type=&exchange=&limit=``: symbol search (UDF ``/search``)."""
 
@@ -472,9 +399,9 @@ class UdfSearch(_UdfView):
         if kind not in ("", _TYPE):
             return self.json([])
         try:
-            pool = await database.pool()
+            pool = await self.ctx.database.pool()
             async with pool.acquire() as conn:
-                rows = await _pairs(conn, exchange, query, min(limit, SEARCH_LIMIT_MAX))
+                rows = await bars_sql.pairs(conn, exchange, query, min(limit, SEARCH_LIMIT_MAX))
         except _DB_ERRORS as exc:
             return self.db_down(exc)
         return self.json([
@@ -485,7 +412,6 @@ class UdfSearch(_UdfView):
             for r in rows])
 
 
-@app.page("/udf/history")
 class UdfHistory(_UdfView):
     """``GET /udf/history?symbol=&resolution=&from=&to=&countback=``: bars (UDF
     ``/history``), times in Unix seconds."""
@@ -495,33 +421,36 @@ class UdfHistory(_UdfView):
             h = parse_history_query(dict(request.query))
         except QueryError as exc:
             return self.udf_error(400, str(exc))
-        now_ms = time.time_ns() // 1_000_000
+        now = now_ms()
+        iv = h.interval_ms
         try:
-            pool = await database.pool()
+            pool = await self.ctx.database.pool()
             async with pool.acquire() as conn:
-                body = await _history(conn, h, h.symbol, h.exchange, now_ms)
+                body = history_body(await self.series.history(
+                    conn, h.symbol, h.exchange, iv, h.from_s, h.to_s, h.countback, now), iv)
                 if body is None:
-                    found = await _canonical(conn, h.exchange, h.symbol)
+                    found = await canonical_pair(conn, h.exchange, h.symbol)
                     if found is not None and found != (h.exchange, h.symbol):
-                        body = await _history(conn, h, found[1], found[0], now_ms)
+                        body = history_body(await self.series.history(
+                            conn, found[1], found[0], iv, h.from_s, h.to_s, h.countback,
+                            now), iv)
         except _DB_ERRORS as exc:
             return self.db_down(exc)
-        except SeriesError as exc:
+        except StorageUnavailable as exc:
             return self.udf_error(503, str(exc))
         if body is None:
             return self.udf_error(404, _unknown(h.exchange, h.symbol))
         return self.json(body)
 
 
-@app.page("/udf/time")
 class UdfTime(_UdfView):
     """``GET /udf/time``: server time, Unix seconds (UTC), ``text/plain``; while a market
     replay runs (or is paused), its simulated clock (:mod:`views.replay`)."""
 
     async def get(self, request: Request) -> Response:
-        now_s = int(time.time())
+        now_s = now_ms() // 1000
         try:
-            replay_ms = await active_clock_ms(latest_prices.client, settings.redis.key_prefix)
+            replay_ms = await active_clock_ms(self.ctx.redis, self.ctx.settings.redis.key_prefix)
         except (RedisError, OSError) as exc:  # the wall clock is still a valid answer
             log.warning("udf/time: replay clock unavailable (%s); wall clock used",
                         type(exc).__name__)
@@ -529,3 +458,12 @@ class UdfTime(_UdfView):
         if replay_ms is not None:
             now_s = replay_ms // 1000
         return self.text(str(now_s), content_type="text/plain")
+
+
+ROUTES: Routes = [
+    ("/udf/config", UdfConfig),
+    ("/udf/symbols", UdfSymbols),
+    ("/udf/search", UdfSearch),
+    ("/udf/history", UdfHistory),
+    ("/udf/time", UdfTime),
+]

@@ -55,7 +55,10 @@ from core.timeutil import (
     settle_ms,
     stored_end_ms,
 )
+from feeds.history.backfill import run_backfill
+from feeds.history.rest import make_history_client
 from sql import gaps as gaps_sql
+from stores.keys import gap_status_key
 from tables.aggregator import clock_of
 
 __all__ = [
@@ -70,7 +73,6 @@ __all__ = [
     "OutageRecorder",
     "ScanHole",
     "feed_pairs",
-    "gap_status_key",
     "outage_gaps",
     "read_gap_status",
     "select_scan_holes",
@@ -236,9 +238,6 @@ def select_scan_holes(holes: Iterable[tuple[str, str, int, int]],
 
 # ------------------------------------------------------------------------------ status
 
-def gap_status_key(prefix: str) -> str:
-    """Redis key of the gap job's status."""
-    return f"{prefix}:gaps"
 
 
 async def read_gap_status(client: Any, prefix: str) -> dict[str, Any] | None:
@@ -262,8 +261,6 @@ class GapService(Service):
     Args:
         settings: the worker's settings (``history``, ``feeds``, ``window``, ``redis``).
         database: the :class:`sql.pool.Database` service (its ``pool()``).
-        ingest: the :class:`feeds.live.manager.IngestManager`; its feeds report their state
-            transitions to this service.
         is_leader: ``() -> bool``.
         redis_client: ``redis.asyncio`` client for the status key.
         invalidate: ``async (symbols) -> None``, the ``/ohlcv`` cache invalidation.
@@ -275,7 +272,7 @@ class GapService(Service):
         counts: gaps by state after the last pass.
     """
 
-    def __init__(self, settings: Settings, database: Any, ingest: Any,
+    def __init__(self, settings: Settings, database: Any,
                  is_leader: Callable[[], bool], redis_client: Any, invalidate: Invalidate,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -293,7 +290,6 @@ class GapService(Service):
         self._next_scan_s = 0.0
         self._leading = False
         self._client: Any = None
-        ingest.on_feed_state = self.on_feed_state
 
     # -- outage recording (called synchronously by StateHolder.set_state) -----------------
 
@@ -414,8 +410,6 @@ class GapService(Service):
 
     def _history_client(self) -> Any:
         if self._client is None:
-            from feeds.history.rest import make_history_client
-
             self._client = make_history_client(self.settings.history)
         return self._client
 
@@ -442,8 +436,6 @@ class GapService(Service):
         Raises:
             asyncpg.PostgresError / OSError: the database failed before the repair started.
         """
-        from feeds.history.backfill import run_backfill
-
         client = self._history_client()
         if client is None:
             return

@@ -14,15 +14,17 @@ Each adapter turns the source's minute points into closed-bar dicts of the
 ``exchange`` and ``symbol`` are *our* names; the source's exchange/market name comes from
 ``history.exchange_map`` (default: the same name) and the pair from :func:`split_symbol`.
 
-Formats (``shared/reference/formats-and-traps.md`` section 4):
+Formats (``docs/formats.md``):
 
-* **CryptoCompare legacy REST** (section 4.1; ExodusOSS/cryptocompare PR #31, the
-  min-api.cryptocompare.com ``data/v2/histominute`` documentation): ``GET
+* **CryptoCompare legacy REST** (``docs/formats.md#cryptocompare-histominute``;
+  ExodusOSS/cryptocompare PR #31, the min-api.cryptocompare.com ``data/v2/histominute``
+  documentation): ``GET
   /data/v2/histominute?fsym=BTC&tsym=USDT&e=binance&limit=2000&toTs=<s>`` returns
   ``limit + 1`` points ending at ``toTs``, oldest first, empty minutes filled with zeros;
   page backwards with ``toTs = earliest time - 60``. Minute history is kept for 7 days.
-* **CoinDesk Data API** (section 4.3; loeken/cryptocompare-sdks SpotApi.md, the
-  data-api.coindesk.com ``spot/v1/historical/minutes`` documentation): ``GET
+* **CoinDesk Data API** (``docs/formats.md#coindesk-historical-minutes``;
+  loeken/cryptocompare-sdks SpotApi.md, the data-api.coindesk.com
+  ``spot/v1/historical/minutes`` documentation): ``GET
   /spot/v1/historical/minutes?market=binance&instrument=BTC-USDT&limit=2000&to_ts=<s>
   &fill=false``, records with upper-case keys, ``fill=false`` omits empty minutes.
 
@@ -137,8 +139,8 @@ def parse_cryptocompare(body: Any, exchange: str, symbol: str
                         ) -> tuple[list[dict[str, Any]], int | None]:
     """Parse a CryptoCompare ``data/v2/histominute`` response body.
 
-    Source: formats-and-traps.md section 4.1 (v2 envelope; ``time`` = bucket start in
-    epoch seconds, ``volumefrom`` base volume, ``volumeto`` quote volume). Sample::
+    Source: ``docs/formats.md#cryptocompare-histominute`` (v2 envelope; ``time`` = bucket
+    start in epoch seconds, ``volumefrom`` base volume, ``volumeto`` quote volume). Sample::
 
         {"Response": "Success", "Message": "", "HasWarning": false, "Type": 100,
          "RateLimit": {}, "Data": {"Aggregated": false, "TimeFrom": 1723075140,
@@ -197,8 +199,8 @@ def parse_coindesk(body: Any, exchange: str, symbol: str
                    ) -> tuple[list[dict[str, Any]], int | None]:
     """Parse a CoinDesk Data API ``spot/v1/historical/minutes`` response body.
 
-    Source: formats-and-traps.md section 4.3 (records with upper-case keys; ``TIMESTAMP``
-    period start in epoch seconds, ``VOLUME`` base, ``QUOTE_VOLUME`` quote,
+    Source: ``docs/formats.md#coindesk-historical-minutes`` (records with upper-case keys;
+    ``TIMESTAMP`` period start in epoch seconds, ``VOLUME`` base, ``QUOTE_VOLUME`` quote,
     ``TOTAL_TRADES`` when present; envelope ``{"Data": [...], "Err": {}}``). Sample::
 
         {"Data": [{"UNIT": "MINUTE", "TIMESTAMP": 1723075200, "TYPE": "267",
@@ -523,7 +525,8 @@ def _error_message(body: Any, raw: bytes) -> str:
 
 
 class CryptoCompareHistory(HistoryClient):
-    """CryptoCompare legacy min-api ``GET /data/v2/histominute`` (formats-and-traps.md 4.1).
+    """CryptoCompare legacy min-api ``GET /data/v2/histominute``
+    (``docs/formats.md#cryptocompare-histominute``).
 
     A request with ``limit`` returns ``limit + 1`` points ending at ``toTs``; the client
     asks for ``minutes - 1`` so the page is exactly the minutes wanted.
@@ -554,8 +557,9 @@ class CryptoCompareHistory(HistoryClient):
 
 
 class CoinDeskHistory(HistoryClient):
-    """CoinDesk Data API ``GET /spot/v1/historical/minutes`` (formats-and-traps.md 4.3),
-    with ``fill=false`` (empty minutes omitted)."""
+    """CoinDesk Data API ``GET /spot/v1/historical/minutes``
+    (``docs/formats.md#coindesk-historical-minutes``), with ``fill=false`` (empty minutes
+    omitted)."""
 
     source = "coindesk"
     path = "/spot/v1/historical/minutes"

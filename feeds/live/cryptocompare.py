@@ -1,6 +1,6 @@
 """CryptoCompare (CoinDesk) legacy streaming trades: websocket client and message parser.
 
-Protocol (``shared/reference/formats-and-traps.md`` section 4.2, confirmed against the
+Protocol (``docs/formats.md#cryptocompare-streaming-trades``, confirmed against the
 sources listed below):
 
 * connect to ``wss://streamer.cryptocompare.com/v2?api_key=KEY`` (the key may also go in
@@ -60,19 +60,19 @@ Because the server replays the latest 20 trades of every subscription after each
 (re)subscribe, the feed drops trades whose ``(market, pair, ID)`` it has already published
 (a bounded memory per pair), or every reconnect would count those trades twice in bars.
 
-Sources (public reference text found with the project's search tool):
+Sources (public documentation; summary in ``docs/formats.md#cryptocompare-streaming-trades``):
 
 * developers.cryptocompare.com/documentation/legacy-websockets/Trade (field meanings, the
-  20-trade snapshot), mirrored in the research notes (find_string id 51793661869);
+  20-trade snapshot);
 * min-api.cryptocompare.com/documentation/websockets "How To Connect" (message-type table
   20/16/3/17/18/999/401/429/500 with example frames, reconnection and stale-connection
-  advice), mirrored as text (find_string id 41772877494);
+  advice);
 * github.com/api-evangelist/cryptocompare ``asyncapi/cryptocompare-asyncapi.yml`` (AsyncAPI
   description of the same protocol: envelopes, the trade example above, error MESSAGE
   values);
 * client code handling ``{"TYPE":"500","MESSAGE":"INVALID_SUB","PARAMETER":...}`` and
   ``{"TYPE":"429","MESSAGE":"TOO_MANY_SOCKETS_MAX_1_PER_CLIENT",...}`` frames in several
-  public repositories (find_string "INVALID_SUB", "TOO_MANY_SOCKETS_MAX").
+  public repositories.
 """
 
 from __future__ import annotations
@@ -80,7 +80,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -92,6 +91,7 @@ import yarl
 
 from core.errors import InvalidTick
 from core.models import MIN_TS_MS, Tick
+from core.names import NAME_RE
 from core.state import StateHolder
 from core.timeutil import now_ms
 from feeds.live.base import Backoff, TickSink
@@ -129,7 +129,6 @@ LIFECYCLE_TYPES = frozenset({
 #: Error envelopes (``MESSAGE`` names the error, ``PARAMETER``/``INFO`` give detail).
 ERROR_TYPES = frozenset({TYPE_UNAUTHORIZED, TYPE_RATE_LIMIT, TYPE_SERVER_ERROR})
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/\-]{0,39}$")
 #: ``TS`` is seconds; anything this large is a unit mistake (ms/us/ns), not a date.
 _MAX_TS_S = 1e11
 _MAX_FRAME_CHARS_DEAD_LETTER = 65_536
@@ -226,10 +225,10 @@ def parse_trade(obj: dict[str, Any], recv_ms: int) -> Tick:
     if not isinstance(obj, dict):
         raise InvalidTick("not_object", f"expected a JSON object, got {type(obj).__name__}")
     exchange = _text(obj, "M").lower()
-    if not _NAME_RE.match(exchange) or ":" in exchange:
+    if not NAME_RE.match(exchange) or ":" in exchange:
         raise InvalidTick("bad_name", f"M={exchange[:60]!r}")
     symbol = _text(obj, "FSYM") + _text(obj, "TSYM")
-    if not _NAME_RE.match(symbol):
+    if not NAME_RE.match(symbol):
         raise InvalidTick("bad_name", f"FSYM+TSYM={symbol[:60]!r}")
 
     price = _number(obj, "P")

@@ -32,6 +32,7 @@ from core.models import Tick, dead_letter_message, tick_to_json
 from core.state import StateHolder
 from core.timeutil import now_ms
 from feeds.live.base import Backoff
+from feeds.live.cryptocompare import CryptoCompareFeed
 from feeds.live.generator import SyntheticTicks, TestGenerator
 from feeds.live.marketflow_tcp import MarketflowExchangeFeed
 from stores.control import get_mode, write_ingest_status
@@ -165,8 +166,6 @@ class IngestManager(Service):
                 out.append((st, feed.run()))
             cc = f.cryptocompare
             if cc.enabled:
-                from feeds.live.cryptocompare import CryptoCompareFeed
-
                 st = StateHolder("cryptocompare", "cryptocompare")
                 ccfeed = CryptoCompareFeed(cc.url, cc.api_key, cc.subs, self.publisher, st,
                                            cc.idle_timeout_s,

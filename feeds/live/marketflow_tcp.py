@@ -1,7 +1,7 @@
 """marketflow exchange adapter: one TCP client per exchange program.
 
-Wire format (the marketflow exchange programs; ``shared/reference/formats-and-traps.md``
-section 1.1): the server pushes newline-delimited JSON, one object per line; the client
+Wire format (the marketflow exchange programs; ``docs/formats.md#exchange-protocol``):
+the server pushes newline-delimited JSON, one object per line; the client
 sends nothing. Sample line::
 
     {"symbol":"BTCUSDT","price":96391.79,"timestamp":1744631432487}

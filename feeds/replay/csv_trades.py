@@ -1,9 +1,9 @@
 """Reader of recorded exchange trades in the marketflow trades-CSV format.
 
-Format (``data/sample/README.md``; the files come from ``shared/data/trades``): header
-``exchange,market,symbol,trade_id,ts_ms,price,qty,is_buyer_maker[,extra...]``; ``ts_ms``
-is the exchange's trade time (UTC epoch ms); ``price``/``qty`` are the exchange's decimal
-strings (quote per base unit; base units). Sample row (Binance spot ``@trade``)::
+Format (``docs/formats.md#trades-csv``; the files' provenance: ``data/sample/README.md``):
+header ``exchange,market,symbol,trade_id,ts_ms,price,qty,is_buyer_maker[,extra...]``;
+``ts_ms`` is the exchange's trade time (UTC epoch ms); ``price``/``qty`` are the exchange's
+decimal strings (quote per base unit; base units). Sample row (Binance spot ``@trade``)::
 
     binance,spot,BTCUSDT,3735683259,1723161255342,61837.63000000,0.02000000,True,...
 """

@@ -61,13 +61,15 @@ from core.admin import ensure_topics
 from core.config import Settings
 from core.errors import ReplayError
 from core.models import Tick, tick_to_json
-from core.timeutil import MINUTE_MS
+from core.state import StateHolder
+from core.timeutil import MINUTE_MS, now_ms
 from feeds.replay.bar_ticks import bar_tick_count, bar_to_ticks
 from feeds.replay.csv_trades import read_trades
+from sql.bars_1m import fetch_bars
+from stores.keys import replay_control_key
 from stores.replay_control import (
     FINAL_TTL_MS,
     STATE_INTERVAL_S,
-    control_key,
     pop_commands,
     read_state,
     write_state,
@@ -80,7 +82,7 @@ __all__ = [
     "ReplayStats",
     "TickSource",
     "batch_ticks",
-    "format_progress",
+    "format_replay_progress",
     "load_bar_source",
     "merge_by_time",
     "namespaced",
@@ -171,7 +173,7 @@ def namespaced(exchange: str, namespace: str) -> str:
     return f"{namespace}.{exchange}" if namespace else exchange
 
 
-def format_progress(state: dict[str, Any]) -> str:
+def format_replay_progress(state: dict[str, Any]) -> str:
     """One terminal progress line from a replay state (:mod:`stores.replay_control`).
 
     Example: ``replay running x60 2024-08-08T23:56:12Z 41.2% 12000/29123 ticks
@@ -374,8 +376,6 @@ async def load_bar_source(settings: Settings, exchange: str, symbol: str, from_m
     """
     import asyncpg
 
-    from sql.bars_1m import fetch_bars
-
     if to_ms <= from_ms:
         raise ReplayError("--to must be after --from")
     if namespace and exchange.startswith(f"{namespace}."):
@@ -401,10 +401,6 @@ async def load_bar_source(settings: Settings, exchange: str, symbol: str, from_m
 # ---- control ----------------------------------------------------------------------------
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class ReplayController:
     """State, simulated clock and commands of one replay (no I/O; driven by
     :func:`replay_source`, commanded by Redis and signals).
@@ -413,17 +409,28 @@ class ReplayController:
     sees (source time re-based when ``rebase_now``). ``clock_ms()`` is output time.
     """
 
+    @property
+    def state(self) -> str:
+        """The replay's state (see :attr:`status`)."""
+        return self.status.state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self.status.set_state(value)
+
     def __init__(self, source: TickSource, speed: float, rebase_now: bool,
                  namespace: str) -> None:
         if speed < 0:
             raise ReplayError("speed must be >= 0")
         self.source = source
         self.session = uuid.uuid4().hex[:8]
-        self.state = "running"
+        #: the replay's state (``running`` | ``paused`` | ``stopped`` | ``finished``),
+        #: transitions logged
+        self.status = StateHolder("replay", "replay", "running")
         self.speed = speed
         self.rebase_now = rebase_now
         self.namespace = namespace
-        self.started_ms = _now_ms()
+        self.started_ms = now_ms()
         self.position = 0
         self.published = 0
         self.loops = 0
@@ -476,7 +483,7 @@ class ReplayController:
         self._anchor_src_ms = src_ms
         self._anchor_mono = time.monotonic()
         self._rb_src_ms = src_ms
-        self._rb_wall_ms = max(_now_ms(), self.last_out_ms + 1)
+        self._rb_wall_ms = max(now_ms(), self.last_out_ms + 1)
 
     def due_in_s(self, src_ms: int) -> float:
         """Seconds until the simulated clock reaches ``src_ms`` (<= 0: due; 0 at max
@@ -589,7 +596,7 @@ class ReplayController:
             "rate": round(self.rate, 1), "eta_s": None if eta is None else round(eta, 1),
             "published": self.published, "loops": self.loops, "namespace": self.namespace,
             "rebase_now": self.rebase_now, "source": self.source.description,
-            "started_ms": self.started_ms, "updated_ms": _now_ms(), "ack": self.ack,
+            "started_ms": self.started_ms, "updated_ms": now_ms(), "ack": self.ack,
         }
 
 
@@ -715,7 +722,7 @@ async def _progress_loop(ctl: ReplayController, say: Callable[[str], None],
     while not ctl.closing:
         await asyncio.sleep(interval_s)
         ctl.update_rate()
-        say(format_progress(ctl.snapshot()))
+        say(format_replay_progress(ctl.snapshot()))
 
 
 def _install_signals(ctl: ReplayController) -> list[int]:
@@ -805,7 +812,7 @@ async def replay_source(
                     log.warning("replay: another replay (session %s, pid %s) is %s; HTTP "
                                 "commands go to whichever takes them first",
                                 other.get("session"), other.get("pid"), other.get("state"))
-                await client.delete(control_key(prefix))  # no stale command
+                await client.delete(replay_control_key(prefix))  # no stale command
             except (RedisError, OSError) as exc:
                 log.warning("replay: redis unavailable at start (%s: %s)",
                             type(exc).__name__, exc)

@@ -32,7 +32,8 @@ def _point(i: int) -> dict[str, Any]:
 
 
 class HistoMinute:
-    """Minimal legacy CryptoCompare ``data/v2/histominute`` (formats-and-traps.md 4.1):
+    """Minimal legacy CryptoCompare ``data/v2/histominute``
+    (docs/formats.md#cryptocompare-histominute):
     limit+1 points ending at toTs, zero-filled minutes outside the data."""
 
     def __init__(self) -> None:

@@ -1,7 +1,7 @@
 """A local stand-in for the CryptoCompare legacy REST and CoinDesk Data API minute history.
 
-Both documented formats (``shared/reference/formats-and-traps.md`` sections 4.1 and 4.3,
-see :mod:`feeds.history.rest`):
+Both documented formats (``docs/formats.md``, sections ``#cryptocompare-histominute`` and
+``#coindesk-historical-minutes``; see :mod:`feeds.history.rest`):
 
 * ``GET /data/v2/histominute?fsym=&tsym=&e=&limit=&toTs=`` — ``limit + 1`` points ending at
   ``toTs`` (floored to the minute; default now), oldest first, minutes without a bar

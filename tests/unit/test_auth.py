@@ -1,14 +1,16 @@
 """Access control (:mod:`views.auth`): bearer tokens, JWTs, the rate limiter, the settings
-loader, and :class:`views.base.ApiView` dispatch in-process (405, 500, error shape)."""
+loader, and :class:`views.base.ApiView` dispatch in-process (405, 500, error shape; the
+guard comes from the view's :class:`views.context.ViewContext`)."""
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
 import jwt
@@ -25,7 +27,8 @@ from views.auth import (
     Unauthorized,
     check_token,
 )
-from views.base import CLIENT_ID_KEY, ApiView, set_access_guard
+from views.base import CLIENT_ID_KEY, ApiView, bind_view
+from views.context import ViewContext
 
 KEY = "k-0123456789abcdef"
 OTHER_KEY = "k-fedcba9876543210"
@@ -293,17 +296,29 @@ class _Health(ApiView):
         return self.ok({"status": "ok"})
 
 
+def _ctx(guard: AccessGuard) -> ViewContext:
+    """A context with a real guard; the views under test use nothing else."""
+    stub = cast(Any, None)
+    return ViewContext(settings=stub, database=stub, redis=stub, latest=stub,
+                       stats=stub, live_bars=stub, redis_writes=stub, ohlcv_cache=stub,
+                       on_demand=stub, access_guard=guard)
+
+
+def _set_guard(view: ApiView, guard: AccessGuard) -> None:
+    cls = type(view)
+    cls.ctx = dataclasses.replace(cls.ctx, access_guard=guard)
+
+
 @pytest.fixture
-def views() -> Iterator[tuple[ApiView, ApiView]]:
-    set_access_guard(AccessGuard(_settings(rate_limit_per_s=1, rate_limit_burst=1)))
+def views() -> tuple[ApiView, ApiView]:
+    ctx = _ctx(AccessGuard(_settings(rate_limit_per_s=1, rate_limit_burst=1)))
     app = faust.App("unit-apiview", web_enabled=False)
-    thing_cls = app.page("/things/{name}")(type("Thing", (_Thing,), {}))
-    health_cls = app.page("/health")(type("Health", (_Health,), {}))
-    try:
-        yield (app.web.views["/things/{name}"], app.web.views["/health"])
-    finally:
-        set_access_guard(None)
-    assert thing_cls and health_cls
+    app.page("/things/{name}")(bind_view(_Thing, ctx))
+    app.page("/health")(bind_view(_Health, ctx))
+    thing, health = app.web.views["/things/{name}"], app.web.views["/health"]
+    assert isinstance(thing, _Thing) and isinstance(health, _Health)
+    assert not hasattr(_Thing, "ctx")  # the module class stays unbound
+    return thing, health
 
 
 async def _call(view: ApiView, method: str, name: str | None = None,
@@ -324,7 +339,7 @@ async def test_view_success_error_shape_and_client_id(views: tuple[ApiView, ApiV
     status, _, body = await _call(thing, "GET", "bad", token=OTHER_KEY)
     assert (status, body) == (400, {"error": {"status": 400, "message": "bad name",
                                               "param": "name"}})
-    set_access_guard(AccessGuard(_settings()))  # no rate limit from here on
+    _set_guard(thing, AccessGuard(_settings()))  # no rate limit from here on
     status, _, body = await _call(thing, "GET", "nf")
     assert (status, body) == (404, {"error": {"status": 404, "message": "no such thing"}})
     status, _, body = await _call(thing, "POST", "y")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+from mode import Service
 
 from agents.sink import BarWriter
 
@@ -18,8 +19,9 @@ class FakePool:
         yield object()
 
 
-class FakeDb:
+class FakeDb(Service):
     def __init__(self) -> None:
+        super().__init__()
         self.fail_next = 0
 
     async def pool(self) -> FakePool:
@@ -51,7 +53,6 @@ def make(batch_size: int, db: FakeDb | None = None) -> tuple[BarWriter, list[dic
     w = BarWriter(db or FakeDb(), batch_size=batch_size, flush_interval_s=0.01,  # type: ignore[arg-type]
                   retry_max_s=0.05, upsert=slow_upsert)
     stream = FakeStream(written)
-    w.stream = stream  # type: ignore[assignment]
     return w, written, stream
 
 
@@ -60,7 +61,7 @@ async def test_bars_added_during_a_flush_are_written_before_ack() -> None:
 
     async def producer() -> None:
         for i in range(20):
-            await w.add({"n": i}, i)  # type: ignore[arg-type]
+            await w.add({"n": i}, i, stream)  # type: ignore[arg-type]
             await asyncio.sleep(0.003)
 
     async def timer() -> None:
@@ -78,8 +79,8 @@ async def test_database_down_is_retried_not_dropped() -> None:
     db = FakeDb()
     db.fail_next = 3
     w, written, stream = make(batch_size=2, db=db)
-    await w.add({"n": 1}, 1)  # type: ignore[arg-type]
-    await w.add({"n": 2}, 2)  # full: flushes, retrying through three failures
+    await w.add({"n": 1}, 1, stream)  # type: ignore[arg-type]
+    await w.add({"n": 2}, 2, stream)  # full: flushes, retrying through three failures
     assert [b["n"] for b in written] == [1, 2] and stream.acked == [1, 2]
 
 
@@ -96,5 +97,5 @@ async def test_postgres_error_is_retried() -> None:
         return await upsert(conn, bars)
 
     w.upsert = flaky
-    await w.add({"n": 7}, 7)  # type: ignore[arg-type]
+    await w.add({"n": 7}, 7, stream)  # type: ignore[arg-type]
     assert calls == 2 and stream.acked == [7] and written == [{"n": 7}]

@@ -30,7 +30,7 @@ KEY = "hist-s3cret-key-42"
 T0 = 1_723_075_200  # 2024-08-08T00:00:00Z, seconds
 M = 60_000
 
-# formats-and-traps.md 4.1 (v2 envelope, one zero-filled and one real point)
+# docs/formats.md#cryptocompare-histominute (v2 envelope, one zero-filled and one real point)
 CC_DOC: dict[str, Any] = {
     "Response": "Success", "Message": "", "HasWarning": False, "Type": 100, "RateLimit": {},
     "Data": {"Aggregated": False, "TimeFrom": T0 - 60, "TimeTo": T0, "Data": [
@@ -40,7 +40,7 @@ CC_DOC: dict[str, Any] = {
         {"time": T0 - 60, "high": 0, "low": 0, "open": 0, "volumefrom": 0, "volumeto": 0,
          "close": 0, "conversionType": "direct", "conversionSymbol": ""}]}}
 
-# formats-and-traps.md 4.3 (upper-case records, Data/Err envelope)
+# docs/formats.md#coindesk-historical-minutes (upper-case records, Data/Err envelope)
 CD_DOC: dict[str, Any] = {"Data": [
     {"UNIT": "MINUTE", "TIMESTAMP": T0, "TYPE": "267", "MARKET": "binance",
      "INSTRUMENT": "BTC-USDT", "OPEN": 61000.0, "HIGH": 61010.0, "LOW": 60990.0,

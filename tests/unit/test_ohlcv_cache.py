@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from core.timeutil import SEAL_MARGIN_MS, live_window_ms, sealed_end_ms, stale_write_ms
-from views.ohlcv import INTERVALS_MS, splice_json_arrays
+from query.series import INTERVALS_MS, splice_json_arrays
 
 MIN = 60_000
 T0 = 1_700_000_000_000

@@ -58,21 +58,6 @@ def test_ohlcv_query_rules() -> None:
             parse_ohlcv_query(q, now)
 
 
-def test_fill_previous_flat_bars() -> None:
-    from views.ohlcv import fill_previous
-
-    def bar(m: int, c: float) -> dict:
-        return {"bucket_start_ms": m * 60_000, "time": "", "open": c, "high": c, "low": c,
-                "close": c, "volume": 1.0, "trade_count": 3}
-
-    out = fill_previous([bar(1, 10.0), bar(4, 12.0)], 60_000, 6 * 60_000)
-    assert [b["bucket_start_ms"] // 60_000 for b in out] == [1, 2, 3, 4, 5]
-    assert [(b["open"], b["close"], b["trade_count"], b["volume"]) for b in out] == [
-        (10.0, 10.0, 3, 1.0), (10.0, 10.0, 0, 0.0), (10.0, 10.0, 0, 0.0),
-        (12.0, 12.0, 3, 1.0), (12.0, 12.0, 0, 0.0)]
-    assert fill_previous([], 60_000, 10**9) == []
-
-
 def test_env_overrides_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[web]\nport = 7000\n[window]\ngrace_ms = 1000\n')

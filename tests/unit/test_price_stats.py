@@ -1,13 +1,23 @@
-"""Price statistics from per-second aggregates equal brute force over the ticks."""
+"""Price statistics from per-second aggregates equal brute force over the ticks, and the
+price queries (:class:`query.prices.PriceQueries`: Redis first, the stored bars as the
+fallback) over in-memory Redis stand-ins and a private ``bars_1m``
+(``tests/unit/bars_db.py``)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import asyncpg
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core.errors import QueryError
 from core.models import Tick
+from query.errors import StorageUnavailable
 from query.price_stats import (
     combine,
     parse_period_s,
@@ -16,6 +26,8 @@ from query.price_stats import (
     select,
     stats,
 )
+from query.prices import PriceQueries
+from tests.unit.bars_db import minute_bar, store, temp_bars_1m
 
 NOW_MS = 1_732_170_000_500
 
@@ -71,3 +83,130 @@ def test_periods() -> None:
         with pytest.raises(QueryError):
             parse_period_s(bad)
     assert select({1: [1, 1, 1, 1], 5: [2, 2, 2, 1]}, 2, 5) == [[2, 2, 2, 1]]
+
+
+# ---- PriceQueries ------------------------------------------------------------------------
+
+MIN_MS = 60_000
+#: start of NOW_MS's minute (the stored bars lie 20 and 60 minutes before it)
+T_NOW_MIN = NOW_MS - NOW_MS % MIN_MS
+
+
+class _Latest:
+    """In-memory latest prices and per-second aggregates (or a Redis outage)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.seconds_asked: list[tuple[int, int]] = []
+
+    async def get(self, symbol: str, exchange: str | None = None) -> dict[str, Any] | None:
+        if self.fail:
+            raise RedisConnectionError("down")
+        if symbol != "BTCUSDT":
+            return None
+        return {"price": 5.0, "ts_ms": NOW_MS - 10, "exchange": exchange or "ex1"}
+
+    async def seconds(self, symbol: str, exchange: str | None, first_s: int, last_s: int
+                      ) -> list[list[float]] | None:
+        if self.fail:
+            raise RedisConnectionError("down")
+        self.seconds_asked.append((first_s, last_s))
+        if symbol != "BTCUSDT":
+            return None
+        return [[4.0, 6.0, 10.0, 2.0]]  # two ticks, 4 and 6, in the last second
+
+
+class _Redis:
+    """The replay state key only."""
+
+    def __init__(self, state: dict[str, Any] | None = None) -> None:
+        self.state = state
+
+    async def get(self, key: str) -> bytes | None:
+        return orjson.dumps(self.state) if self.state else None
+
+
+class _Pool:
+    def __init__(self, conn: asyncpg.Connection | None) -> None:
+        self.conn = conn
+
+    async def pool(self) -> _Pool:
+        if self.conn is None:
+            raise OSError("database down")
+        return self
+
+    def acquire(self) -> _Pool:
+        return self
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        assert self.conn is not None
+        return self.conn
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _queries(conn: asyncpg.Connection | None, latest: _Latest,
+             redis: _Redis | None = None) -> PriceQueries:
+    return PriceQueries(cast(Any, _Pool(conn)), cast(Any, latest), cast(Any, latest),
+                        cast(Any, redis or _Redis()), "t")
+
+
+@pytest.fixture
+async def db() -> AsyncIterator[asyncpg.Connection]:
+    async with temp_bars_1m() as conn:
+        await store(conn, [
+            minute_bar("ex1", "BTCUSDT", T_NOW_MIN - 20 * MIN_MS, high=9.0, low=1.0,
+                       avg_price=3.0, trade_count=3, close=2.5),
+            minute_bar("ex2", "BTCUSDT", T_NOW_MIN - 60 * MIN_MS, high=8.0, low=2.0,
+                       avg_price=5.0, trade_count=1, close=7.5)])
+        yield conn
+
+
+async def test_latest_from_redis_then_the_database(db: asyncpg.Connection) -> None:
+    got = await _queries(db, _Latest()).latest("BTCUSDT", "ex2")
+    assert got is not None and (got.exchange, got.price, got.source, got.degraded) == (
+        "ex2", 5.0, "redis", False)
+    got = await _queries(db, _Latest(fail=True)).latest("BTCUSDT", None)
+    assert got is not None and (got.exchange, got.price, got.source, got.degraded) == (
+        "ex1", 2.5, "database", True)
+    assert await _queries(db, _Latest(fail=True)).latest("NOPE", None) is None
+    with pytest.raises(StorageUnavailable,
+                       match=r"^redis and database unavailable: ConnectionError, OSError$"):
+        await _queries(None, _Latest(fail=True)).latest("BTCUSDT", None)
+
+
+async def test_period_stats_redis_minutes_and_fallback(db: asyncpg.Connection) -> None:
+    short = await _queries(db, _Latest()).period_stats("BTCUSDT", None, 60, NOW_MS)
+    assert (short.known, short.highest, short.lowest, short.average, short.count,
+            short.granularity, short.degraded) == (True, 6.0, 4.0, 5.0, 2, "second", False)
+    assert (short.first_s, short.last_s) == seconds_in_period(NOW_MS, 60)
+    # a day: the stored bars before the per-second coverage plus the seconds after it
+    day = await _queries(db, _Latest()).period_stats("BTCUSDT", None, 86_400, NOW_MS)
+    assert (day.highest, day.lowest, day.count, day.granularity) == (9.0, 1.0, 2 + 3 + 1,
+                                                                     "minute")
+    assert day.average == pytest.approx((10.0 + 9.0 + 5.0) / 6)
+    assert day.first_s % 60 == 0
+    # Redis down: the stored bars alone
+    down = await _queries(db, _Latest(fail=True)).period_stats("BTCUSDT", "ex1", 3600, NOW_MS)
+    assert (down.highest, down.lowest, down.count, down.granularity, down.degraded) == (
+        9.0, 1.0, 3, "minute", True)
+    quiet = await _queries(db, _Latest(fail=True)).period_stats("BTCUSDT", "ex1", 60, NOW_MS)
+    assert (quiet.known, quiet.highest, quiet.count) == (True, None, 0)
+    unknown = await _queries(db, _Latest()).period_stats("NOPE", None, 86_400, NOW_MS)
+    assert unknown.known is False
+    with pytest.raises(StorageUnavailable, match=r"^storage unavailable: OSError$"):
+        await _queries(None, _Latest()).period_stats("BTCUSDT", None, 86_400, NOW_MS)
+    with pytest.raises(StorageUnavailable, match=r"^redis and database unavailable: OSError$"):
+        await _queries(None, _Latest(fail=True)).period_stats("BTCUSDT", None, 60, NOW_MS)
+
+
+async def test_period_stats_follow_a_replay_clock(db: asyncpg.Connection) -> None:
+    replay_ms = NOW_MS - 86_400_000
+    latest = _Latest()
+    redis = _Redis({"state": "running", "namespace": "replay", "clock_ms": replay_ms})
+    got = await _queries(db, latest, redis).period_stats("BTCUSDT", "replay.ex1", 60, NOW_MS,
+                                                         replayed=True)
+    assert (got.first_s, got.last_s) == seconds_in_period(replay_ms, 60)
+    got = await _queries(db, latest, redis).period_stats("BTCUSDT", "ex1", 60, NOW_MS)
+    assert (got.first_s, got.last_s) == seconds_in_period(NOW_MS, 60)

@@ -13,7 +13,7 @@ from feeds.replay.simulator import (
     FileSource,
     ReplayController,
     _Bar,
-    format_progress,
+    format_replay_progress,
     resolve_namespace,
 )
 from stores.replay_control import check_transition, parse_speed
@@ -102,7 +102,7 @@ async def test_controller_clock_pause_seek_speed() -> None:
     assert ctl.resume() is None and ctl.state == "running"
     snap = ctl.snapshot()
     assert snap["namespace"] == "replay" and snap["total"] == 1000
-    assert "replay running max" in format_progress(snap)
+    assert "replay running max" in format_replay_progress(snap)
 
 
 def test_rebase_never_goes_back() -> None:

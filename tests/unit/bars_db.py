@@ -1,0 +1,62 @@
+"""A private ``bars_1m`` on the local TimescaleDB for the query tests.
+
+:func:`temp_bars_1m` opens one connection and creates a *temporary* ``bars_1m`` (same
+columns and keys as the migrated table, ``sql/migrations/001_bars_1m.sql``); PostgreSQL
+searches the session's temporary schema first, so every query of :mod:`sql.bars_1m` on
+that connection reads it and no other data. The test is skipped when the database
+(``MF_TEST_PG_DSN``, default the ``scripts/services.sh`` one) is not reachable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from sql.bars_1m import upsert_fetched_bars
+
+DSN = os.environ.get("MF_TEST_PG_DSN",
+                     "postgresql://marketflow:marketflow@127.0.0.1:15432/marketflow")
+
+
+@contextlib.asynccontextmanager
+async def temp_bars_1m() -> AsyncIterator[asyncpg.Connection]:
+    """A connection whose ``bars_1m`` is an empty temporary table (skips the test when
+    TimescaleDB or the migrated ``bars_1m`` is missing)."""
+    try:
+        conn = await asyncpg.connect(DSN, timeout=3)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.skip(f"TimescaleDB not reachable ({type(exc).__name__}); see scripts/services.sh")
+    try:
+        if not await conn.fetchval(
+                "SELECT to_regclass('public.bars_1m') IS NOT NULL AND EXISTS "
+                "(SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"):
+            pytest.skip("the database has no migrated bars_1m / timescaledb extension")
+        await conn.execute("CREATE TEMP TABLE bars_1m (LIKE public.bars_1m INCLUDING ALL)")
+        yield conn
+    finally:
+        await conn.close()
+
+
+def minute_bar(exchange: str, symbol: str, bucket_start_ms: int, **values: Any
+               ) -> dict[str, Any]:
+    """A 1-minute bar in the closed-bar schema; unspecified values are a flat 100.0 bar
+    with one trade of quantity 1."""
+    bar: dict[str, Any] = {
+        "exchange": exchange, "symbol": symbol, "bucket_start_ms": bucket_start_ms,
+        "bucket_end_ms": bucket_start_ms + 60_000, "open": 100.0, "high": 100.0,
+        "low": 100.0, "close": 100.0, "volume": 1.0, "trade_count": 1, "avg_price": 100.0,
+        "min_price": 100.0, "max_price": 100.0, "vwap": 100.0,
+        "open_ts_ms": bucket_start_ms, "close_ts_ms": bucket_start_ms + 59_999}
+    bar.update(values)
+    bar["min_price"], bar["max_price"] = bar["low"], bar["high"]
+    return bar
+
+
+async def store(conn: asyncpg.Connection, bars: Iterable[dict[str, Any]]) -> None:
+    """Write ``bars`` to the connection's ``bars_1m``."""
+    await upsert_fetched_bars(conn, bars, "test", overwrite_own=True)

@@ -1,0 +1,50 @@
+"""What the HTTP views depend on, built once by :func:`app.factory.create_app` and handed to
+:func:`views.register_views` (no view reaches for a module global)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from core.config import Settings
+from feeds.history.on_demand import OnDemandHistory
+from sql.pool import Database
+from stores.buffer import RedisWriteBuffer
+from stores.latest import LatestPriceStore
+from stores.live_bars import LiveBarStore
+from stores.ohlcv_cache import OhlcvCache
+from stores.stats import SecondStatsStore
+from views.auth import AccessGuard
+
+__all__ = ["ViewContext"]
+
+
+@dataclass(frozen=True)
+class ViewContext:
+    """The views' dependencies.
+
+    Attributes:
+        settings: the worker's settings.
+        database: the TimescaleDB pool service (``await database.pool()``).
+        redis: the worker's shared Redis connection (mode, ingest status, replay state, gap
+            status; key formats in :mod:`stores.keys`).
+        latest: latest prices in Redis.
+        stats: per-second statistics in Redis.
+        live_bars: live 1-minute bars in Redis.
+        redis_writes: the write buffer in front of those stores (its ``status()``).
+        ohlcv_cache: the sealed-range ``/ohlcv`` cache.
+        on_demand: on-demand history requests (``ask``, ``wait_for_request``, ``status``).
+        access_guard: bearer-token checks and the rate limit.
+    """
+
+    settings: Settings
+    database: Database
+    redis: Redis
+    latest: LatestPriceStore
+    stats: SecondStatsStore
+    live_bars: LiveBarStore
+    redis_writes: RedisWriteBuffer
+    ohlcv_cache: OhlcvCache
+    on_demand: OnDemandHistory
+    access_guard: AccessGuard
