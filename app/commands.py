@@ -15,13 +15,8 @@ from core.config import Settings
 from core.errors import HistoryError, QueryError, ReplayError
 from feeds.history.backfill import BackfillProgress, run_backfill
 from feeds.history.rest import make_history_client, split_symbol
-from feeds.replay.simulator import (
-    FileSource,
-    TickSource,
-    load_bar_source,
-    replay_source,
-    resolve_namespace,
-)
+from feeds.replay.simulator import replay_source, resolve_namespace
+from feeds.replay.sources import FileSource, TickSource, load_bar_source
 from sql.migrate import apply_migrations
 from stores.connection import connect
 from stores.ohlcv_cache import OhlcvCache

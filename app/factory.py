@@ -27,7 +27,8 @@ from core.config import Settings
 from core.topics import declare_topics
 from feeds.history.gaps import GapService
 from feeds.history.on_demand import HistoryWriter, OnDemandHistory
-from feeds.live.manager import IngestManager, TickPublisher
+from feeds.live.manager import IngestManager
+from feeds.live.publisher import TickPublisher
 from sql.pool import Database
 from stores.buffer import RedisWriteBuffer
 from stores.connection import RedisConnection

@@ -26,9 +26,7 @@ import os
 import platform
 import random
 import re
-import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -42,19 +40,9 @@ sys.path.insert(0, str(REPO))
 import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
-from common import (  # noqa: E402  (bench/common.py)
-    MINUTE,
-    Worker,
-    delete_topics,
-    dsn_with_db,
-    free_port,
-    now_ms,
-    pct,
-    say,
-    sql_exec,
-)
+from common import MINUTE, BenchRun, now_ms, pct, run_main, say  # noqa: E402  (bench/common.py)
 
-from core.config import load_settings  # noqa: E402
+from tests.support.harness import Worker  # noqa: E402
 
 DAY = 86_400_000
 GEN_EXCHANGES = ["exchange1", "exchange2", "exchange3"]  # the test generator's exchanges
@@ -243,34 +231,16 @@ class LagSampler:
 
 
 async def run(args: argparse.Namespace) -> int:
-    rand = secrets.token_hex(3)
-    name = f"bench-{rand}"
-    dbname = f"bench_{rand}"
-    workdir = Path(f"/tmp/marketflow-{name}")
-    workdir.mkdir(parents=True)
-    admin_dsn = load_settings().database.dsn
-    web_port = free_port()
     grace_ms = 5000
     overrides = {
-        "MARKETFLOW_APP__ID": name,
-        "MARKETFLOW_APP__DATADIR": str(workdir / "faust"),
-        "MARKETFLOW_TOPICS__TICKS": f"{name}-ticks",
-        "MARKETFLOW_TOPICS__BARS": f"{name}-bars-1m",
-        "MARKETFLOW_TOPICS__DEAD_LETTER": f"{name}-dead-letter",
-        "MARKETFLOW_TOPICS__HISTORY_REQUESTS": f"{name}-history-requests",
-        "MARKETFLOW_TOPICS__PARTITIONS": str(args.partitions),
-        "MARKETFLOW_TOPICS__REPLICATION": "1",
-        "MARKETFLOW_REDIS__KEY_PREFIX": name,
-        "MARKETFLOW_WEB__PORT": str(web_port),
-        "MARKETFLOW_DATABASE__DSN": dsn_with_db(admin_dsn, dbname),
         "MARKETFLOW_WINDOW__GRACE_MS": str(grace_ms),
         "MARKETFLOW_FEEDS__GENERATOR__RATE_PER_S": str(args.rate),
         "MARKETFLOW_FEEDS__EXCHANGES": "[]",
     }
     if args.pool_max:
         overrides["MARKETFLOW_DATABASE__POOL_MAX"] = str(args.pool_max)
-    os.environ.update(overrides)
-    settings = load_settings()
+    bench = BenchRun(args.partitions, overrides)
+    name, dbname, settings, worker = bench.name, bench.dbname, bench.settings, bench.worker
     use_wrk = shutil.which("wrk") is not None and not args.no_wrk
     loadgen = (f"wrk -t{args.threads} -c{args.connections} (Debian wrk)" if use_wrk
                else f"aiohttp subprocess, {args.connections} connections")
@@ -280,11 +250,8 @@ async def run(args: argparse.Namespace) -> int:
         f"pipeline ingesting {args.rate:,} test ticks/s, {args.partitions} partitions, "
         f"DB pool_max {settings.database.pool_max}")
     say(f"machine: {machine}")
-    say(f"isolation: app id / topic prefix / redis prefix {name}, database {dbname}, "
-        f"web port {web_port}, datadir {workdir}/faust")
+    say(bench.describe())
 
-    worker = Worker({**os.environ}, workdir / "worker.log", web_port)
-    created_db = False
     http: aiohttp.ClientSession | None = None
     db: asyncpg.Connection | None = None
     r: aioredis.Redis | None = None
@@ -293,17 +260,16 @@ async def run(args: argparse.Namespace) -> int:
     try:
         # -------------------------------------------------------------- 1. worker
         say("\n[1] worker")
-        await sql_exec(admin_dsn, f'CREATE DATABASE "{dbname}"')
-        created_db = True
+        await bench.create_database()
         http = aiohttp.ClientSession()
         r = aioredis.Redis.from_url(settings.redis.url, decode_responses=True)
         t = time.monotonic()
-        pid = worker.start()
-        await worker.wait_ready(http, 120)
+        pid = worker.start().pid
+        await worker.until_ready(120, http=http, poll_s=0.1)
         say(f"  pid {pid}: /health 200 and Faust ready {time.monotonic() - t:.1f} s after launch "
             f"(bars_1m migrated)")
-        db = await asyncpg.connect(overrides["MARKETFLOW_DATABASE__DSN"])
-        async with http.post(worker.base + "/mode/test") as resp:
+        db = await asyncpg.connect(bench.dsn)
+        async with http.post(worker.base_url + "/mode/test") as resp:
             say(f"  POST /mode/test -> {resp.status} {await resp.text()}")
             if resp.status != 200:
                 raise RuntimeError("could not switch to test mode")
@@ -324,7 +290,7 @@ async def run(args: argparse.Namespace) -> int:
         sampler = LagSampler(worker, http, r, latest_key, grace_ms, db, dbname)
         st = asyncio.create_task(sampler.run())
         rng = random.Random(42)
-        load_conn = await asyncpg.connect(overrides["MARKETFLOW_DATABASE__DSN"])
+        load_conn = await asyncpg.connect(bench.dsn)
         n_rows = 0
         t = time.monotonic()
         try:
@@ -359,7 +325,7 @@ async def run(args: argparse.Namespace) -> int:
         for _label, path, want in endpoints:
             while True:
                 t0 = time.perf_counter()
-                async with http.get(worker.base + path) as resp:
+                async with http.get(worker.base_url + path) as resp:
                     body = await resp.json()
                     status = resp.status
                 ms = (time.perf_counter() - t0) * 1000
@@ -382,7 +348,7 @@ async def run(args: argparse.Namespace) -> int:
         for label, path, _ in endpoints:
             if only and label not in only:
                 continue
-            url = worker.base + path
+            url = worker.base_url + path
             if args.warmup > 0:
                 await (run_wrk(url, args.warmup, args.connections, args.threads) if use_wrk
                        else run_pyload(url, args.warmup, args.connections))
@@ -424,31 +390,10 @@ async def run(args: argparse.Namespace) -> int:
                 await db.close()
         if http is not None:
             await http.close()
-        say(f"  worker: {worker.stop()}")
-        if created_db:
-            try:
-                await sql_exec(admin_dsn, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-                say(f"  database {dbname} dropped")
-            except Exception as exc:  # noqa: BLE001
-                say(f"  could not drop database {dbname}: {exc}")
-        try:
-            rc = r or aioredis.Redis.from_url(settings.redis.url)
-            n = 0
-            async for k in rc.scan_iter(match=f"{name}:*", count=1000):
-                n += await rc.delete(k)
-            await rc.aclose()
-            say(f"  redis: {n} keys {name}:* deleted")
-        except Exception as exc:  # noqa: BLE001
-            say(f"  redis cleanup failed: {exc}")
-        try:
-            say(f"  broker: {await delete_topics(settings, name)}")
-        except Exception as exc:  # noqa: BLE001
-            say(f"  broker: topic deletion failed ({type(exc).__name__}: {exc})")
-        if args.keep_log:
-            say(f"  worker log kept: {workdir / 'worker.log'}")
-            shutil.rmtree(workdir / "faust", ignore_errors=True)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        if r is not None:
+            with contextlib.suppress(Exception):
+                await r.aclose()
+        await bench.cleanup(args.keep_log)
 
     # ------------------------------------------------------------------ summary
     say("\nSUMMARY")
@@ -459,16 +404,16 @@ async def run(args: argparse.Namespace) -> int:
            f"{'errors':>6} {'wCPU%':>6} {'wm lag max':>10} {'redis age max':>13} "
            f"{'ticks_in/s':>10}")
     say(hdr)
-    for label, res, s in results:
-        wm = f"{max(s.wm_lag):,.0f} ms" if s.wm_lag else "-"
-        ra = f"{max(s.redis_lag):,.0f} ms" if s.redis_lag else "-"
+    for label, res, smp in results:
+        wm = f"{max(smp.wm_lag):,.0f} ms" if smp.wm_lag else "-"
+        ra = f"{max(smp.redis_lag):,.0f} ms" if smp.redis_lag else "-"
         if res:
             say(f"  {label:<22} {res['rps']:>9,.0f} {res['p50']:>8.2f} {res['p99']:>8.2f} "
                 f"{res['max']:>8.1f} {res['errors']:>6} {res['cpu']:>6.0f} {wm:>10} {ra:>13} "
-                f"{s.ingest_rate:>10,.0f}")
+                f"{smp.ingest_rate:>10,.0f}")
         else:
             say(f"  {label:<22} {'':>9} {'':>8} {'':>8} {'':>8} {'':>6} {'':>6} {wm:>10} "
-                f"{ra:>13} {s.ingest_rate:>10,.0f}")
+                f"{ra:>13} {smp.ingest_rate:>10,.0f}")
     by = {label: res for label, res, _ in results if res}
     if "latest" in by:
         lt = by["latest"]
@@ -511,21 +456,7 @@ def main() -> int:
                     help="directory: py-spy collapsed-stack profile of the worker per endpoint")
     ap.add_argument("--verbose", action="store_true", help="print the raw wrk output")
     args = ap.parse_args()
-
-    async def _main() -> int:
-        task = asyncio.current_task()
-        assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        try:
-            return await run(args)
-        except asyncio.CancelledError:
-            raise KeyboardInterrupt from None
-
-    try:
-        return asyncio.run(_main())
-    except KeyboardInterrupt:
-        print("interrupted (cleanup done)", file=sys.stderr)
-        return 130
+    return run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

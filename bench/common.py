@@ -2,36 +2,38 @@
 
 The scripts are run as ``python bench/<script>.py``, so this directory is on ``sys.path``
 and they import this module as ``common``. It puts the repository root on ``sys.path``
-too, for the ``app`` package.
+too, for the product packages and for ``tests.support.harness`` (the worker process, free
+ports, isolation and cleanup the benchmarks share with the integration tests).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
+import os
+import secrets
+import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from urllib.parse import urlparse, urlunparse
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import aiohttp  # noqa: E402
-import asyncpg  # noqa: E402
-import psutil  # noqa: E402
-from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
-from aiokafka.errors import for_code  # noqa: E402
-
-from core.config import Settings  # noqa: E402
+from core.config import load_settings  # noqa: E402
+from tests.support.harness import Isolation, Worker  # noqa: E402
 
 FAUST = REPO / ".venv" / "bin" / "faust"
 MINUTE = 60_000
+TOPICS = {  # environment variable -> topic name suffix (the topics are bench-<rand>-<suffix>)
+    "MARKETFLOW_TOPICS__TICKS": "ticks",
+    "MARKETFLOW_TOPICS__BARS": "bars-1m",
+    "MARKETFLOW_TOPICS__DEAD_LETTER": "dead-letter",
+    "MARKETFLOW_TOPICS__HISTORY_REQUESTS": "history-requests",
+}
 
 
 def now_ms() -> int:
@@ -49,156 +51,77 @@ def pct(xs: list[float], p: float) -> float:
     return s[k]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class BenchRun:
+    """One isolated bench run (``bench/README.md``, Isolation): app id / topic prefix /
+    Redis key prefix ``bench-<rand>``, database ``bench_<rand>``, a free web port, the
+    directory ``/tmp/marketflow-bench-<rand>`` (Faust data dir and worker log), replication
+    1, and one worker (``.venv/bin/faust -A app worker -l <loglevel>``).
 
-
-def dsn_with_db(dsn: str, db: str) -> str:
-    return urlunparse(urlparse(dsn)._replace(path="/" + db))
-
-
-async def sql_exec(dsn: str, sql: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-async def delete_topics(settings: Settings, prefix: str) -> str:
-    """Delete every topic whose name starts with ``prefix`` (the run's topics and Faust's
-    changelog / assignor topics).
-
-    Raises:
-        aiokafka.errors.KafkaError: the broker refused to delete a topic (the error of the
-            first refused one; the message lists all of them).
+    The overrides (plus ``extra_env``) are applied to ``os.environ``, so that
+    ``load_settings()`` in the bench and the worker see them.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.broker.bootstrap_servers)
-    await admin.start()
-    try:
-        names = sorted(t for t in await admin.list_topics() if t.startswith(prefix))
-        if not names:
-            return "no topics"
-        resp = await admin.delete_topics(names)
-        failed = [(err[0], err[1]) for err in getattr(resp, "topic_error_codes", ())
-                  if err[1] != 0]
-        if failed:
-            raise for_code(failed[0][1])(
-                f"{len(failed)}/{len(names)} topics not deleted: "
-                + ", ".join(f"{name} ({for_code(code).__name__})" for name, code in failed))
-        return f"deleted {len(names)} topics"
-    finally:
-        await admin.close()
 
-
-class Worker:
-    """One ``faust -A app worker`` subprocess with its log in a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, web_port: int,
+    def __init__(self, partitions: int, extra_env: Mapping[str, str],
                  loglevel: str = "warn") -> None:
-        self.loglevel = loglevel
-        self.env = env
-        self.log_path = log_path
-        self.base = f"http://127.0.0.1:{web_port}"
-        self.proc: subprocess.Popen | None = None
-        self.ps: psutil.Process | None = None
+        rand = secrets.token_hex(3)
+        self.iso = Isolation.new("bench-", load_settings().database.dsn, db_prefix="bench_",
+                                 token=rand)
+        self.name = self.iso.name
+        self.dbname = self.iso.dbname
+        self.web_port = self.iso.web_port
+        self.workdir = Path(f"/tmp/marketflow-{self.name}")
+        self.workdir.mkdir(parents=True)
+        self.env = {**self.iso.env(TOPICS, partitions=partitions, replication=1,
+                                   datadir=self.workdir / "faust"), **extra_env}
+        os.environ.update(self.env)
+        self.settings = load_settings()
+        self.worker = Worker(self.env, self.workdir / "worker.log", web_port=self.web_port,
+                             loglevel=loglevel, command=(str(FAUST),), new_session=False,
+                             tail_lines=40)
 
-    def start(self) -> int:
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [str(FAUST), "-A", "app", "worker", "-l", self.loglevel],
-            cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        self.ps = psutil.Process(self.proc.pid)
-        return self.proc.pid
+    @property
+    def dsn(self) -> str:
+        """The run's database (``MARKETFLOW_DATABASE__DSN``)."""
+        return self.iso.dsn
 
-    def check_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+    def describe(self) -> str:
+        return (f"isolation: app id / topic prefix / redis prefix {self.name}, database "
+                f"{self.dbname}, web port {self.web_port}, datadir {self.workdir}/faust")
 
-    def log_tail(self, n: int = 40) -> str:
+    async def create_database(self) -> None:
+        await self.iso.create_database()
+
+    async def cleanup(self, keep_log: bool) -> None:
+        """Stop the worker (unless stopped before: SIGTERM, SIGKILL after 15 s), drop the
+        database, delete the Redis keys and the topics, remove the directory (with
+        ``keep_log`` all but the worker log); each step printed, none raises."""
+        if not self.worker.ended_on_purpose:
+            say(f"  worker: {self.worker.terminate(15)}")
+        await self.iso.cleanup(self.settings.redis.url,
+                               self.settings.broker.bootstrap_servers,
+                               report=lambda line: say("  " + line))
+        if keep_log:
+            say(f"  worker log kept: {self.workdir / 'worker.log'}")
+            shutil.rmtree(self.workdir / "faust", ignore_errors=True)
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def run_main(run: Callable[[], Awaitable[int]]) -> int:
+    """``asyncio.run(run())`` with SIGTERM treated like Ctrl-C (the bench's ``finally``
+    blocks clean up); 130 after either."""
+
+    async def _main() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-n:])
+            return await run()
+        except asyncio.CancelledError:
+            raise KeyboardInterrupt from None
 
-    def ready_in_log(self) -> bool:
-        """Faust's ready report: the spinner's 'OK ^' (log level warn) or 'Ready' (info)."""
-        try:
-            text = self.log_path.read_bytes()
-        except OSError:
-            return False
-        return b" OK ^" in text or b"Worker]: Ready" in text
-
-    def mem(self) -> dict[str, int]:
-        """VmHWM / VmRSS in kB from /proc/<pid>/status."""
-        assert self.proc is not None
-        out = {}
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                k, v = line.split(":", 1)
-                out[k] = int(v.split()[0])
-        return out
-
-    def cpu_s(self) -> float:
-        assert self.ps is not None
-        t = self.ps.cpu_times()
-        return t.user + t.system
-
-    async def wait_healthy(self, http: aiohttp.ClientSession, timeout_s: float) -> float:
-        """Monotonic time of the first ``GET /health`` answering 200."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.check_alive()
-            try:
-                async with http.get(self.base + "/health",
-                                    timeout=aiohttp.ClientTimeout(total=3)) as r:
-                    if r.status == 200:
-                        return time.monotonic()
-            except (TimeoutError, aiohttp.ClientError):
-                pass
-            await asyncio.sleep(0.05)
-        raise RuntimeError(f"worker not healthy after {timeout_s}s:\n{self.log_tail()}")
-
-    async def wait_ready(self, http: aiohttp.ClientSession, timeout_s: float) -> None:
-        """Until ``GET /health`` answered 200 and Faust's ready report is in the log."""
-        deadline = time.monotonic() + timeout_s
-        await self.wait_healthy(http, timeout_s)
-        while time.monotonic() < deadline:
-            self.check_alive()
-            if self.ready_in_log():
-                return
-            await asyncio.sleep(0.1)
-        raise RuntimeError(f"worker not ready after {timeout_s}s:\n{self.log_tail()}")
-
-    async def metrics(self, http: aiohttp.ClientSession,
-                      timeout_s: float = 3) -> dict[str, float]:
-        """The ``marketflow_*`` samples of ``GET /metrics``."""
-        async with http.get(self.base + "/metrics",
-                            timeout=aiohttp.ClientTimeout(total=timeout_s)) as r:
-            text = await r.text()
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("marketflow_"):
-                name, _, val = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    out[name] = float(val)
-        return out
-
-    def stop(self) -> str:
-        if self.proc is None or self.proc.poll() is not None:
-            return "not running"
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-            how = f"SIGTERM, exit {self.proc.returncode}"
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-            how = "SIGKILL after 15 s"
-        self._log.close()
-        return how
+    try:
+        return asyncio.run(_main())
+    except KeyboardInterrupt:
+        print("interrupted (cleanup done)", file=sys.stderr)
+        return 130

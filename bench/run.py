@@ -18,8 +18,6 @@ import contextlib
 import math
 import os
 import platform
-import secrets
-import shutil
 import signal
 import statistics
 import subprocess
@@ -38,22 +36,14 @@ import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
-from common import (  # noqa: E402  (bench/common.py)
-    MINUTE,
-    Worker,
-    delete_topics,
-    dsn_with_db,
-    free_port,
-    now_ms,
-    pct,
-    say,
-    sql_exec,
-)
+from common import MINUTE, BenchRun, now_ms, pct, run_main, say  # noqa: E402  (bench/common.py)
 
 from core.admin import ensure_topics  # noqa: E402
-from core.config import Settings, load_settings  # noqa: E402
+from core.config import Settings  # noqa: E402
 from core.models import Tick, parse_tick, tick_to_json  # noqa: E402
-from feeds.replay.simulator import batch_ticks, merge_by_time, read_trades  # noqa: E402
+from feeds.replay.csv_trades import read_trades  # noqa: E402
+from feeds.replay.simulator import batch_ticks  # noqa: E402
+from feeds.replay.sources import merge_by_time  # noqa: E402
 from tables.aggregator import WindowAggregator  # noqa: E402
 from tables.window import finalize_bar  # noqa: E402
 
@@ -467,33 +457,13 @@ async def baseline(settings: Settings, group: str, last: dict[int, int], n_ticks
 
 
 async def run(args: argparse.Namespace) -> int:
-    rand = secrets.token_hex(3)
-    name = f"bench-{rand}"
-    dbname = f"bench_{rand}"
-    workdir = Path(f"/tmp/marketflow-{name}")
-    workdir.mkdir(parents=True)
-    base_settings = load_settings()
-    admin_dsn = base_settings.database.dsn
-    web_port = free_port()
-    overrides = {
-        "MARKETFLOW_APP__ID": name,
-        "MARKETFLOW_APP__DATADIR": str(workdir / "faust"),
-        "MARKETFLOW_TOPICS__TICKS": f"{name}-ticks",
-        "MARKETFLOW_TOPICS__BARS": f"{name}-bars-1m",
-        "MARKETFLOW_TOPICS__DEAD_LETTER": f"{name}-dead-letter",
-        "MARKETFLOW_TOPICS__HISTORY_REQUESTS": f"{name}-history-requests",
-        "MARKETFLOW_TOPICS__PARTITIONS": str(args.partitions),
-        "MARKETFLOW_TOPICS__REPLICATION": "1",
+    bench = BenchRun(args.partitions, {
         "MARKETFLOW_APP__PROCESSING_GUARANTEE": args.guarantee,
-        "MARKETFLOW_REDIS__KEY_PREFIX": name,
-        "MARKETFLOW_WEB__PORT": str(web_port),
-        "MARKETFLOW_DATABASE__DSN": dsn_with_db(admin_dsn, dbname),
         "MARKETFLOW_WINDOW__GRACE_MS": str(args.grace_ms),
         "MARKETFLOW_WINDOW__IDLE_TIMEOUT_S": "1",
         "MARKETFLOW_WINDOW__IDLE_CHECK_INTERVAL_S": "0.5",
-    }
-    os.environ.update(overrides)
-    settings = load_settings()
+    }, loglevel=args.worker_loglevel)
+    name, settings, worker = bench.name, bench.settings, bench.worker
     fig: dict[str, Any] = {}
 
     say(f"marketflow bench {name}: {args.ticks:,} ticks, {args.partitions} partitions, "
@@ -502,11 +472,8 @@ async def run(args: argparse.Namespace) -> int:
         f"idle timeout 1 s (check every 0.5 s)")
     say(f"machine: {os.cpu_count()} CPUs, {platform.python_implementation()} "
         f"{platform.python_version()}, {platform.platform()}")
-    say(f"isolation: app id / topic prefix / redis prefix {name}, database {dbname}, "
-        f"web port {web_port}, datadir {workdir}/faust")
+    say(bench.describe())
 
-    worker = Worker({**os.environ}, workdir / "worker.log", web_port, args.worker_loglevel)
-    created_db = False
     cleanup: list[str] = []
     try:
         # -------------------------------------------------------------- 1. input
@@ -528,8 +495,7 @@ async def run(args: argparse.Namespace) -> int:
         fig["messages"] = len(messages)
         fig["ticks_per_msg"] = statistics.mean(sizes)
 
-        await sql_exec(admin_dsn, f'CREATE DATABASE "{dbname}"')
-        created_db = True
+        await bench.create_database()
 
         # the run's topics with explicit partition counts (--partitions) and replication 1
         # before anything publishes, so the broker's auto-creation never picks them
@@ -541,11 +507,11 @@ async def run(args: argparse.Namespace) -> int:
 
         # -------------------------------------------------------------- 2. throughput
         say("\n[2] throughput (worker started after the ticks were produced)")
-        db = await asyncpg.connect(overrides["MARKETFLOW_DATABASE__DSN"])
+        db = await asyncpg.connect(bench.dsn)
         http = aiohttp.ClientSession()
         cleanup.append("http")
         t_launch = time.monotonic()
-        pid = worker.start()
+        pid = worker.start().pid
         t_health = await worker.wait_healthy(http, 120)
         cpu_health = worker.cpu_s()
         cpu_first = cpu_consumed = 0.0
@@ -590,7 +556,7 @@ async def run(args: argparse.Namespace) -> int:
             it += 1
             await asyncio.sleep(0.1)
         cpu_done = worker.cpu_s()
-        mem1 = worker.mem()
+        mem1 = worker.memory_kb()
         m = await worker.metrics(http)
         t_ready = t_ready_log if t_ready_log is not None else t_health
         fig["health_s"] = t_health - t_launch
@@ -722,7 +688,7 @@ async def run(args: argparse.Namespace) -> int:
             say(f"  live bars vs pure aggregator: {fig['live_correct']}")
             for line in bad_live[:10]:
                 say(f"    {line}")
-            mem2 = worker.mem()
+            mem2 = worker.memory_kb()
             fig["hwm_all_mb"] = mem2["VmHWM"] / 1024
             say(f"  worker memory after latency phase: VmHWM {mem2['VmHWM'] / 1024:.1f} MiB, "
                 f"VmRSS {mem2['VmRSS'] / 1024:.1f} MiB")
@@ -732,7 +698,8 @@ async def run(args: argparse.Namespace) -> int:
         cleanup.remove("http")
 
         # -------------------------------------------------------------- stop worker
-        say(f"\nworker stopped ({worker.stop()}) before the baseline, so it runs uncontended")
+        say(f"\nworker stopped ({worker.terminate(15)}) before the baseline, so it runs "
+            "uncontended")
 
         # -------------------------------------------------------------- 6. baseline
         say("\n[6] baseline: plain aiokafka consumer (getmany) + orjson + parse_tick + "
@@ -752,32 +719,7 @@ async def run(args: argparse.Namespace) -> int:
         if "http" in cleanup:
             with contextlib.suppress(Exception):
                 await http.close()
-        if worker.proc is not None and worker.proc.poll() is None:
-            say(f"  worker: {worker.stop()}")
-        if created_db:
-            try:
-                await sql_exec(admin_dsn, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-                say(f"  database {dbname} dropped")
-            except Exception as exc:  # noqa: BLE001
-                say(f"  could not drop database {dbname}: {exc}")
-        try:
-            r = aioredis.Redis.from_url(settings.redis.url)
-            n = 0
-            async for k in r.scan_iter(match=f"{name}:*", count=1000):
-                n += await r.delete(k)
-            await r.aclose()
-            say(f"  redis: {n} keys {name}:* deleted")
-        except Exception as exc:  # noqa: BLE001
-            say(f"  redis cleanup failed: {exc}")
-        try:
-            say(f"  broker: {await delete_topics(settings, name)}")
-        except Exception as exc:  # noqa: BLE001
-            say(f"  broker: topic deletion failed ({type(exc).__name__}: {exc})")
-        if args.keep_log:
-            say(f"  worker log kept: {workdir / 'worker.log'}")
-            shutil.rmtree(workdir / "faust", ignore_errors=True)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        await bench.cleanup(args.keep_log)
 
     # ------------------------------------------------------------------ summary
     rows_out = [
@@ -861,22 +803,7 @@ def main() -> int:
         ap.error("--ticks must be >= 1")
     if args.batch_span_ms >= args.grace_ms:
         ap.error("--batch-span-ms must be below --grace-ms (else ticks arrive late)")
-    try:
-        return asyncio.run(_main(args))
-    except KeyboardInterrupt:
-        print("interrupted (cleanup done)", file=sys.stderr)
-        return 130
-
-
-async def _main(args: argparse.Namespace) -> int:
-    """``run`` with SIGTERM treated like Ctrl-C (the finally block cleans up)."""
-    task = asyncio.current_task()
-    assert task is not None
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        return await run(args)
-    except asyncio.CancelledError:
-        raise KeyboardInterrupt from None
+    return run_main(lambda: run(args))
 
 
 if __name__ == "__main__":

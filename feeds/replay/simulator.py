@@ -39,18 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
-import heapq
-import io
 import logging
-import os
 import signal
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -61,11 +56,11 @@ from core.admin import ensure_topics
 from core.config import Settings
 from core.errors import ReplayError
 from core.models import Tick, tick_to_json
-from core.state import StateHolder
-from core.timeutil import MINUTE_MS, now_ms
-from feeds.replay.bar_ticks import bar_tick_count, bar_to_ticks
-from feeds.replay.csv_trades import read_trades
-from sql.bars_1m import fetch_bars
+from feeds.replay.controller import ReplayController
+from feeds.replay.sources import (
+    FileSource,
+    TickSource,
+)
 from stores.keys import replay_control_key
 from stores.replay_control import (
     FINAL_TTL_MS,
@@ -76,16 +71,9 @@ from stores.replay_control import (
 )
 
 __all__ = [
-    "BarSource",
-    "FileSource",
-    "ReplayController",
     "ReplayStats",
-    "TickSource",
     "batch_ticks",
     "format_replay_progress",
-    "load_bar_source",
-    "merge_by_time",
-    "namespaced",
     "replay",
     "replay_source",
     "resolve_namespace",
@@ -94,7 +82,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _NS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-_BARS_PAGE = 5_000
 
 
 @dataclass
@@ -116,11 +103,6 @@ class ReplayStats:
     seconds: float = 0.0
     state: str = "finished"
     clock_ms: int = 0
-
-
-def merge_by_time(sources: Sequence[Iterable[Tick]]) -> Iterator[Tick]:
-    """Merge per-file tick streams by ``ts_ms`` (stable: ties keep source order)."""
-    return heapq.merge(*sources, key=lambda t: t.ts_ms)
 
 
 def batch_ticks(
@@ -168,11 +150,6 @@ def resolve_namespace(namespace: str | None, rebase_now: bool, default: str) -> 
     return ns
 
 
-def namespaced(exchange: str, namespace: str) -> str:
-    """``<namespace>.<exchange>``, or ``exchange`` itself when ``namespace`` is empty."""
-    return f"{namespace}.{exchange}" if namespace else exchange
-
-
 def format_replay_progress(state: dict[str, Any]) -> str:
     """One terminal progress line from a replay state (:mod:`stores.replay_control`).
 
@@ -188,416 +165,6 @@ def format_replay_progress(state: dict[str, Any]) -> str:
             f"{pct:.1f}% {state['position']}/{state['total']} ticks "
             f"{float(state['rate']):.0f} ticks/s ETA "
             f"{'-' if eta is None else f'{float(eta):.0f} s'}")
-
-
-# ---- sources ----------------------------------------------------------------------------
-
-
-class TickSource(Protocol):
-    """A replayable, seekable time-ordered tick sequence.
-
-    Attributes:
-        first_ts_ms, last_ts_ms: event-time range (UTC epoch ms) of the sequence.
-        total: number of ticks in the sequence.
-        description: JSON-able description for the replay state (``source``).
-    """
-
-    first_ts_ms: int
-    last_ts_ms: int
-    total: int
-    description: dict[str, Any]
-
-    def ticks(self, from_ts_ms: int) -> tuple[int, Iterator[Tick]]:
-        """``(position, ticks)``: the ticks with ``ts_ms >= from_ts_ms`` in order, and how
-        many ticks of the sequence come before them."""
-        ...
-
-
-def _count_rows(path: Path) -> int:
-    n = 0
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            n += chunk.count(b"\n")
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        if size:
-            fh.seek(size - 1)
-            if fh.read(1) != b"\n":
-                n += 1
-    return max(n - 1, 0)  # header
-
-
-def _last_ts_ms(path: Path) -> int:
-    """``ts_ms`` of the file's last row (read from the end)."""
-    with path.open("rb") as fh:
-        header = fh.readline().decode("utf-8")
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        fh.seek(max(0, size - 65_536))
-        tail = fh.read().decode("utf-8", errors="replace").strip().splitlines()
-    rows = list(csv.DictReader(io.StringIO(header + tail[-1] + "\n")))
-    try:
-        return int(rows[0]["ts_ms"])
-    except (IndexError, KeyError, TypeError, ValueError) as exc:
-        raise ReplayError(f"{path}: cannot read the last row's ts_ms ({exc})") from exc
-
-
-class FileSource:
-    """Trades CSV files merged by ``ts_ms``, exchanges renamed into ``namespace``.
-
-    Raises:
-        ReplayError: no files, a missing/empty/malformed file.
-    """
-
-    def __init__(self, files: Sequence[str | Path], namespace: str = "") -> None:
-        if not files:
-            raise ReplayError("no input files")
-        self.files = [Path(f) for f in files]
-        for f in self.files:
-            if not f.is_file():
-                raise ReplayError(f"{f}: no such file")
-        self.namespace = namespace
-        firsts = []
-        for f in self.files:
-            first = next(read_trades(f), None)
-            if first is None:
-                raise ReplayError(f"{f}: no trades")
-            firsts.append(first.ts_ms)
-        self.first_ts_ms = min(firsts)
-        self.last_ts_ms = max(max(_last_ts_ms(f) for f in self.files), self.first_ts_ms)
-        self.total = sum(_count_rows(f) for f in self.files)
-        self.description: dict[str, Any] = {"files": [str(f) for f in self.files]}
-
-    def _stream(self) -> Iterator[Tick]:
-        merged = merge_by_time([read_trades(f) for f in self.files])
-        if not self.namespace:
-            return merged
-        ns = self.namespace
-        return (t._replace(exchange=f"{ns}.{t.exchange}") for t in merged)
-
-    def ticks(self, from_ts_ms: int) -> tuple[int, Iterator[Tick]]:
-        """See :class:`TickSource` (skipping reads the files from the start)."""
-        stream = self._stream()
-        skipped = 0
-        for t in stream:
-            if t.ts_ms >= from_ts_ms:
-                return skipped, _chain_one(t, stream)
-            skipped += 1
-        return skipped, iter(())
-
-
-def _chain_one(first: Tick, rest: Iterator[Tick]) -> Iterator[Tick]:
-    yield first
-    yield from rest
-
-
-@dataclass
-class _Bar:
-    bucket_ms: int
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
-    trade_count: int
-    n_ticks: int = 0
-
-
-@dataclass
-class BarSource:
-    """Stored 1-minute bars of one exchange/symbol as ticks (:mod:`feeds.replay.bar_ticks`).
-
-    Attributes:
-        exchange: the bars' exchange (as stored); the ticks get
-            ``namespaced(exchange, namespace)``.
-        symbol: the pair.
-        bars: the bars, oldest first.
-        namespace: see :func:`namespaced`.
-        from_ms, to_ms: the requested range (bars starting in ``[from_ms, to_ms)``).
-    """
-
-    exchange: str
-    symbol: str
-    bars: list[_Bar]
-    namespace: str
-    from_ms: int
-    to_ms: int
-    description: dict[str, Any] = field(init=False)
-    first_ts_ms: int = field(init=False)
-    last_ts_ms: int = field(init=False)
-    total: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        if not self.bars:
-            raise ReplayError(f"no stored bars for {self.exchange}:{self.symbol} in the range")
-        for b in self.bars:
-            b.n_ticks = bar_tick_count(b.open, b.high, b.low, b.close, b.trade_count)
-        self.first_ts_ms = self.bars[0].bucket_ms
-        self.last_ts_ms = self.bars[-1].bucket_ms + MINUTE_MS - 1
-        self.total = sum(b.n_ticks for b in self.bars)
-        self.description = {"bars": {"exchange": self.exchange, "symbol": self.symbol,
-                                     "from_ms": self.from_ms, "to_ms": self.to_ms,
-                                     "count": len(self.bars)}}
-
-    def ticks(self, from_ts_ms: int) -> tuple[int, Iterator[Tick]]:
-        """See :class:`TickSource`; whole bars before ``from_ts_ms`` are skipped by count."""
-        pos = 0
-        start = 0
-        while start < len(self.bars) and self.bars[start].bucket_ms + MINUTE_MS <= from_ts_ms:
-            pos += self.bars[start].n_ticks
-            start += 1
-        head: list[Tick] = []
-        if start < len(self.bars):
-            head = self._bar_ticks(self.bars[start])
-            keep = [t for t in head if t.ts_ms >= from_ts_ms]
-            pos += len(head) - len(keep)
-            head = keep
-        return pos, self._iter(head, start + 1)
-
-    def _bar_ticks(self, b: _Bar) -> list[Tick]:
-        return bar_to_ticks(namespaced(self.exchange, self.namespace), self.symbol,
-                            b.bucket_ms, b.open, b.high, b.low, b.close, b.volume,
-                            b.trade_count)
-
-    def _iter(self, head: list[Tick], start: int) -> Iterator[Tick]:
-        yield from head
-        for b in self.bars[start:]:
-            yield from self._bar_ticks(b)
-
-
-async def load_bar_source(settings: Settings, exchange: str, symbol: str, from_ms: int,
-                          to_ms: int, namespace: str) -> BarSource:
-    """Read the 1-minute bars of ``exchange``/``symbol`` starting in ``[from_ms, to_ms)``
-    from TimescaleDB (read-only).
-
-    Raises:
-        ReplayError: empty range or no bars there, or a bar that cannot become ticks.
-        asyncpg.PostgresError, OSError: the database failed.
-    """
-    import asyncpg
-
-    if to_ms <= from_ms:
-        raise ReplayError("--to must be after --from")
-    if namespace and exchange.startswith(f"{namespace}."):
-        raise ReplayError(f"{exchange} is already in the {namespace!r} namespace")
-    conn = await asyncpg.connect(settings.database.dsn)
-    bars: list[_Bar] = []
-    try:
-        lo = from_ms
-        while True:
-            rows = await fetch_bars(conn, symbol, exchange, lo, to_ms, _BARS_PAGE)
-            for r in rows:
-                bars.append(_Bar(int(r["bucket_start"].timestamp() * 1000), float(r["open"]),
-                                 float(r["high"]), float(r["low"]), float(r["close"]),
-                                 float(r["volume"]), int(r["trade_count"])))
-            if len(rows) < _BARS_PAGE:
-                break
-            lo = bars[-1].bucket_ms + MINUTE_MS
-    finally:
-        await conn.close()
-    return BarSource(exchange, symbol, bars, namespace, from_ms, to_ms)
-
-
-# ---- control ----------------------------------------------------------------------------
-
-
-class ReplayController:
-    """State, simulated clock and commands of one replay (no I/O; driven by
-    :func:`replay_source`, commanded by Redis and signals).
-
-    Clocks: *source* time is the input's own ``ts_ms``; *output* time is what the pipeline
-    sees (source time re-based when ``rebase_now``). ``clock_ms()`` is output time.
-    """
-
-    @property
-    def state(self) -> str:
-        """The replay's state (see :attr:`status`)."""
-        return self.status.state
-
-    @state.setter
-    def state(self, value: str) -> None:
-        self.status.set_state(value)
-
-    def __init__(self, source: TickSource, speed: float, rebase_now: bool,
-                 namespace: str) -> None:
-        if speed < 0:
-            raise ReplayError("speed must be >= 0")
-        self.source = source
-        self.session = uuid.uuid4().hex[:8]
-        #: the replay's state (``running`` | ``paused`` | ``stopped`` | ``finished``),
-        #: transitions logged
-        self.status = StateHolder("replay", "replay", "running")
-        self.speed = speed
-        self.rebase_now = rebase_now
-        self.namespace = namespace
-        self.started_ms = now_ms()
-        self.position = 0
-        self.published = 0
-        self.loops = 0
-        self.ack = 0
-        self.seek_to: int | None = None
-        self.stop_requested = False
-        self.closing = False  # set when the run ends: helper loops exit
-        self.wake = asyncio.Event()
-        self.last_src_ms = source.first_ts_ms  # source ts of the last published tick
-        self.next_src_ms: int | None = None  # source ts of the flush waiting to go
-        self._frozen_src_ms = source.first_ts_ms
-        self._anchor_src_ms = source.first_ts_ms
-        self._anchor_mono = time.monotonic()
-        self._rb_wall_ms = 0
-        self._rb_src_ms = source.first_ts_ms
-        self.last_out_ms = 0  # highest output ts published
-        self._rate_mark = (time.monotonic(), 0)
-        self.rate = 0.0
-
-    # -- clocks ----------------------------------------------------------------------
-
-    @property
-    def scale(self) -> float:
-        """Source ms per output ms when re-basing (the speed, 1 at max speed)."""
-        return self.speed if self.speed > 0 else 1.0
-
-    def source_clock_ms(self) -> int:
-        """The simulated clock in source time."""
-        if self.seek_to is not None:
-            return self.seek_to
-        if self.state != "running":
-            return self._frozen_src_ms
-        if self.speed > 0 and self.next_src_ms is not None:
-            est = self._anchor_src_ms + (time.monotonic() - self._anchor_mono) * self.speed * 1000
-            return max(self.last_src_ms, min(int(est), self.next_src_ms))
-        return self.last_src_ms
-
-    def to_output_ms(self, src_ms: int) -> int:
-        """Output time of source time ``src_ms`` (identity without re-basing)."""
-        if not self.rebase_now:
-            return src_ms
-        return self._rb_wall_ms + int((src_ms - self._rb_src_ms) / self.scale)
-
-    def clock_ms(self) -> int:
-        """The simulated clock (output time, UTC epoch ms)."""
-        return self.to_output_ms(self.source_clock_ms())
-
-    def anchor(self, src_ms: int) -> None:
-        """Restart pacing and re-basing at source time ``src_ms`` (now)."""
-        self._anchor_src_ms = src_ms
-        self._anchor_mono = time.monotonic()
-        self._rb_src_ms = src_ms
-        self._rb_wall_ms = max(now_ms(), self.last_out_ms + 1)
-
-    def due_in_s(self, src_ms: int) -> float:
-        """Seconds until the simulated clock reaches ``src_ms`` (<= 0: due; 0 at max
-        speed)."""
-        if self.speed <= 0:
-            return 0.0
-        due = self._anchor_mono + (src_ms - self._anchor_src_ms) / (self.speed * 1000)
-        return due - time.monotonic()
-
-    # -- commands ---------------------------------------------------------------------
-
-    def pause(self) -> str | None:
-        """Stop publishing after the flush in flight; returns an error text or None."""
-        if self.state != "running":
-            return f"cannot pause: {self.state}"
-        self._frozen_src_ms = self.source_clock_ms()
-        self.state = "paused"
-        self.wake.set()
-        return None
-
-    def resume(self) -> str | None:
-        """Continue publishing from the frozen clock; returns an error text or None."""
-        if self.state != "paused":
-            return f"cannot resume: {self.state}"
-        self.state = "running"
-        if self.seek_to is None:
-            self.anchor(self._frozen_src_ms)
-        self.wake.set()
-        return None
-
-    def seek(self, to_ms: int) -> str | None:
-        """Jump to source time ``to_ms`` (forward or back); returns an error text or None."""
-        if self.state not in ("running", "paused"):
-            return f"cannot seek: {self.state}"
-        self.seek_to = int(to_ms)
-        self._frozen_src_ms = int(to_ms)
-        self.wake.set()
-        return None
-
-    def set_speed(self, speed: float) -> str | None:
-        """Change the speed factor (0 = max); returns an error text or None."""
-        if speed < 0:
-            return "speed must be >= 0"
-        if self.state not in ("running", "paused"):
-            return f"cannot change speed: {self.state}"
-        src = self.source_clock_ms()
-        self.speed = float(speed)
-        self.anchor(src)
-        self.wake.set()
-        return None
-
-    def stop(self) -> str | None:
-        """End the replay after the flush in flight; returns an error text or None."""
-        if self.state not in ("running", "paused"):
-            return f"cannot stop: {self.state}"
-        self.stop_requested = True
-        self._frozen_src_ms = self.source_clock_ms()
-        self.wake.set()
-        return None
-
-    def apply(self, command: dict[str, Any]) -> str | None:
-        """Apply one Redis command object (:mod:`stores.replay_control`); returns an error
-        text or None. Records its ``id`` as acknowledged either way."""
-        cmd = command.get("cmd")
-        cid = command.get("id")
-        if isinstance(cid, int):
-            self.ack = max(self.ack, cid)
-        if cmd == "pause":
-            return self.pause()
-        if cmd == "resume":
-            return self.resume()
-        if cmd == "stop":
-            return self.stop()
-        if cmd == "seek":
-            to_ms = command.get("to_ms")
-            if isinstance(to_ms, bool) or not isinstance(to_ms, int):
-                return f"seek needs an integer to_ms, got {to_ms!r}"
-            return self.seek(to_ms)
-        if cmd == "speed":
-            speed = command.get("speed")
-            if isinstance(speed, bool) or not isinstance(speed, (int, float)):
-                return f"speed needs a number, got {speed!r}"
-            return self.set_speed(float(speed))
-        return f"unknown command {str(cmd)[:40]!r}"
-
-    # -- state ------------------------------------------------------------------------
-
-    def update_rate(self) -> None:
-        """Recompute ``rate`` (ticks/s) since the previous call."""
-        now = time.monotonic()
-        t0, n0 = self._rate_mark
-        if now - t0 >= 0.5:
-            self.rate = (self.published - n0) / (now - t0)
-            self._rate_mark = (now, self.published)
-
-    def snapshot(self) -> dict[str, Any]:
-        """The replay state (the ``<prefix>:replay:state`` schema)."""
-        src = self.source_clock_ms()
-        eta: float | None = None
-        if self.state == "running":
-            if self.speed > 0:
-                eta = max(0.0, (self.source.last_ts_ms - src) / (self.speed * 1000))
-            elif self.rate > 0:
-                eta = max(0, self.source.total - self.position) / self.rate
-        return {
-            "session": self.session, "pid": os.getpid(), "state": self.state,
-            "speed": self.speed, "clock_ms": self.to_output_ms(src), "source_clock_ms": src,
-            "first_ts_ms": self.source.first_ts_ms, "last_ts_ms": self.source.last_ts_ms,
-            "position": self.position, "total": self.source.total,
-            "rate": round(self.rate, 1), "eta_s": None if eta is None else round(eta, 1),
-            "published": self.published, "loops": self.loops, "namespace": self.namespace,
-            "rebase_now": self.rebase_now, "source": self.source.description,
-            "started_ms": self.started_ms, "updated_ms": now_ms(), "ack": self.ack,
-        }
 
 
 # ---- the run ----------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 ``scripts/services.sh up``), real ``faust -A app worker`` subprocesses.
 
 Each test gets its own topics, Faust app id, Redis key prefix, database and web port, so
-tests never see each other's data on the shared services.
+tests never see each other's data on the shared services. The worker process, the free
+ports, the isolation and its cleanup are ``tests/support/harness.py``, shared with the
+benchmarks; this file adapts them to the tests (fixtures, :class:`Stack`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,9 @@ import csv
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-import uuid
+from collections import ChainMap
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,19 +32,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from core.config import Settings, load_settings
+from tests.support import harness
+from tests.support.harness import REPO, Isolation
+from tests.support.harness import free_port as _free_port
+from tests.support.harness import free_port_run as _free_port_run
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample"
 BASE_DSN = os.environ.get(
     "MF_TEST_PG_DSN", "postgresql://marketflow:marketflow@127.0.0.1:15432/marketflow")
 
 pytestmark = pytest.mark.integration
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _settings_with(env: dict[str, str]) -> Settings:
@@ -220,59 +218,31 @@ class Emulator:
             await asyncio.wait_for(self.proc.wait(), 10)
 
 
-class Worker:
-    """A ``faust -A app worker`` subprocess of a stack."""
+class Worker(harness.Worker):
+    """A ``faust -A app worker`` subprocess of a stack (:class:`harness.Worker` at log
+    level info, log ``worker<index>.log``, data dir ``faust<index>`` in the stack's tmp;
+    environment ``stack.env`` as of :meth:`start`, overlaid with ``extra_env``)."""
 
     def __init__(self, stack: Stack, index: int, extra_env: dict[str, str]) -> None:
         self.stack = stack
-        self.log_path = stack.tmp / f"worker{index}.log"
         self.extra_env = {**extra_env,
                           "MARKETFLOW_APP__DATADIR": str(stack.tmp / f"faust{index}")}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ended_on_purpose = False
-
-    def start(self) -> Worker:
-        self.log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "faust", "-A", "app", "worker", "-l", "info"],
-            cwd=REPO, env={**os.environ, **self.stack.env, **self.extra_env},
-            stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        return self
+        super().__init__(ChainMap(self.extra_env, stack.env),
+                         stack.tmp / f"worker{index}.log", web_port=None)
 
     def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        return self.log_tail(n)
 
     def assert_alive(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None and not self.ended_on_purpose:
-            raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+        self.check_alive()
 
     async def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.assert_alive()
-            if "[^Worker]: Ready" in self.log_path.read_text(errors="replace"):
-                return
-            await asyncio.sleep(0.25)
-        raise AssertionError(f"worker not ready after {timeout}s:\n{self.tail()}")
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.ended_on_purpose = True
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        await self.until_ready(timeout)
 
     def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (SIGKILL after ``timeout`` s); the exit code."""
         assert self.proc is not None
-        self.ended_on_purpose = True
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        self.terminate(timeout)
         return int(self.proc.returncode)
 
 
@@ -341,22 +311,6 @@ class PrivateKafka:
         raise AssertionError(f"kafka node {node} (pid {pid}) survived SIGKILL")
 
 
-def _free_port_run(n: int) -> int:
-    """First of ``n`` consecutive free ports on 127.0.0.1."""
-    for _ in range(100):
-        base = _free_port()
-        if base + n >= 65535:
-            continue
-        try:
-            for i in range(1, n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + i))
-        except OSError:
-            continue
-        return base
-    raise AssertionError(f"no run of {n} free ports")
-
-
 @pytest.fixture
 async def private_kafka(tmp_path: Path) -> AsyncIterator[PrivateKafka]:
     """A single-node Kafka of the test's own (see :class:`PrivateKafka`)."""
@@ -396,26 +350,21 @@ def services() -> None:
     _check_services()
 
 
+TOPICS = {  # environment variable -> topic name suffix (the topics are <name>-<suffix>)
+    "MARKETFLOW_TOPICS__TICKS": "ticks",
+    "MARKETFLOW_TOPICS__BARS": "bars",
+    "MARKETFLOW_TOPICS__DEAD_LETTER": "dlq",
+    "MARKETFLOW_TOPICS__HISTORY_REQUESTS": "history",
+    "MARKETFLOW_HISTORY__TOPIC_PREFIX": "backfill",
+}
+
+
 @pytest.fixture
 async def stack(services: None, tmp_path: Path) -> AsyncIterator[Stack]:
-    name = "it" + uuid.uuid4().hex[:10]
-    admin = await asyncpg.connect(BASE_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    dsn = BASE_DSN.rsplit("/", 1)[0] + "/" + name
+    iso = Isolation.new("it", BASE_DSN)
+    await iso.create_database()
     env = {
-        "MARKETFLOW_APP__ID": name,
-        "MARKETFLOW_TOPICS__TICKS": f"{name}-ticks",
-        "MARKETFLOW_TOPICS__BARS": f"{name}-bars",
-        "MARKETFLOW_TOPICS__DEAD_LETTER": f"{name}-dlq",
-        "MARKETFLOW_TOPICS__HISTORY_REQUESTS": f"{name}-history",
-        "MARKETFLOW_HISTORY__TOPIC_PREFIX": f"{name}-backfill",
-        "MARKETFLOW_TOPICS__PARTITIONS": "2",
-        "MARKETFLOW_REDIS__KEY_PREFIX": name,
-        "MARKETFLOW_DATABASE__DSN": dsn,
-        "MARKETFLOW_WEB__PORT": str(_free_port()),
+        **iso.env(TOPICS, partitions=2),
         "MARKETFLOW_WINDOW__GRACE_MS": "5000",
         "MARKETFLOW_WINDOW__IDLE_TIMEOUT_S": "2",
         "MARKETFLOW_WINDOW__IDLE_CHECK_INTERVAL_S": "0.5",
@@ -425,7 +374,7 @@ async def stack(services: None, tmp_path: Path) -> AsyncIterator[Stack]:
         "MARKETFLOW_FEEDS__BACKOFF_MAX_S": "1",
         "MARKETFLOW_LOG__FORMAT": "json",
     }
-    st = Stack(name, env, _settings_with(env), dsn, tmp_path)
+    st = Stack(iso.name, env, _settings_with(env), iso.dsn, tmp_path)
     try:
         yield st
     finally:
@@ -434,16 +383,8 @@ async def stack(services: None, tmp_path: Path) -> AsyncIterator[Stack]:
                 w.stop(timeout=20)
         for e in st.emus:
             await e.stop()
-        r = st.redis()
-        keys = [k async for k in r.scan_iter(f"{name}:*")]
-        if keys:
-            await r.delete(*keys)
-        await r.aclose()
-        admin = await asyncpg.connect(BASE_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        # the Redis of st.settings: a test may have pointed the stack at another one
+        await iso.cleanup(st.settings.redis.url)
 
 
 async def until(pred: Any, timeout: float, what: str, step: float = 0.25) -> Any:

@@ -12,8 +12,8 @@ import pytest
 from core.errors import InvalidTick
 from feeds.live.base import Backoff, normalise_ts_ms
 from feeds.live.generator import SyntheticTicks
-from feeds.live.manager import TickPublisher
 from feeds.live.marketflow_tcp import parse_line
+from feeds.live.publisher import TickPublisher
 
 PAIRS = {"BTCUSDT", "ETHUSDT"}
 NOW = 1_744_631_432_487

@@ -9,7 +9,8 @@ import pytest
 from core.errors import ReplayError
 from core.models import Tick
 from feeds.replay.csv_trades import read_trades
-from feeds.replay.simulator import batch_ticks, merge_by_time
+from feeds.replay.simulator import batch_ticks
+from feeds.replay.sources import merge_by_time
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "trades"
 

@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 
 from core.errors import ReplayError
-from feeds.replay.simulator import (
-    BarSource,
-    FileSource,
-    ReplayController,
-    _Bar,
-    format_replay_progress,
-    resolve_namespace,
-)
+from feeds.replay.controller import ReplayController
+from feeds.replay.simulator import format_replay_progress, resolve_namespace
+from feeds.replay.sources import BarSource, FileSource, _Bar
 from stores.replay_control import check_transition, parse_speed
 
 SPOT = (Path(__file__).resolve().parents[2] / "data" / "sample" / "trades"

@@ -1,0 +1,245 @@
+"""Replay sources: recorded trade files and stored 1-minute bars, as one event-time ordered
+tick sequence each (:class:`TickSource`); see :mod:`feeds.replay.simulator` for how they
+are published.
+"""
+
+from __future__ import annotations
+
+import csv
+import heapq
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from core.config import Settings
+from core.errors import ReplayError
+from core.models import Tick
+from core.timeutil import MINUTE_MS
+from feeds.replay.bar_ticks import bar_tick_count, bar_to_ticks
+from feeds.replay.csv_trades import read_trades
+from sql.bars_1m import fetch_bars
+
+__all__ = ["BarSource", "FileSource", "TickSource", "load_bar_source", "merge_by_time",
+           "namespaced"]
+
+_BARS_PAGE = 5_000
+
+
+def merge_by_time(sources: Sequence[Iterable[Tick]]) -> Iterator[Tick]:
+    """Merge per-file tick streams by ``ts_ms`` (stable: ties keep source order)."""
+    return heapq.merge(*sources, key=lambda t: t.ts_ms)
+
+
+def namespaced(exchange: str, namespace: str) -> str:
+    """``<namespace>.<exchange>``, or ``exchange`` itself when ``namespace`` is empty."""
+    return f"{namespace}.{exchange}" if namespace else exchange
+
+
+class TickSource(Protocol):
+    """A replayable, seekable time-ordered tick sequence.
+
+    Attributes:
+        first_ts_ms, last_ts_ms: event-time range (UTC epoch ms) of the sequence.
+        total: number of ticks in the sequence.
+        description: JSON-able description for the replay state (``source``).
+    """
+
+    first_ts_ms: int
+    last_ts_ms: int
+    total: int
+    description: dict[str, Any]
+
+    def ticks(self, from_ts_ms: int) -> tuple[int, Iterator[Tick]]:
+        """``(position, ticks)``: the ticks with ``ts_ms >= from_ts_ms`` in order, and how
+        many ticks of the sequence come before them."""
+        ...
+
+
+def _count_rows(path: Path) -> int:
+    n = 0
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            n += chunk.count(b"\n")
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        if size:
+            fh.seek(size - 1)
+            if fh.read(1) != b"\n":
+                n += 1
+    return max(n - 1, 0)  # header
+
+
+def _last_ts_ms(path: Path) -> int:
+    """``ts_ms`` of the file's last row (read from the end)."""
+    with path.open("rb") as fh:
+        header = fh.readline().decode("utf-8")
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - 65_536))
+        tail = fh.read().decode("utf-8", errors="replace").strip().splitlines()
+    rows = list(csv.DictReader(io.StringIO(header + tail[-1] + "\n")))
+    try:
+        return int(rows[0]["ts_ms"])
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        raise ReplayError(f"{path}: cannot read the last row's ts_ms ({exc})") from exc
+
+
+class FileSource:
+    """Trades CSV files merged by ``ts_ms``, exchanges renamed into ``namespace``.
+
+    Raises:
+        ReplayError: no files, a missing/empty/malformed file.
+    """
+
+    def __init__(self, files: Sequence[str | Path], namespace: str = "") -> None:
+        if not files:
+            raise ReplayError("no input files")
+        self.files = [Path(f) for f in files]
+        for f in self.files:
+            if not f.is_file():
+                raise ReplayError(f"{f}: no such file")
+        self.namespace = namespace
+        firsts = []
+        for f in self.files:
+            first = next(read_trades(f), None)
+            if first is None:
+                raise ReplayError(f"{f}: no trades")
+            firsts.append(first.ts_ms)
+        self.first_ts_ms = min(firsts)
+        self.last_ts_ms = max(max(_last_ts_ms(f) for f in self.files), self.first_ts_ms)
+        self.total = sum(_count_rows(f) for f in self.files)
+        self.description: dict[str, Any] = {"files": [str(f) for f in self.files]}
+
+    def _stream(self) -> Iterator[Tick]:
+        merged = merge_by_time([read_trades(f) for f in self.files])
+        if not self.namespace:
+            return merged
+        ns = self.namespace
+        return (t._replace(exchange=f"{ns}.{t.exchange}") for t in merged)
+
+    def ticks(self, from_ts_ms: int) -> tuple[int, Iterator[Tick]]:
+        """See :class:`TickSource` (skipping reads the files from the start)."""
+        stream = self._stream()
+        skipped = 0
+        for t in stream:
+            if t.ts_ms >= from_ts_ms:
+                return skipped, _chain_one(t, stream)
+            skipped += 1
+        return skipped, iter(())
+
+
+def _chain_one(first: Tick, rest: Iterator[Tick]) -> Iterator[Tick]:
+    yield first
+    yield from rest
+
+
+@dataclass
+class _Bar:
+    bucket_ms: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    trade_count: int
+    n_ticks: int = 0
+
+
+@dataclass
+class BarSource:
+    """Stored 1-minute bars of one exchange/symbol as ticks (:mod:`feeds.replay.bar_ticks`).
+
+    Attributes:
+        exchange: the bars' exchange (as stored); the ticks get
+            ``namespaced(exchange, namespace)``.
+        symbol: the pair.
+        bars: the bars, oldest first.
+        namespace: see :func:`namespaced`.
+        from_ms, to_ms: the requested range (bars starting in ``[from_ms, to_ms)``).
+    """
+
+    exchange: str
+    symbol: str
+    bars: list[_Bar]
+    namespace: str
+    from_ms: int
+    to_ms: int
+    description: dict[str, Any] = field(init=False)
+    first_ts_ms: int = field(init=False)
+    last_ts_ms: int = field(init=False)
+    total: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.bars:
+            raise ReplayError(f"no stored bars for {self.exchange}:{self.symbol} in the range")
+        for b in self.bars:
+            b.n_ticks = bar_tick_count(b.open, b.high, b.low, b.close, b.trade_count)
+        self.first_ts_ms = self.bars[0].bucket_ms
+        self.last_ts_ms = self.bars[-1].bucket_ms + MINUTE_MS - 1
+        self.total = sum(b.n_ticks for b in self.bars)
+        self.description = {"bars": {"exchange": self.exchange, "symbol": self.symbol,
+                                     "from_ms": self.from_ms, "to_ms": self.to_ms,
+                                     "count": len(self.bars)}}
+
+    def ticks(self, from_ts_ms: int) -> tuple[int, Iterator[Tick]]:
+        """See :class:`TickSource`; whole bars before ``from_ts_ms`` are skipped by count."""
+        pos = 0
+        start = 0
+        while start < len(self.bars) and self.bars[start].bucket_ms + MINUTE_MS <= from_ts_ms:
+            pos += self.bars[start].n_ticks
+            start += 1
+        head: list[Tick] = []
+        if start < len(self.bars):
+            head = self._bar_ticks(self.bars[start])
+            keep = [t for t in head if t.ts_ms >= from_ts_ms]
+            pos += len(head) - len(keep)
+            head = keep
+        return pos, self._iter(head, start + 1)
+
+    def _bar_ticks(self, b: _Bar) -> list[Tick]:
+        return bar_to_ticks(namespaced(self.exchange, self.namespace), self.symbol,
+                            b.bucket_ms, b.open, b.high, b.low, b.close, b.volume,
+                            b.trade_count)
+
+    def _iter(self, head: list[Tick], start: int) -> Iterator[Tick]:
+        yield from head
+        for b in self.bars[start:]:
+            yield from self._bar_ticks(b)
+
+
+async def load_bar_source(settings: Settings, exchange: str, symbol: str, from_ms: int,
+                          to_ms: int, namespace: str) -> BarSource:
+    """Read the 1-minute bars of ``exchange``/``symbol`` starting in ``[from_ms, to_ms)``
+    from TimescaleDB (read-only).
+
+    Raises:
+        ReplayError: empty range or no bars there, or a bar that cannot become ticks.
+        asyncpg.PostgresError, OSError: the database failed.
+    """
+    import asyncpg
+
+    if to_ms <= from_ms:
+        raise ReplayError("--to must be after --from")
+    if namespace and exchange.startswith(f"{namespace}."):
+        raise ReplayError(f"{exchange} is already in the {namespace!r} namespace")
+    conn = await asyncpg.connect(settings.database.dsn)
+    bars: list[_Bar] = []
+    try:
+        lo = from_ms
+        while True:
+            rows = await fetch_bars(conn, symbol, exchange, lo, to_ms, _BARS_PAGE)
+            for r in rows:
+                bars.append(_Bar(int(r["bucket_start"].timestamp() * 1000), float(r["open"]),
+                                 float(r["high"]), float(r["low"]), float(r["close"]),
+                                 float(r["volume"]), int(r["trade_count"])))
+            if len(rows) < _BARS_PAGE:
+                break
+            lo = bars[-1].bucket_ms + MINUTE_MS
+    finally:
+        await conn.close()
+    return BarSource(exchange, symbol, bars, namespace, from_ms, to_ms)
+
+
