@@ -1,6 +1,12 @@
-"""Faust agents: tick aggregation (:mod:`agents.bars`), the TimescaleDB sink
-(:mod:`agents.sink`) and on-demand history (:mod:`agents.history`)."""
+"""Faust agents, registered by functions that receive their dependencies: tick aggregation
+(:class:`agents.bars.BarAggregation`), the TimescaleDB sink
+(:func:`agents.sink.register_sink`) and the on-demand history coordinator
+(:func:`agents.on_demand.register_on_demand_agent`).
 
-from agents import bars, history, sink
+May import: everything below it (:mod:`core`, :mod:`sql`, :mod:`tables`, :mod:`stores`,
+:mod:`feeds`, :mod:`query`). Layer 4 of ``docs/architecture.md``.
+"""
 
-__all__ = ["bars", "history", "sink"]
+from agents import bars, on_demand, sink
+
+__all__ = ["bars", "on_demand", "sink"]

@@ -11,7 +11,7 @@ written (or retried) plus one filling up; when the filling batch is full the age
 for the write, so Faust stops fetching once its stream buffer is full and the remaining
 closed bars stay in the broker (nothing is dropped). ``marketflow_sink_pending_bars``
 shows the bars held.
-After a commit that holds bars older than :func:`stores.ohlcv_cache.stale_write_ms`, the
+After a commit that holds bars older than :func:`core.timeutil.stale_write_ms`, the
 symbols' cached ``/ohlcv`` ranges are invalidated (:mod:`stores.ohlcv_cache`).
 """
 

@@ -4,6 +4,10 @@
 :func:`core.config.load_settings`; importing this package, or any module of the project,
 builds and starts nothing. Invalid configuration prints the problems and exits with
 status 2.
+
+Owns the composition root (:mod:`app.factory`), the app class (:mod:`app.faust_app`) and the
+CLI commands (:mod:`app.commands`). May import every other package; none imports it.
+Layer 6, the top, of ``docs/architecture.md``.
 """
 
 from __future__ import annotations

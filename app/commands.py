@@ -13,6 +13,7 @@ from faust.cli import argument, option
 from core.admin import ensure_topics
 from core.config import Settings
 from core.errors import HistoryError, QueryError, ReplayError
+from core.models import iso_ms
 from feeds.history.backfill import BackfillProgress, run_backfill
 from feeds.history.rest import make_history_client, split_symbol
 from feeds.replay.simulator import replay_source, resolve_namespace
@@ -20,7 +21,7 @@ from feeds.replay.sources import FileSource, TickSource, load_bar_source
 from sql.migrate import apply_migrations
 from stores.connection import connect
 from stores.ohlcv_cache import OhlcvCache
-from views.params import iso_ms, parse_name, parse_time_ms
+from views.params import parse_name, parse_time_ms
 
 __all__ = ["format_backfill_progress", "register_commands"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from agents.bars import BarAggregation
-from agents.history import register_history_agent
+from agents.on_demand import register_on_demand_agent
 from agents.sink import register_sink
 from app.commands import register_commands
 from app.faust_app import MarketflowApp, use_event_loop
@@ -98,7 +98,7 @@ def create_app(settings: Settings) -> MarketflowApp:
 
     BarAggregation(app, settings, topics, table, redis_writes).register()
     register_sink(app, settings, topics, database, ohlcv_cache)
-    register_history_agent(app, topics.history_requests, on_demand)
+    register_on_demand_agent(app, topics.history_requests, on_demand)
     app.service(history_writer)  # type: ignore[arg-type]
 
     register_views(app, ViewContext(

@@ -153,7 +153,7 @@ class BrokerSection(BaseModel):
 
 
 class TopicsSection(BaseModel):
-    """Topic names and partition counts (all topics are declared in :mod:`app.topics`)."""
+    """Topic names and partition counts (all topics are declared in :mod:`core.topics`)."""
 
     ticks: str = "ticks"
     bars: str = "bars-1m"
@@ -170,14 +170,13 @@ class AppSection(BaseModel):
         event_loop: ``uvloop`` (default; faster HTTP and Kafka I/O) or ``asyncio``.
             Faust's own ``-L/--loop`` option or ``FAUST_LOOP`` take precedence.
         processing_guarantee: ``at_least_once`` (default: every effect is idempotent,
-            see README "Guarantees") or ``exactly_once`` (Faust's Kafka transactions:
+            see docs/guarantees.md) or ``exactly_once`` (Faust's Kafka transactions:
             changelog writes, produced bars and offsets commit atomically; needs a broker
             with transactions, such as Apache Kafka).
     """
 
     id: str = "marketflow"
     datadir: str = "var/faust"
-    log_level: str = "info"
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
 
@@ -205,7 +204,7 @@ class DatabaseSection(BaseModel):
 
 
 class RedisSection(BaseModel):
-    """Redis connection and key layout (see README "Redis keys")."""
+    """Redis connection and key layout (every key format: :mod:`stores.keys`)."""
 
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: str = "mf"

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 __all__ = ["ConfigError", "HistoryError", "InvalidTick", "MarketflowError", "QueryError",
-           "ReplayError"]
+           "ReplayError", "StorageUnavailable"]
 
 
 class MarketflowError(Exception):
@@ -53,3 +53,11 @@ class HistoryError(MarketflowError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class StorageUnavailable(MarketflowError):
+    """The database or Redis did not answer, so a query cannot be answered.
+
+    The message names what failed and how, e.g. ``database unavailable: OSError``; the
+    views answer 503 with it as is.
+    """

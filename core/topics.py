@@ -8,7 +8,7 @@
   :func:`core.models.dead_letter_message`.
 * history requests (``history-requests``) — key ``"<exchange>:<symbol>"``, value
   ``{"request_id", "exchange", "symbol", "start_ms", "end_ms"}``: on-demand fetches for
-  the coordinator (:mod:`agents.history`).
+  the coordinator (:mod:`agents.on_demand`).
 * dynamic ``<history.topic_prefix>.<exchange>.<symbol>`` topics (one partition) are
   created and deleted at runtime by the coordinator, not declared here; see
   :func:`feeds.history.on_demand.dynamic_topic_name`.

@@ -24,9 +24,9 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.errors import StorageUnavailable
 from core.metrics import REDIS_FALLBACKS
 from core.timeutil import MINUTE_MS
-from query.errors import StorageUnavailable
 from query.price_stats import RECENT_S, SecondAgg, seconds_in_period, stats
 from sql.bars_1m import latest_close, price_stats, symbol_known
 from sql.pool import Database

@@ -30,10 +30,10 @@ import asyncpg
 import orjson
 from redis.exceptions import RedisError
 
+from core.errors import StorageUnavailable
 from core.models import ohlcv_bar
 from core.timeutil import MINUTE_MS, floor_minute, live_window_ms, sealed_end_ms
 from feeds.history.on_demand import OnDemandHistory
-from query.errors import StorageUnavailable
 from sql.bars_1m import (
     fetch_rollup,
     fetch_rollup_json,

@@ -331,13 +331,8 @@ async def fetch_rollup_live(
     meanwhile is counted once, from the database).
 
     Args:
-        conn: connection.
-        symbol: the symbol.
-        exchange: one exchange, None for all (consolidated).
-        start_ms: range start, UTC epoch ms (inclusive).
-        end_ms: range end, UTC epoch ms (exclusive).
-        interval_ms: bucket length, ms.
-        limit: at most this many buckets (the oldest).
+        conn, symbol, exchange, start_ms, end_ms, interval_ms, limit: as for
+            :func:`fetch_rollup`.
         live: live 1-minute bars of ``symbol`` (the closed-bar schema,
             :data:`core.models.CLOSED_BAR_FIELDS`, plus ``closed``); those outside the
             range or on another exchange are ignored.

@@ -27,12 +27,8 @@ CLOSED_BAR_TTL_MS = 3 * MINUTE_MS
 
 
 class LiveBarStore:
-    """Live bars in Redis (module docstring).
-
-    Args:
-        redis: the shared connection (:mod:`stores.connection`).
-        prefix: key prefix.
-    """
+    """Live bars in Redis (module docstring), under ``prefix`` on the shared connection
+    ``redis`` (:mod:`stores.connection`)."""
 
     def __init__(self, redis: aioredis.Redis, prefix: str) -> None:
         self.redis = redis

@@ -1,2 +1,6 @@
-"""Windowed state: pure window logic (:mod:`tables.window`, :mod:`tables.aggregator`) and
-the Faust table holding it (:mod:`tables.bars`, imported by the agents)."""
+"""Windowed state: the pure window rules (:mod:`tables.window`), the aggregator that applies
+tick batches and idle checks to per-key state (:mod:`tables.aggregator`), and the Faust
+table holding that state (:func:`tables.bars.declare_window_table`).
+
+May import: :mod:`core`. Layer 1 of ``docs/architecture.md``.
+"""

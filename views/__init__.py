@@ -4,6 +4,10 @@ UDF, gaps, health, metrics, mode switch, replay control, the OpenAPI document.
 Importing the views registers nothing: each module lists its routes (``ROUTES``), and
 the composition root (:func:`app.factory.create_app`) calls :func:`register_views` with
 the views' dependencies (:class:`views.context.ViewContext`).
+
+May import: everything below it (:mod:`core`, :mod:`sql`, :mod:`tables`, :mod:`stores`,
+:mod:`feeds`, :mod:`query`, :mod:`agents`); never :mod:`app`. Layer 5 of
+``docs/architecture.md``.
 """
 
 from __future__ import annotations

@@ -23,10 +23,11 @@ import asyncpg
 from faust.web import Request, Response
 
 from core.errors import QueryError
+from core.models import iso_ms
 from core.timeutil import MINUTE_MS
 from sql.gaps import STATES, list_gaps
 from views.base import ApiView, Routes
-from views.params import iso_ms, parse_name
+from views.params import parse_name
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "ROUTES", "Gaps", "gap_json", "parse_gaps_query"]
 

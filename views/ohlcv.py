@@ -49,9 +49,8 @@ from typing import Any
 import orjson
 from faust.web import Request, Response
 
-from core.errors import QueryError
+from core.errors import QueryError, StorageUnavailable
 from core.timeutil import now_ms
-from query.errors import StorageUnavailable
 from query.series import FILLS, INTERVALS_MS, MAX_BARS, SeriesBuilder
 from views.base import ApiView, Routes
 from views.context import ViewContext

@@ -1,15 +1,15 @@
-"""Query-parameter parsing shared by the views (pure; raises QueryError -> HTTP 400), and
-:func:`iso_ms`, the API's time format (defined with the bar shape in :mod:`core.models`)."""
+"""Query-parameter parsing shared by the views and the CLI commands (pure; raises
+QueryError -> HTTP 400). The API's time format, :func:`core.models.iso_ms`, is defined
+with the bar shape."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 from core.errors import QueryError
-from core.models import iso_ms
 from core.names import NAME_RE
 
-__all__ = ["iso_ms", "parse_name", "parse_time_ms"]
+__all__ = ["parse_name", "parse_time_ms"]
 
 #: accepted epoch-ms range: 1970-01-01 .. 2100-01-01
 _MAX_MS = 4_102_444_800_000

@@ -42,15 +42,15 @@ from typing import Any
 
 from faust.web import Request, Response
 
-from core.errors import QueryError
+from core.errors import QueryError, StorageUnavailable
+from core.models import iso_ms
 from core.timeutil import now_ms
-from query.errors import StorageUnavailable
 from query.price_stats import parse_period_s
 from query.prices import PeriodStats, PriceQueries
 from tables.aggregator import clock_of
 from views.base import ApiView, Routes
 from views.context import ViewContext
-from views.params import iso_ms, parse_name
+from views.params import parse_name
 
 __all__ = ["ROUTES", "LatestPrice", "LatestPriceOnExchange", "PriceStat", "PriceStatOnExchange",
            "price_queries"]

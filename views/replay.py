@@ -27,6 +27,7 @@ from faust.web import Request, Response
 from redis.exceptions import RedisError
 
 from core.errors import QueryError
+from core.models import iso_ms
 from stores.replay_control import (
     COMMANDS,
     check_transition,
@@ -35,7 +36,7 @@ from stores.replay_control import (
     send_command,
 )
 from views.base import ApiView, Routes
-from views.params import iso_ms, parse_time_ms
+from views.params import parse_time_ms
 
 __all__ = ["ACK_TIMEOUT_S", "ROUTES", "ReplayCommand", "ReplayStatus", "status_body"]
 

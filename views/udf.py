@@ -64,9 +64,8 @@ from faust.web import Request, Response
 from redis.exceptions import RedisError
 
 import sql.bars_1m as bars_sql
-from core.errors import QueryError
+from core.errors import QueryError, StorageUnavailable
 from core.timeutil import now_ms
-from query.errors import StorageUnavailable
 from query.series import (
     INTERVALS_MS,
     MAX_BARS,

@@ -5,7 +5,7 @@ the writer.
    :meth:`OnDemandHistory.ask`: one Redis ``SET NX`` per request id (so concurrent
    identical requests, on any worker, trigger one fetch) and, for the first asker only,
    a request on the ``history-requests`` topic.
-2. The **coordinator** agent (:mod:`agents.history`, keyed by ``exchange:symbol``) hands
+2. The **coordinator** agent (:mod:`agents.on_demand`, keyed by ``exchange:symbol``) hands
    each request to :meth:`OnDemandHistory.handle_request`, which creates a
    **dynamic topic** ``<history.topic_prefix>.<exchange>.<symbol>.<request hash>`` (one
    partition; names sanitised to ``[A-Za-z0-9._-]``), and a fetch task pages the REST

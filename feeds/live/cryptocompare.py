@@ -332,7 +332,7 @@ class CryptoCompareFeed:
         api_key: CryptoCompare API key (added as ``?api_key=``; omitted when empty).
         subs: subscription strings, e.g. ``["0~Coinbase~BTC~USD"]``.
         sink: where ticks and malformed trades go.
-        state: this feed's :class:`~feeds.live.base.StateHolder` (reported in ``/health``).
+        state: this feed's :class:`~core.state.StateHolder` (reported in ``/health``).
         idle_timeout_s: reconnect when no frame (trade, heartbeat...) arrives for this long.
         backoff: reconnect delays.
         min_reconnect_delay_s: floor of every reconnect delay (the provider asks for 5 s).

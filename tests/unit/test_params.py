@@ -10,7 +10,8 @@ import pytest
 
 from core.config import load_settings
 from core.errors import ConfigError, QueryError
-from views.params import iso_ms, parse_name, parse_time_ms
+from core.models import iso_ms
+from views.params import parse_name, parse_time_ms
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,9 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from core.errors import QueryError
+from core.errors import QueryError, StorageUnavailable
 from core.models import Tick
-from query.errors import StorageUnavailable
 from query.price_stats import (
     combine,
     parse_period_s,

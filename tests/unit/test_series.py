@@ -20,6 +20,7 @@ import orjson
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from core.errors import StorageUnavailable
 from core.models import (
     BAR_ALIASES,
     BAR_FIELDS,
@@ -30,7 +31,6 @@ from core.models import (
     ohlcv_bar,
 )
 from core.timeutil import MINUTE_MS
-from query.errors import StorageUnavailable
 from query.series import (
     INTERVALS_MS,
     SeriesBuilder,

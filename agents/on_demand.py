@@ -11,10 +11,10 @@ import faust
 
 from feeds.history.on_demand import OnDemandHistory
 
-__all__ = ["register_history_agent"]
+__all__ = ["register_on_demand_agent"]
 
 
-def register_history_agent(app: faust.App, requests_topic: faust.TopicT,
+def register_on_demand_agent(app: faust.App, requests_topic: faust.TopicT,
                            on_demand: OnDemandHistory) -> None:
     """Register the coordinator agent on ``app``.
 
@@ -28,4 +28,4 @@ def register_history_agent(app: faust.App, requests_topic: faust.TopicT,
         async for value in stream:
             await on_demand.handle_request(value)
 
-    app.agent(requests_topic, name="agents.history.coordinate")(coordinate)
+    app.agent(requests_topic, name="agents.on_demand.coordinate")(coordinate)
