@@ -36,6 +36,7 @@ from pydantic_settings import (
 )
 
 from core.errors import ConfigError
+from core.timeutil import MINUTE_MS
 
 __all__ = [
     "DEFAULT_PAIRS",
@@ -256,7 +257,7 @@ class WindowSection(BaseModel):
             per key is bounded by ``(horizon + 60 s + grace) / 60 s + 1`` bars.
     """
 
-    size_ms: int = 60_000
+    size_ms: int = MINUTE_MS
     grace_ms: int = Field(default=5_000, ge=0, le=3_600_000)
     idle_timeout_s: float = Field(default=10.0, gt=0, le=86_400)
     idle_check_interval_s: float = Field(default=1.0, gt=0, le=3_600)
@@ -267,7 +268,7 @@ class WindowSection(BaseModel):
     @field_validator("size_ms")
     @classmethod
     def _one_minute(cls, v: int) -> int:
-        if v != 60_000:
+        if v != MINUTE_MS:
             raise ValueError("only 1-minute bars (60000) are supported")
         return v
 

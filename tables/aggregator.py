@@ -31,6 +31,15 @@ Late ticks (their window already closed) follow ``late_policy``:
 
 Duplicate trades (same exchange, symbol and ``trade_id`` in the same window) are skipped
 and counted in :attr:`BatchResult.duplicate_trades` (see :func:`tables.window.add_trade_id`).
+
+The window rules are the pure helpers of :mod:`tables.window`. The per-batch and per-key
+paths call them (:func:`~tables.window.watermark_ms`, :func:`~tables.window.bucket_start_ms`,
+:func:`~tables.window.closable_by_watermark`, :func:`~tables.window.closable_by_idle`,
+:func:`~tables.window.correctable`, :func:`~tables.window.apply_tick`); the per-tick loop of
+:meth:`WindowAggregator.process_ticks` inlines the bucket, watermark and lateness
+expressions (a function call per tick costs throughput), each marked with the helper it
+mirrors. ``tests/unit/test_window_rules.py`` checks the aggregator against a tick-by-tick
+reference built only from those helpers.
 """
 
 from __future__ import annotations
@@ -42,16 +51,18 @@ from typing import Any
 
 from core.errors import ConfigError
 from core.models import Tick
+from core.timeutil import MINUTE_MS
 from tables.window import (
-    WINDOW_MS,
     Bar,
     KeyState,
     apply_tick,
+    bucket_start_ms,
     closable_by_idle,
     closable_by_watermark,
     correctable,
     finalize_bar,
     new_key_state,
+    watermark_ms,
 )
 
 __all__ = ["LATE_POLICIES", "BatchResult", "WindowAggregator", "clock_of"]
@@ -130,7 +141,7 @@ class WindowAggregator:
         store: MutableMapping[str, KeyState],
         grace_ms: int,
         idle_timeout_ms: int,
-        size_ms: int = WINDOW_MS,
+        size_ms: int = MINUTE_MS,
         late_policy: str = "dead_letter",
         correction_horizon_ms: int = 600_000,
         stall_after_ms: int | None = None,
@@ -173,19 +184,26 @@ class WindowAggregator:
         return by_clock
 
     def watermark(self, partition: int, clock: str | None = None) -> int:
-        """Current watermark of ``partition`` in UTC epoch ms (``-grace-1`` if empty):
-        of one exchange (``clock``, an exchange name), or with None the highest of its
-        exchanges'."""
+        """Current watermark of ``partition`` (:func:`tables.window.watermark_ms`).
+
+        Args:
+            partition: source partition.
+            clock: an exchange name (its own event-time clock), or None for the highest
+                watermark of the partition's exchanges.
+
+        Returns:
+            int: UTC epoch ms, ``-grace_ms - 1`` when nothing was seen.
+        """
         by_clock = self._index(partition)
         if clock is None:
             mx = max((self._max_ts.get((partition, c), -1) for c in by_clock), default=-1)
         else:
             mx = self._max_ts.get((partition, clock), -1)
-        return mx - self.grace_ms
+        return watermark_ms(mx, self.grace_ms)
 
     def late_detail(self, t: Tick) -> str:
         """Dead-letter ``detail`` of a late tick reported in :attr:`BatchResult.late`."""
-        b = t.ts_ms - t.ts_ms % self.size_ms
+        b = bucket_start_ms(t.ts_ms, self.size_ms)
         if self._retain:
             return (f"window {b} already closed, beyond the correction horizon "
                     f"({self.correction_horizon_ms} ms) or closed before corrections began")
@@ -244,7 +262,8 @@ class WindowAggregator:
                 clock = kc
                 mx = mxs.get(kc, self._max_ts.get((partition, kc), -1))
             ts = t.ts_ms
-            b = ts - ts % size
+            b = ts - ts % size  # bucket_start_ms(ts, size)
+            # is_late(b, watermark_ms(mx, grace), st["closed"], size), inlined (per tick)
             if b + size <= mx - grace or b <= st["closed"]:
                 if not retain or not correctable(b, mx - grace, horizon, size):
                     res.late.append(t)
@@ -269,7 +288,7 @@ class WindowAggregator:
                 continue
             res.applied += 1
             res.applied_ticks.append(t)
-            if ts > mx:
+            if ts > mx:  # the clock's max ts_ms, the input of watermark_ms
                 mx = ts
             if ts > st["max_ts"]:
                 st["max_ts"] = ts
@@ -294,8 +313,12 @@ class WindowAggregator:
             res.dirty.add(key)
         for c, c_mx in mxs.items():
             self._max_ts[(partition, c)] = c_mx
-            wm = c_mx - grace
-            wm_bucket = wm - wm % size
+            wm = watermark_ms(c_mx, grace)
+            # closable_by_watermark(b, wm) can only turn true when wm enters a new bucket
+            # (window ends are bucket boundaries), so a scan at an unchanged bucket would
+            # close nothing; pruning (correctable) then waits for the next scan, which is
+            # harmless: the late path above checks correctable itself
+            wm_bucket = bucket_start_ms(wm, size)
             if self._scanned_bucket.get((partition, c)) == wm_bucket:
                 continue
             self._scanned_bucket[(partition, c)] = wm_bucket
@@ -362,7 +385,7 @@ class WindowAggregator:
             res.idle_clocks_restarted = len(res.dirty)
             return res
         for key, st, pred in list(self._idle_candidates(partition, now_wall_ms)):
-            wm = self._max_ts.get((partition, _key_clock(key)), -1) - self.grace_ms
+            wm = watermark_ms(self._max_ts.get((partition, _key_clock(key)), -1), self.grace_ms)
             if self._close(key, st, res, pred, wm):
                 res.dirty.add(key)
         return res

@@ -36,15 +36,23 @@ Rules:
 
 * open = first trade by event time, ties broken by arrival order (earliest wins);
   close = last trade by event time, ties broken by arrival order (latest wins);
-* a tick is *late* when its window already closed: ``bucket end <= watermark`` where
-  ``watermark = max ts_ms seen on the partition - grace_ms``, or its bucket is at or
-  before the key's newest closed bucket;
-* a window closes when the watermark reaches its end, or when its key has been idle for
-  ``idle_timeout_ms`` (wall clock) and the wall clock is past ``end + grace_ms``;
+* a tick is *late* when its window already closed (:func:`is_late`): ``bucket end <=
+  watermark`` where ``watermark = max ts_ms seen on the partition for the key's exchange -
+  grace_ms`` (:func:`watermark_ms`), or its bucket is at or before the key's newest closed
+  bucket;
+* a window closes when the watermark reaches its end (:func:`closable_by_watermark`), or
+  when its key has been idle for ``idle_timeout_ms`` (wall clock) and the wall clock is
+  past ``end + grace_ms`` (:func:`closable_by_idle`);
 * late policy ``correct``: a closed window stays in ``done`` while
   ``end + horizon_ms > watermark`` (:func:`correctable`); a late tick for such a window is
   applied to it and the bar is re-emitted as a correction; older ones are pruned;
 * a tick whose ``trade_id`` was already applied to its window is skipped (a duplicate).
+
+These functions are the definition of the rules. :class:`tables.aggregator.WindowAggregator`
+calls them outside its per-tick loop and inlines :func:`bucket_start_ms`,
+:func:`watermark_ms` and :func:`is_late` inside it (for throughput);
+``tests/unit/test_window_rules.py`` checks the aggregator against a reference built from
+these functions alone.
 """
 
 from __future__ import annotations
@@ -52,8 +60,10 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Any
 
+from core.models import closed_bar
+from core.timeutil import MINUTE_MS
+
 __all__ = [
-    "WINDOW_MS",
     "add_trade_id",
     "apply_tick",
     "bucket_start_ms",
@@ -67,17 +77,16 @@ __all__ = [
     "watermark_ms",
 ]
 
-WINDOW_MS = 60_000
 
 Bar = dict[str, Any]
 KeyState = dict[str, Any]
 
 
-def bucket_start_ms(ts_ms: int, size_ms: int = WINDOW_MS) -> int:
+def bucket_start_ms(ts_ms: int, size_ms: int = MINUTE_MS) -> int:
     """Start of the tumbling window containing ``ts_ms`` (floor to ``size_ms``).
 
     Args:
-        ts_ms: UTC epoch milliseconds (>= 0).
+        ts_ms: UTC epoch milliseconds (a negative watermark floors the same way).
         size_ms: window length in ms.
 
     Returns:
@@ -88,24 +97,45 @@ def bucket_start_ms(ts_ms: int, size_ms: int = WINDOW_MS) -> int:
 
 
 def watermark_ms(max_ts_ms: int, grace_ms: int) -> int:
-    """Event-time watermark: highest ``ts_ms`` seen minus the grace period."""
+    """Event-time watermark of one clock (partition and exchange).
+
+    Args:
+        max_ts_ms: highest tick ``ts_ms`` applied on the clock, UTC epoch ms (-1 if none).
+        grace_ms: how long (event time) a window waits for out-of-order ticks.
+
+    Returns:
+        int: ``max_ts_ms - grace_ms``, UTC epoch ms.
+    """
     return max_ts_ms - grace_ms
 
 
-def is_late(bucket_ms: int, wm_ms: int, closed_bucket_ms: int, size_ms: int = WINDOW_MS) -> bool:
+def is_late(bucket_ms: int, wm_ms: int, closed_bucket_ms: int, size_ms: int = MINUTE_MS) -> bool:
     """Whether a tick of window ``bucket_ms`` arrives after that window closed.
 
     Args:
-        bucket_ms: the tick's window start.
-        wm_ms: partition watermark before this tick.
+        bucket_ms: the tick's window start, UTC epoch ms.
+        wm_ms: watermark of the key's partition and exchange before this tick
+            (:func:`watermark_ms`), UTC epoch ms.
         closed_bucket_ms: the key's newest closed window start (-1 if none).
-        size_ms: window length.
+        size_ms: window length in ms.
+
+    Returns:
+        bool: ``bucket_ms + size_ms <= wm_ms or bucket_ms <= closed_bucket_ms``.
     """
     return bucket_ms + size_ms <= wm_ms or bucket_ms <= closed_bucket_ms
 
 
-def closable_by_watermark(bucket_ms: int, wm_ms: int, size_ms: int = WINDOW_MS) -> bool:
-    """A window closes once the watermark reaches its (exclusive) end."""
+def closable_by_watermark(bucket_ms: int, wm_ms: int, size_ms: int = MINUTE_MS) -> bool:
+    """Whether the watermark closes a window: it reached the window's (exclusive) end.
+
+    Args:
+        bucket_ms: the window start, UTC epoch ms.
+        wm_ms: watermark of the key's partition and exchange, UTC epoch ms.
+        size_ms: window length in ms.
+
+    Returns:
+        bool: ``bucket_ms + size_ms <= wm_ms``.
+    """
     return bucket_ms + size_ms <= wm_ms
 
 
@@ -115,24 +145,38 @@ def closable_by_idle(
     now_wall_ms: int,
     idle_timeout_ms: int,
     grace_ms: int,
-    size_ms: int = WINDOW_MS,
+    size_ms: int = MINUTE_MS,
 ) -> bool:
-    """Idle close: the key saw no tick for ``idle_timeout_ms`` and wall time is past
-    ``end + grace_ms`` (so a live window is never closed before its minute is over)."""
+    """Whether idleness closes a window: the key saw no tick batch for
+    ``idle_timeout_ms`` and wall time is past ``end + grace_ms`` (so a live window is
+    never closed before its minute is over).
+
+    Args:
+        bucket_ms: the window start, UTC epoch ms.
+        last_seen_wall_ms: wall clock of the key's last applied tick batch (``seen_ms``).
+        now_wall_ms: wall clock of the idle check, UTC epoch ms.
+        idle_timeout_ms: ``window.idle_timeout_s`` in ms.
+        grace_ms: the watermark's grace period.
+        size_ms: window length in ms.
+
+    Returns:
+        bool: idle for ``idle_timeout_ms`` and ``bucket_ms + size_ms + grace_ms <=
+        now_wall_ms``.
+    """
     return (
         now_wall_ms - last_seen_wall_ms >= idle_timeout_ms
         and bucket_ms + size_ms + grace_ms <= now_wall_ms
     )
 
 
-def correctable(bucket_ms: int, wm_ms: int, horizon_ms: int, size_ms: int = WINDOW_MS) -> bool:
+def correctable(bucket_ms: int, wm_ms: int, horizon_ms: int, size_ms: int = MINUTE_MS) -> bool:
     """Whether a closed window is still within the correction horizon.
 
     Args:
         bucket_ms: the window start, UTC epoch ms.
         wm_ms: current watermark of the key's partition and exchange.
         horizon_ms: ``window.correction_horizon_ms``.
-        size_ms: window length.
+        size_ms: window length in ms.
 
     Returns:
         bool: ``bucket_ms + size_ms + horizon_ms > wm_ms``.
@@ -205,7 +249,7 @@ def add_trade_id(ids: dict[str, Any], trade_id: str) -> bool:
 
 def apply_tick(
     bars: dict[str, Bar], price: float, qty: float, ts_ms: int, wall_ms: int,
-    size_ms: int = WINDOW_MS, trade_id: str | None = None,
+    size_ms: int = MINUTE_MS, trade_id: str | None = None,
 ) -> bool:
     """Add one trade to its window in ``bars`` (created when missing).
 
@@ -259,36 +303,20 @@ def apply_tick(
     return True
 
 
-def finalize_bar(exchange: str, symbol: str, bar: Bar, size_ms: int = WINDOW_MS) -> dict[str, Any]:
+def finalize_bar(exchange: str, symbol: str, bar: Bar, size_ms: int = MINUTE_MS) -> dict[str, Any]:
     """The closed-bar message (topic value, DB row source) for an open bar.
 
     Returns:
-        dict: the closed-bars schema (README "Topics")::
-
-            {"exchange", "symbol", "bucket_start_ms", "bucket_end_ms", "open", "high",
-             "low", "close", "volume", "trade_count", "avg_price", "min_price",
-             "max_price", "vwap" (null when no qty), "open_ts_ms", "close_ts_ms"}
+        dict: the closed-bars message, :func:`core.models.closed_bar` (fields
+        :data:`core.models.CLOSED_BAR_FIELDS`; ``vwap`` null when no qty).
 
         A re-emitted corrected bar additionally carries ``"correction": true`` (added by
         :class:`tables.aggregator.WindowAggregator`, not here).
     """
     n = bar["n"]
     v = bar["v"]
-    return {
-        "exchange": exchange,
-        "symbol": symbol,
-        "bucket_start_ms": bar["b"],
-        "bucket_end_ms": bar["b"] + size_ms,
-        "open": bar["o"],
-        "high": bar["h"],
-        "low": bar["l"],
-        "close": bar["c"],
-        "volume": v,
-        "trade_count": n,
-        "avg_price": bar["ps"] / n,
-        "min_price": bar["l"],
-        "max_price": bar["h"],
-        "vwap": (bar["pq"] / v) if v > 0 else None,
-        "open_ts_ms": bar["o_ts"],
-        "close_ts_ms": bar["c_ts"],
-    }
+    b = bar["b"]
+    return closed_bar(exchange, symbol, b, b + size_ms, open=bar["o"], high=bar["h"],
+                      low=bar["l"], close=bar["c"], volume=v, trade_count=n,
+                      avg_price=bar["ps"] / n, vwap=(bar["pq"] / v) if v > 0 else None,
+                      open_ts_ms=bar["o_ts"], close_ts_ms=bar["c_ts"])

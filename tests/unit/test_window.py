@@ -7,8 +7,10 @@ from tables.window import (
     bucket_start_ms,
     closable_by_idle,
     closable_by_watermark,
+    correctable,
     finalize_bar,
     is_late,
+    watermark_ms,
 )
 
 MIN = 60_000
@@ -27,6 +29,17 @@ def test_bucket_start_is_floor_and_half_open() -> None:
 def test_watermark_closing_is_half_open() -> None:
     assert not closable_by_watermark(T0, T0 + MIN - 1)
     assert closable_by_watermark(T0, T0 + MIN)
+
+
+def test_watermark_and_correction_horizon_are_half_open() -> None:
+    assert watermark_ms(T0 + MIN + 2_000, grace_ms=2_000) == T0 + MIN
+    assert watermark_ms(-1, grace_ms=2_000) == -2_001  # nothing seen yet
+    # a closed window accepts corrections while end + horizon > watermark
+    assert correctable(T0, wm_ms=T0 + MIN + 9_999, horizon_ms=10_000)
+    assert not correctable(T0, wm_ms=T0 + MIN + 10_000, horizon_ms=10_000)
+    # horizon 0: only while the watermark has not reached the end (an idle close)
+    assert correctable(T0, wm_ms=T0 + MIN - 1, horizon_ms=0)
+    assert not correctable(T0, wm_ms=T0 + MIN, horizon_ms=0)
 
 
 def test_is_late_by_watermark_or_closed_bucket() -> None:
