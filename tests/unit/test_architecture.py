@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import configparser
 import os
 import subprocess
 import sys
@@ -177,3 +178,13 @@ def test_the_emulator_is_outside_the_worker_graph(mod: str) -> None:
     users = [m for m, path in MODULES.items() if not m.startswith(mod)
              for t, _ in _imports(path) if t.startswith(mod)]
     assert users == []
+
+
+def test_every_package_is_installed_type_checked_and_in_the_image() -> None:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    included = set(cfg["options.packages.find"]["include"].split())
+    assert {p for pkg in LAYERS for p in (pkg, f"{pkg}.*")} <= included
+    assert set(cfg["mypy"]["packages"].split(",")) == set(LAYERS)
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert [p for p in LAYERS if f"COPY {p}/ {p}/" not in dockerfile] == []
