@@ -3,8 +3,9 @@
 :func:`temp_bars_1m` opens one connection and creates a *temporary* ``bars_1m`` (same
 columns and keys as the migrated table, ``sql/migrations/001_bars_1m.sql``); PostgreSQL
 searches the session's temporary schema first, so every query of :mod:`sql.bars_1m` on
-that connection reads it and no other data. The test is skipped when the database
-(``MF_TEST_PG_DSN``, default the ``scripts/services.sh`` one) is not reachable.
+that connection reads it and no other data. The database (``MF_TEST_PG_DSN``, default the
+``scripts/services.sh`` one) must be running; its migrations are applied first when
+missing (as a worker does at start), so a fresh database works.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import asyncpg
-import pytest
 
 from sql.bars_1m import upsert_fetched_bars
+from sql.migrate import apply_migrations
 
 DSN = os.environ.get("MF_TEST_PG_DSN",
                      "postgresql://marketflow:marketflow@127.0.0.1:15432/marketflow")
@@ -25,17 +26,15 @@ DSN = os.environ.get("MF_TEST_PG_DSN",
 
 @contextlib.asynccontextmanager
 async def temp_bars_1m() -> AsyncIterator[asyncpg.Connection]:
-    """A connection whose ``bars_1m`` is an empty temporary table (skips the test when
-    TimescaleDB or the migrated ``bars_1m`` is missing)."""
+    """A connection whose ``bars_1m`` is an empty temporary table.
+
+    Raises:
+        OSError, asyncpg.PostgresError: TimescaleDB is not running (start it with
+            ``scripts/services.sh up``).
+    """
+    conn = await asyncpg.connect(DSN, timeout=10)
     try:
-        conn = await asyncpg.connect(DSN, timeout=3)
-    except (OSError, asyncpg.PostgresError) as exc:
-        pytest.skip(f"TimescaleDB not reachable ({type(exc).__name__}); see scripts/services.sh")
-    try:
-        if not await conn.fetchval(
-                "SELECT to_regclass('public.bars_1m') IS NOT NULL AND EXISTS "
-                "(SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"):
-            pytest.skip("the database has no migrated bars_1m / timescaledb extension")
+        await apply_migrations(conn)
         await conn.execute("CREATE TEMP TABLE bars_1m (LIKE public.bars_1m INCLUDING ALL)")
         yield conn
     finally:

@@ -3,7 +3,7 @@
 The bar shape (:mod:`core.models`) is checked against the SQL generated from it. The
 consolidation rule has one copy, :data:`sql.bars_1m.CONSOLIDATE_SQL`, and one test,
 :func:`test_consolidation_rule`: it runs on the local TimescaleDB (a temporary
-``bars_1m``, see ``tests/unit/bars_db.py``; skipped when the database is down) against
+``bars_1m``, see ``tests/unit/bars_db.py``; the database must be running) against
 :func:`_reference`, the rule written out plainly. The series tests use the same private
 table with in-memory stand-ins for the Redis stores.
 """
