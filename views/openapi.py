@@ -431,6 +431,11 @@ PATHS: dict[str, dict[str, Any]] = {
     "/udf/history": {"get": {
         "operationId": "udfHistory", "tags": ["tradingview"],
         "summary": "Bars {s, t, o, h, l, c, v} (t in Unix seconds); s=no_data with nextTime",
+        "description": (f"Bars starting in [from, to] (Unix seconds). A range of more than "
+                        f"{MAX_BARS} buckets, or a countback above {MAX_BARS}, is not "
+                        f"refused: the newest {MAX_BARS} buckets come back, and a chart "
+                        "paging back (its next request ends before the oldest bar it got) "
+                        "ends on s=no_data without nextTime once nothing older is stored."),
         "parameters": [
             {"name": "symbol", "in": "query", "required": True,
              "schema": {"type": "string", "maxLength": 81}},
@@ -439,7 +444,9 @@ PATHS: dict[str, dict[str, Any]] = {
                         "enum": ["1", "5", "15", "30", "60", "240", "1D", "D"]}},
             {"name": "from", "in": "query", "required": True, "schema": {"type": "integer"}},
             {"name": "to", "in": "query", "required": True, "schema": {"type": "integer"}},
-            {"name": "countback", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+            {"name": "countback", "in": "query", "schema": {"type": "integer", "minimum": 1},
+             "description": f"the newest N bars starting at or before to (from is then "
+                            f"ignored); at most {MAX_BARS} come back"}],
         "responses": {"200": {"description": "bars or no_data",
                               "content": {"application/json": {"schema": {"type": "object"}}}},
                       "400": {"description": "bad parameter",

@@ -19,14 +19,19 @@ Endpoints (all ``GET``):
   capped at 100; ``type`` other than ``crypto`` matches nothing.
 * ``/udf/history?symbol=&resolution=&from=&to=&countback=``: bars whose start lies in
   ``[from, to]`` (Unix **seconds**, UTC; both included), each bar with all its data (a
-  bucket starting before ``from`` is not returned). Resolutions: ``1`` ``5`` ``15``
-  ``30`` ``60`` ``240`` minutes and ``1D`` (alias ``D``), rolled up like ``/ohlcv``
-  (buckets aligned to UTC midnight). With ``countback=N`` ``from`` is ignored and the
-  newest ``N`` bars starting at or before ``to`` are returned, searched further back past
-  gaps (up to :data:`query.series.COUNTBACK_STEPS` jumps; fewer bars come back when the history is
-  shorter or more fragmented). Buckets in the live window (the last minutes, not all in
-  TimescaleDB yet) merge the live 1-minute bars from Redis exactly like ``/ohlcv``, so the
-  newest bar is the still-open bucket. Response::
+  bucket starting before ``from`` is not returned). Resolutions: ``1`` ``5`` ``15`` ``30``
+  ``60`` ``240`` minutes and ``1D`` (alias ``D``), rolled up like ``/ohlcv`` (buckets
+  aligned to UTC midnight). With ``countback=N`` ``from`` is ignored and the newest ``N``
+  bars starting at or before ``to`` are returned, searched further back past gaps (up to
+  :data:`query.series.COUNTBACK_STEPS` jumps; fewer bars come back when the history is
+  shorter or more fragmented). **As charts page:** a ``countback`` above
+  :data:`query.series.MAX_BARS`, or a ``from``/``to`` range of more buckets than that, is
+  not refused: the newest ``MAX_BARS`` buckets come back, and the chart's next request
+  (ending before the oldest bar it got) continues from there; it ends with ``no_data`` (no
+  ``nextTime``) once nothing older is stored, so paging back terminates. Buckets in the
+  live window (the last minutes, not all in TimescaleDB yet) merge the live 1-minute bars
+  from Redis exactly like ``/ohlcv``, so the newest bar is the still-open bucket.
+  Response::
 
       {"s": "ok", "t": [1723161300, ...], "o": [...], "h": [...], "l": [...],
        "c": [...], "v": [...]}
@@ -37,8 +42,8 @@ Endpoints (all ``GET``):
 * ``/udf/time``: server time, Unix seconds, ``text/plain``.
 
 Errors use the UDF shape ``{"s": "error", "errmsg": "..."}``: 400 for a bad parameter
-(missing or non-integer ``from``/``to``, ``from > to``, unknown resolution, more than
-:data:`query.series.MAX_BARS` bars), 404 for an unknown symbol, 503 when the database is
+(missing or non-integer ``from``/``to``, ``from > to``, unknown resolution, ``countback``
+below 1), 404 for an unknown symbol, 503 when the database is
 unreachable. Unknown query parameters are ignored (UDF clients add their own). Access
 control, 405, 429 and 500 come from :class:`views.base.ApiView` in its error shape.
 
@@ -209,8 +214,12 @@ def parse_history_query(q: dict[str, str]) -> HistoryQuery:
     Raises:
         QueryError: missing/invalid ``symbol``; unknown ``resolution``; missing or
             non-integer ``from``/``to``, outside 1970..2100 or ``from > to``; ``countback``
-            not an integer in ``1..MAX_BARS``; without ``countback``, more than
-            :data:`~query.series.MAX_BARS` bars between ``from`` and ``to``.
+            not an integer >= 1.
+
+    Returns:
+        HistoryQuery: ``countback`` capped at :data:`~query.series.MAX_BARS`; without
+        ``countback``, a ``from``/``to`` range of more than ``MAX_BARS`` buckets narrowed
+        to its newest ``MAX_BARS`` (``from_s`` moved forward).
     """
     exchange, symbol = parse_ticker(q.get("symbol"))
     resolution = q.get("resolution", "")
@@ -227,13 +236,16 @@ def parse_history_query(q: dict[str, str]) -> HistoryQuery:
     if from_s > to_s:
         raise QueryError("from must not be after to")
     countback = _int_param(q, "countback", required=False)
-    if countback is not None and not 1 <= countback <= MAX_BARS:
-        raise QueryError(f"countback must be between 1 and {MAX_BARS}")
-    if countback is None:
+    if countback is not None:
+        if countback < 1:
+            raise QueryError("countback must be at least 1")
+        countback = min(countback, MAX_BARS)  # as many as the cap allows, newest first
+    else:
         start_ms, end_ms = bucket_range_ms(from_s, to_s, iv)
         if (end_ms - start_ms) // iv > MAX_BARS:
-            raise QueryError(f"range too large: more than {MAX_BARS} bars at resolution "
-                             f"{resolution}; narrow from/to or use a larger resolution")
+            # a chart asking for a wide range gets its newest MAX_BARS buckets and pages
+            # back from the oldest one it got (the next page ends before it)
+            from_s = (end_ms - MAX_BARS * iv) // 1000
     return HistoryQuery(exchange, symbol, resolution, iv, from_s, to_s, countback)
 
 

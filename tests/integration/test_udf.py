@@ -1,6 +1,6 @@
 """TradingView UDF endpoints (``/udf/...``) through a real worker on replayed Binance
 trades: configuration, symbol info and search, history against ``/ohlcv``, ``countback``,
-``no_data``/``nextTime``, every 400 case and the server time."""
+``no_data``/``nextTime``, paging past the bar cap, every 400 case and the server time."""
 
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ async def test_udf(stack: Stack) -> None:
     await _countback(stack, spot)
     await _no_data(stack, last_spot_s)
     await _bad_requests(stack)
+    await _paging_past_the_cap(stack, spot)
     await _time(stack)
 
 
@@ -271,15 +272,44 @@ async def _bad_requests(stack: Stack) -> None:
         {"to": "99999999999"},
         {"from": base["to"] + 1},  # from > to
         {"resolution": "7"}, {"resolution": "1W"}, {"resolution": None},
-        {"resolution": "1", "from": 0, "to": _s("2024-08-09T00:00:00")},  # > MAX_BARS
-        {"from": end - MAX_BARS * 60, "to": end},  # MAX_BARS + 1 buckets
-        {"countback": "0"}, {"countback": "x"}, {"countback": str(MAX_BARS + 1)},
+        {"countback": "0"}, {"countback": "x"}, {"countback": "-3"},
         {"symbol": None}, {"symbol": "bad name"}, {"symbol": "a:b:c"},
     ]
     for case in cases:
         params = {k: v for k, v in {**base, **case}.items() if v is not None}
         status, body = await _history(stack, **params)
         _assert_error(status, body, 400, case)
+
+
+async def _paging_past_the_cap(stack: Stack, spot: set[int]) -> None:
+    """A chart asking for more than MAX_BARS buckets gets the newest MAX_BARS and pages
+    back until ``no_data``: every stored minute exactly once, and the paging ends."""
+    end = _s("2024-08-09T00:05:00")
+    wide = {"symbol": "binance:BTCUSDT", "resolution": "1"}
+    # one bucket too many: the oldest bucket of the range is left out
+    status, body = await _history(stack, **wide, **{"from": end - MAX_BARS * 60, "to": end})
+    assert status == 200 and body["s"] == "ok", body
+    assert body["t"] == sorted(t // 1000 for t in spot), body["t"]
+    # countback above the cap, and a range of decades: the newest bars, then pages back
+    status, body = await _history(stack, **wide, countback=MAX_BARS + 1,
+                                  **{"from": 0, "to": end})
+    assert status == 200 and body["t"] == sorted(t // 1000 for t in spot), body
+    got: list[int] = []
+    to_s, pages = end, 0
+    while True:
+        pages += 1
+        assert pages <= 5, got  # paging back must end
+        status, body = await _history(stack, **wide, **{"from": 0, "to": to_s})
+        assert status == 200, body
+        if body["s"] == "no_data":
+            assert "nextTime" not in body, body  # nothing older: the chart stops
+            break
+        assert len(body["t"]) <= MAX_BARS and body["t"] == sorted(body["t"]), body
+        assert max(body["t"]) <= to_s and min(body["t"]) > to_s - MAX_BARS * 60, body
+        got = body["t"] + got
+        to_s = min(body["t"]) - 1
+    assert got == sorted(t // 1000 for t in spot)
+    assert pages == 2  # the sample fits in one page, then no_data
 
 
 async def _time(stack: Stack) -> None:
