@@ -56,9 +56,7 @@ from views.base import ApiView, Routes
 from views.context import ViewContext
 from views.params import parse_name, parse_time_ms
 
-# INTERVALS_MS and MAX_BARS are defined in query.series, re-exported for the API's users
-__all__ = ["INTERVALS_MS", "MAX_BARS", "ROUTES", "Ohlcv", "parse_ohlcv_query",
-           "series_builder"]
+__all__ = ["ROUTES", "Ohlcv", "parse_ohlcv_query", "series_builder"]
 
 _DEFAULT_BARS = 100
 _ALLOWED = {"symbol", "exchange", "start", "end", "interval", "fill"}

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from query.series import INTERVALS_MS
 from tests.integration.conftest import SAMPLE, Stack
-from views.ohlcv import INTERVALS_MS
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
+from query.series import MAX_BARS
 from tests.integration.conftest import SAMPLE, Stack
-from views.ohlcv import MAX_BARS
 
 pytestmark = pytest.mark.integration
 

@@ -39,7 +39,8 @@ def test_names() -> None:
 
 
 def test_ohlcv_query_rules() -> None:
-    from views.ohlcv import MAX_BARS, parse_ohlcv_query
+    from query.series import MAX_BARS
+    from views.ohlcv import parse_ohlcv_query
 
     now = 1_732_170_000_123
     assert parse_ohlcv_query({"symbol": "BTCUSDT"}, now) == (
