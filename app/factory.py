@@ -36,10 +36,12 @@ from stores.latest import LatestPriceStore
 from stores.live_bars import LiveBarStore
 from stores.ohlcv_cache import OhlcvCache
 from stores.stats import SecondStatsStore
+from stores.stream_channel import StreamChannel
 from tables.bars import declare_window_table
 from views import register_views
 from views.auth import AccessGuard
 from views.context import ViewContext
+from views.stream_hub import StreamHub
 
 __all__ = ["create_app"]
 
@@ -67,8 +69,11 @@ def create_app(settings: Settings) -> MarketflowApp:
     stats = SecondStatsStore(redis, r.key_prefix)
     live_bars = LiveBarStore(redis, r.key_prefix)
     ohlcv_cache = OhlcvCache(redis, r.key_prefix, w.ohlcv_cache_ttl_s, w.ohlcv_cache_max_bytes)
-    redis_writes = RedisWriteBuffer(redis, latest, stats, live_bars)
+    redis_writes = RedisWriteBuffer(redis, latest, stats, live_bars,
+                                    channel=StreamChannel(r.key_prefix))
     app.service(redis_writes)  # type: ignore[arg-type]
+    stream_hub = StreamHub(settings, redis, database, latest, live_bars)
+    app.service(stream_hub)  # type: ignore[arg-type]
 
     # ingest (feeds -> ticks topic), leader only; see feeds/live/manager.py
     async def send_tick(key: bytes | None, value: bytes) -> Any:
@@ -104,7 +109,7 @@ def create_app(settings: Settings) -> MarketflowApp:
     register_views(app, ViewContext(
         settings=settings, database=database, redis=redis, latest=latest, stats=stats,
         live_bars=live_bars, redis_writes=redis_writes, ohlcv_cache=ohlcv_cache,
-        on_demand=on_demand,
-        access_guard=AccessGuard(settings.auth)))
+        on_demand=on_demand, access_guard=AccessGuard(settings.auth),
+        stream_hub=stream_hub))
     register_commands(app, settings)
     return app

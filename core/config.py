@@ -52,6 +52,7 @@ __all__ = [
     "RedisSection",
     "Settings",
     "SinkSection",
+    "StreamSection",
     "TopicsSection",
     "WebSection",
     "WindowSection",
@@ -234,6 +235,31 @@ class WebSection(BaseModel):
     port: int = Field(default=6066, ge=1, le=65535)
     ohlcv_cache_ttl_s: int = Field(default=600, ge=0, le=86_400)
     ohlcv_cache_max_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
+
+
+class StreamSection(BaseModel):
+    """The WebSocket stream ``GET /stream`` (``docs/stream.md``).
+
+    Attributes:
+        max_updates_per_s: open-bar, price and replay-clock frames per second per
+            subscription item (bucket, price item, replay); the newest state wins.
+        max_connections: sockets per worker.
+        max_subscriptions: subscriptions per connection.
+        max_symbols: items per prices subscription.
+        max_queued_frames: closed bars and snapshots waiting per connection before the
+            client is closed as a slow consumer (code 4008).
+        heartbeat_s: WebSocket ping interval, seconds (a missing pong closes the socket).
+        auth_timeout_s: with auth on and no ``Authorization`` header, how long the first
+            ``auth`` frame may take, seconds.
+    """
+
+    max_updates_per_s: float = Field(default=10.0, gt=0, le=1000)
+    max_connections: int = Field(default=2000, ge=1, le=100_000)
+    max_subscriptions: int = Field(default=50, ge=1, le=10_000)
+    max_symbols: int = Field(default=100, ge=1, le=10_000)
+    max_queued_frames: int = Field(default=1000, ge=10, le=1_000_000)
+    heartbeat_s: float = Field(default=15.0, gt=0, le=3600)
+    auth_timeout_s: float = Field(default=5.0, gt=0, le=600)
 
 
 class WindowSection(BaseModel):
@@ -449,6 +475,7 @@ class Settings(BaseSettings):
     database: DatabaseSection = DatabaseSection()
     redis: RedisSection = RedisSection()
     web: WebSection = WebSection()
+    stream: StreamSection = StreamSection()
     window: WindowSection = WindowSection()
     sink: SinkSection = SinkSection()
     feeds: FeedsSection = FeedsSection()

@@ -135,3 +135,16 @@ SKIPPED_RECOVERED = Counter(
 #: Bars held in memory by the sink (pending + being written); at most 2 x batch_size.
 PENDING_BARS = Gauge("marketflow_sink_pending_bars",
                      "Closed bars held in memory by the TimescaleDB sink (bounded)")
+
+# ---- the WebSocket stream (views/stream_hub.py)
+
+__all__ += ["STREAM_CONNECTIONS", "STREAM_DISCONNECTS", "STREAM_FRAMES", "STREAM_SUBSCRIPTIONS"]
+
+STREAM_CONNECTIONS = Gauge("marketflow_stream_connections", "Open /stream sockets")
+STREAM_SUBSCRIPTIONS = Gauge("marketflow_stream_subscriptions",
+                             "Subscriptions on the open /stream sockets", ["channel"])
+STREAM_FRAMES = Counter("marketflow_stream_frames_total", "Frames sent on /stream", ["type"])
+STREAM_DISCONNECTS = Counter(
+    "marketflow_stream_disconnects_total",
+    "/stream sockets closed by the server, by reason (slow_consumer, send_timeout, "
+    "too_many_connections, unauthorized)", ["reason"])

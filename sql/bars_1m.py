@@ -96,8 +96,8 @@ _LIVE_COLUMNS = """exchange text, bucket_start_ms bigint, open float8, high floa
 _LIVE_START = "(timestamptz 'epoch' + l.bucket_start_ms * interval '1 millisecond')"
 
 #: :data:`_ROLLUP` over the stored bars plus the live bars ($7) whose minute is not stored
-#: (a stored row wins), with ``closed`` (no minute of the bucket still open) and
-#: ``live_minutes`` (live bars merged) per bucket.
+#: (a stored row wins; with $8 true a live bar wins over the stored row), with ``closed``
+#: (no minute of the bucket still open) and ``live_minutes`` (live bars merged) per bucket.
 _ROLLUP_LIVE = """
 SELECT time_bucket($5::interval, bucket_start) AS b,""" + CONSOLIDATE_SQL + """,
        bool_and(closed)         AS closed,
@@ -107,6 +107,9 @@ FROM (
            vwap, open_ts_ms, close_ts_ms, true AS closed, false AS live
     FROM bars_1m
     WHERE """ + _IN_RANGE + """
+      AND NOT ($8::boolean AND EXISTS (
+          SELECT 1 FROM jsonb_to_recordset($7::jsonb) AS l(exchange text, bucket_start_ms bigint)
+          WHERE l.exchange = bars_1m.exchange AND """ + _LIVE_START + """ = bars_1m.bucket_start))
     UNION ALL
     SELECT l.exchange, """ + _LIVE_START + """, l.open, l.high, l.low, l.close,
            l.volume, l.trade_count, l.avg_price, l.vwap, l.open_ts_ms, l.close_ts_ms,
@@ -114,9 +117,9 @@ FROM (
     FROM jsonb_to_recordset($7::jsonb) AS l(""" + _LIVE_COLUMNS + """)
     WHERE ($2::text IS NULL OR l.exchange = $2)
       AND """ + _LIVE_START + """ >= $3 AND """ + _LIVE_START + """ < $4
-      AND NOT EXISTS (SELECT 1 FROM bars_1m AS s
+      AND ($8::boolean OR NOT EXISTS (SELECT 1 FROM bars_1m AS s
                       WHERE s.exchange = l.exchange AND s.symbol = $1
-                        AND s.bucket_start = """ + _LIVE_START + """)
+                        AND s.bucket_start = """ + _LIVE_START + """))
 ) AS m
 GROUP BY b
 ORDER BY b
@@ -324,7 +327,7 @@ async def fetch_rollup(
 
 async def fetch_rollup_live(
     conn: asyncpg.Connection, symbol: str, exchange: str | None, start_ms: int, end_ms: int,
-    interval_ms: int, limit: int, live: Sequence[dict[str, Any]],
+    interval_ms: int, limit: int, live: Sequence[dict[str, Any]], *, live_wins: bool = False,
 ) -> Sequence[asyncpg.Record]:
     """:func:`fetch_rollup` over the stored 1-minute bars plus live ones: each live bar
     whose minute is not stored counts like a stored bar (one query, so a minute stored
@@ -336,6 +339,8 @@ async def fetch_rollup_live(
         live: live 1-minute bars of ``symbol`` (the closed-bar schema,
             :data:`core.models.CLOSED_BAR_FIELDS`, plus ``closed``); those outside the
             range or on another exchange are ignored.
+        live_wins: a live bar replaces the stored row of its minute (the stream, whose
+            live bars may be corrections not written yet); by default the stored row wins.
 
     Returns:
         The records of :func:`fetch_rollup` plus ``closed`` (false when a live minute of
@@ -343,7 +348,7 @@ async def fetch_rollup_live(
     """
     return await conn.fetch(_ROLLUP_LIVE, symbol, exchange, _ts(start_ms), _ts(end_ms),
                             timedelta(milliseconds=interval_ms), limit,
-                            orjson.dumps(live).decode())
+                            orjson.dumps(live).decode(), live_wins)
 
 
 async def fetch_rollup_json(

@@ -41,6 +41,7 @@ from core.timeutil import now_ms
 from stores.latest import LatestPriceStore
 from stores.live_bars import OPEN_BAR_TTL_MS, LiveBarStore
 from stores.stats import SecondStatsStore
+from stores.stream_channel import StreamChannel
 
 __all__ = ["MAX_PENDING_BARS", "MAX_PENDING_SECONDS", "RedisWriteBuffer"]
 
@@ -77,13 +78,17 @@ class RedisWriteBuffer(Service):
         max_pending_seconds: bound of the per-second statistics backlog (entries
             ``(exchange:symbol, second)``).
         max_pending_bars: bound of the live-bar snapshot backlog (entries).
+        channel: where each flush's changed bars and prices are also published (in the
+            same pipeline, after the writes), None for no publishing.
     """
 
     def __init__(self, redis: aioredis.Redis, latest: LatestPriceStore,
                  stats: SecondStatsStore, live_bars: LiveBarStore, *,
                  max_pending_seconds: int = MAX_PENDING_SECONDS,
-                 max_pending_bars: int = MAX_PENDING_BARS, **kwargs: Any) -> None:
+                 max_pending_bars: int = MAX_PENDING_BARS,
+                 channel: StreamChannel | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.channel = channel
         self.redis = redis
         self.latest = latest
         self.stats = stats
@@ -200,6 +205,8 @@ class RedisWriteBuffer(Service):
                 self.live_bars.queue_bars(pipe, list(bars.values()))
                 self.latest.queue_exchanges(pipe, traded)
                 await self.latest.queue_prices(pipe, batch)
+                if self.channel is not None:
+                    self.channel.queue_publish(pipe, list(bars.values()), batch.items())
                 await pipe.execute()
         except BaseException:
             batch.update({k: v for k, v in self._pending.items()

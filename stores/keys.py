@@ -13,7 +13,9 @@
   (:mod:`stores.replay_control`);
 * ``<p>:gaps``: the gap job's status (:mod:`feeds.history.gaps`);
 * ``<p>:history:req:<request id>``: on-demand history requests
-  (:mod:`feeds.history.on_demand`).
+  (:mod:`feeds.history.on_demand`);
+* ``<p>:stream``: the pub/sub channel of live-bar and latest-price changes
+  (:mod:`stores.stream_channel`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = [
     "replay_seq_key",
     "replay_state_key",
     "seconds_key",
+    "stream_channel",
 ]
 
 
@@ -90,3 +93,8 @@ def gap_status_key(prefix: str) -> str:
 def history_request_key(prefix: str, req_id: str) -> str:
     """Redis key of a request's state."""
     return f"{prefix}:history:req:{req_id}"
+
+
+def stream_channel(prefix: str) -> str:
+    """Redis pub/sub channel of live-bar and latest-price changes."""
+    return f"{prefix}:stream"

@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
+from core.models import iso_ms
 from stores.keys import replay_control_key, replay_seq_key, replay_state_key
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "pop_commands",
     "read_state",
     "send_command",
+    "status_body",
     "write_state",
 ]
 
@@ -230,3 +232,13 @@ async def active_clock_ms(client: aioredis.Redis, prefix: str,
             return None
     clock = state.get("clock_ms")
     return int(clock) if isinstance(clock, (int, float)) else None
+
+
+def status_body(state: dict[str, Any]) -> dict[str, Any]:
+    """The ``/replay/status`` body (and the stream's replay frames): the Redis state plus
+    ISO-8601 ``clock``, ``source_clock`` and ``active`` (running or paused)."""
+    body = dict(state)
+    body["clock"] = iso_ms(int(state["clock_ms"]))
+    body["source_clock"] = iso_ms(int(state["source_clock_ms"]))
+    body["active"] = state.get("state") in ACTIVE_STATES
+    return body

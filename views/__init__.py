@@ -1,5 +1,6 @@
 """HTTP API (Faust web views, aiohttp): latest prices and statistics, OHLCV, TradingView
-UDF, gaps, health, metrics, mode switch, replay control, the OpenAPI document.
+UDF, gaps, health, metrics, mode switch, replay control, the OpenAPI and AsyncAPI
+documents, the WebSocket stream (``/stream``) and the chart page (``/``).
 
 Importing the views registers nothing: each module lists its routes (``ROUTES``), and
 the composition root (:func:`app.factory.create_app`) calls :func:`register_views` with
@@ -14,7 +15,20 @@ from __future__ import annotations
 
 import faust
 
-from views import gaps, health, metrics, mode, ohlcv, openapi, prices, replay, udf
+from views import (
+    asyncapi,
+    chart,
+    gaps,
+    health,
+    metrics,
+    mode,
+    ohlcv,
+    openapi,
+    prices,
+    replay,
+    stream,
+    udf,
+)
 from views.base import Routes, bind_view
 from views.context import ViewContext
 
@@ -22,9 +36,9 @@ __all__ = ["ROUTES", "register_views"]
 
 #: every route of the API, in registration order (aiohttp matches in that order: the
 #: ``/prices/latest/...`` pages come before ``/prices/{stat}/...``)
-ROUTES: Routes = (*gaps.ROUTES, *health.ROUTES, *metrics.ROUTES, *mode.ROUTES,
-                  *ohlcv.ROUTES, *openapi.ROUTES, *prices.ROUTES, *replay.ROUTES,
-                  *udf.ROUTES)
+ROUTES: Routes = (*chart.ROUTES, *stream.ROUTES, *asyncapi.ROUTES, *gaps.ROUTES,
+                  *health.ROUTES, *metrics.ROUTES, *mode.ROUTES, *ohlcv.ROUTES,
+                  *openapi.ROUTES, *prices.ROUTES, *replay.ROUTES, *udf.ROUTES)
 
 
 def register_views(app: faust.App, ctx: ViewContext) -> None:

@@ -14,7 +14,8 @@ What :meth:`ApiView.dispatch` adds to Faust's ``View``:
 * **Dependencies**: a registered view class carries its :class:`views.context.ViewContext`
   as the class attribute ``ctx`` (bound by :func:`bind_view`, called by
   :func:`views.register_views`); the access guard is ``ctx.access_guard``.
-* **Access control** (:mod:`views.auth`) on every path except ``/health``: with
+* **Access control** (:mod:`views.auth`) on every path except ``/health`` and the chart
+  page with its static files (``/``, ``/static/...``: no data in them): with
   ``auth.enabled`` a missing/invalid bearer token gets 401 with
   ``WWW-Authenticate: Bearer ...``; with ``auth.rate_limit_per_s`` > 0 a client over its
   limit gets 429 with ``Retry-After: <seconds>``. The client id is kept in
@@ -48,7 +49,8 @@ __all__ = ["CLIENT_ID_KEY", "PUBLIC_PATHS", "ApiView", "Routes", "bind_view", "e
 log = logging.getLogger(__name__)
 
 #: view paths served without authentication or rate limit
-PUBLIC_PATHS: frozenset[str] = frozenset({"/health"})
+PUBLIC_PATHS: frozenset[str] = frozenset({"/health", "/", "/static/{name}",
+                                                "/static/vendor/{name}"})
 #: request key of the client id (``request.get(CLIENT_ID_KEY)``, ``key:...``/``jwt:...``/
 #: ``addr:...``; set only when access control is active)
 CLIENT_ID_KEY: Any
@@ -83,6 +85,9 @@ class ApiView(View):
     ctx: ClassVar[ViewContext]
     #: set by ``app.page``
     view_path: str
+    #: with auth on, a request without ``Authorization`` reaches the view, which checks a
+    #: token itself (the WebSocket stream: browsers cannot set the header)
+    auth_in_first_frame: ClassVar[bool] = False
 
     # -- helpers for views ------------------------------------------------------------
 
@@ -149,7 +154,9 @@ class ApiView(View):
             return self.bytes(b"", status=204, headers=allow_header)
         if getattr(self, "view_path", None) not in PUBLIC_PATHS:
             guard = self.ctx.access_guard
-            if guard.active:
+            deferred = (self.auth_in_first_frame and guard.settings.enabled
+                        and "Authorization" not in request.headers)
+            if guard.active and not deferred:
                 try:
                     request[CLIENT_ID_KEY] = guard.admit(
                         request.headers.get("Authorization"),

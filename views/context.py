@@ -16,6 +16,7 @@ from stores.live_bars import LiveBarStore
 from stores.ohlcv_cache import OhlcvCache
 from stores.stats import SecondStatsStore
 from views.auth import AccessGuard
+from views.stream_hub import StreamHub
 
 __all__ = ["ViewContext"]
 
@@ -36,6 +37,7 @@ class ViewContext:
         ohlcv_cache: the sealed-range ``/ohlcv`` cache.
         on_demand: on-demand history requests (``ask``, ``wait_for_request``, ``status``).
         access_guard: bearer-token checks and the rate limit.
+        stream_hub: the WebSocket stream's hub (``/stream``).
     """
 
     settings: Settings
@@ -48,3 +50,4 @@ class ViewContext:
     ohlcv_cache: OhlcvCache
     on_demand: OnDemandHistory
     access_guard: AccessGuard
+    stream_hub: StreamHub

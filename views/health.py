@@ -15,7 +15,9 @@ A feed outage (state ``reconnecting``) shows in ``ingest.feeds`` but does not tu
 HTTP status to 503: the pipeline itself is healthy. ``ingest`` is null when no worker
 ingests (mode ``off``). ``gaps`` is the leader's gap job (:mod:`feeds.history.gaps`):
 ``{"state": "idle"|"scanning"|"repairing"|"error", "last_scan_ms", "open", "counts",
-"source", "last_error", "updated_ms"}``, null when no worker runs it.
+"source", "last_error", "updated_ms"}``, null when no worker runs it. ``stream`` is this
+worker's WebSocket hub (:meth:`views.stream_hub.StreamHub.status`): ``{"channel":
+"up"|"down", "channel_error", "connections", "subscriptions", "feeds", "messages"}``.
 
 Redis down (``"redis": "down"``, 503): the pipeline keeps running — ticks are aggregated,
 bars reach TimescaleDB and the closed-bars topic — and ``"redis_fallback"`` says how the
@@ -93,6 +95,7 @@ async def check_all(ctx: ViewContext) -> dict[str, Any]:
                                  "redis_writes": "buffered"}
     out["event_loop"] = type(asyncio.get_running_loop()).__module__.split(".")[0]
     out["history"] = ctx.on_demand.status()
+    out["stream"] = ctx.stream_hub.status()
     if out["redis"] == "up":
         prefix = ctx.settings.redis.key_prefix
         try:

@@ -499,6 +499,51 @@ PATHS: dict[str, dict[str, Any]] = {
             "503": _error("Redis unavailable"),
         },
     }},
+    "/": {"get": {
+        "operationId": "chartPage", "tags": ["chart"], "security": [],
+        "summary": "The chart page: candlesticks and volume, live over /stream, replay panel",
+        "responses": {"200": {"description": "HTML page",
+                              "content": {"text/html": {"schema": {"type": "string"}}}},
+                      "404": _error("the page is not installed")},
+    }},
+    "/static/{name}": {"get": {
+        "operationId": "staticFile", "tags": ["chart"], "security": [],
+        "summary": "A file of the chart page (JS modules, CSS, /static/datafeed.js)",
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "the file",
+                              "content": {"*/*": {"schema": {"type": "string"}}}},
+                      "404": _error("no such file")},
+    }},
+    "/static/vendor/{name}": {"get": {
+        "operationId": "vendorFile", "tags": ["chart"], "security": [],
+        "summary": "A vendored file (Lightweight Charts build, its LICENSE and NOTICE)",
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "the file",
+                              "content": {"*/*": {"schema": {"type": "string"}}}},
+                      "404": _error("no such file")},
+    }},
+    "/stream": {"get": {
+        "operationId": "stream", "tags": ["stream"],
+        "summary": "WebSocket stream of bars, latest prices and the replay state",
+        "description": ("Upgrade to a WebSocket (`Upgrade: websocket`); the frames are in "
+                        "the AsyncAPI document [/asyncapi.json](asyncapi.json) and "
+                        "docs/stream.md. Example: send `{\"op\": \"subscribe\", \"id\": "
+                        "\"c1\", \"channel\": \"bars\", \"symbol\": \"BTCUSDT\"}`, "
+                        "get a `snapshot` frame, then `bar` frames. With auth on, the token "
+                        "goes in the Authorization header or a first `{\"op\": \"auth\"}` "
+                        "frame."),
+        "responses": {"101": {"description": "switching to the WebSocket protocol"},
+                      "426": _error("not a WebSocket upgrade request")},
+    }},
+    "/asyncapi.json": {"get": {
+        "operationId": "asyncapi", "tags": ["documentation"],
+        "summary": "AsyncAPI 2.6 document of the WebSocket stream /stream",
+        "responses": {"200": {"description": "the document",
+                              "content": {"application/json": {
+                                  "schema": {"type": "object"}}}}},
+    }},
     "/openapi.json": {"get": {
         "operationId": "openapi", "tags": ["documentation"],
         "summary": "This OpenAPI 3.0 document",
@@ -698,7 +743,8 @@ def render_html(spec: dict[str, Any]) -> str:
         f"<h1>{_e(info['title'])} <small>{_e(info['version'])}</small></h1>"
         f"{_paragraphs(info.get('description', ''))}"
         f'<p>Machine-readable: <a href="openapi.json">/openapi.json</a> '
-        f"(OpenAPI {_e(spec['openapi'])}).</p>"
+        f"(OpenAPI {_e(spec['openapi'])}); the WebSocket stream: "
+        f'<a href="asyncapi.json">/asyncapi.json</a> (AsyncAPI 2.6).</p>'
         f"<h2>Endpoints</h2><ul>{''.join(toc)}</ul>{''.join(ops)}"
         f"<h2>Schemas</h2>{''.join(schemas)}</body></html>"
     )

@@ -27,31 +27,21 @@ from faust.web import Request, Response
 from redis.exceptions import RedisError
 
 from core.errors import QueryError
-from core.models import iso_ms
 from stores.replay_control import (
     COMMANDS,
     check_transition,
     parse_speed,
     read_state,
     send_command,
+    status_body,
 )
 from views.base import ApiView, Routes
 from views.params import parse_time_ms
 
-__all__ = ["ACK_TIMEOUT_S", "ROUTES", "ReplayCommand", "ReplayStatus", "status_body"]
+__all__ = ["ACK_TIMEOUT_S", "ROUTES", "ReplayCommand", "ReplayStatus"]
 
 #: how long a command view waits for the replay to apply the command
 ACK_TIMEOUT_S = 3.0
-
-
-def status_body(state: dict[str, Any]) -> dict[str, Any]:
-    """The ``/replay/status`` body: the Redis state plus ISO-8601 ``clock``,
-    ``source_clock`` and ``active`` (running or paused)."""
-    body = dict(state)
-    body["clock"] = iso_ms(int(state["clock_ms"]))
-    body["source_clock"] = iso_ms(int(state["source_clock_ms"]))
-    body["active"] = state.get("state") in ("running", "paused")
-    return body
 
 
 class ReplayStatus(ApiView):

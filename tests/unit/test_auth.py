@@ -301,7 +301,7 @@ def _ctx(guard: AccessGuard) -> ViewContext:
     stub = cast(Any, None)
     return ViewContext(settings=stub, database=stub, redis=stub, latest=stub,
                        stats=stub, live_bars=stub, redis_writes=stub, ohlcv_cache=stub,
-                       on_demand=stub, access_guard=guard)
+                       on_demand=stub, access_guard=guard, stream_hub=stub)
 
 
 def _set_guard(view: ApiView, guard: AccessGuard) -> None:

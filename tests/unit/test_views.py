@@ -40,7 +40,7 @@ def _ctx(redis: Any = None) -> ViewContext:
     return ViewContext(settings=settings, database=stub, redis=redis, latest=stub,
                        stats=stub, live_bars=stub, redis_writes=stub, ohlcv_cache=stub,
                        on_demand=stub,
-                       access_guard=AccessGuard(AuthSection()))
+                       access_guard=AccessGuard(AuthSection()), stream_hub=stub)
 
 
 def test_every_route_registered_bound_and_documented() -> None:

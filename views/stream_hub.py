@@ -1,0 +1,854 @@
+"""The stream hub behind ``GET /stream`` (``docs/stream.md``): one per worker, shared by
+all its sockets.
+
+* **Input.** One Redis subscription to the channel :mod:`stores.stream_channel`, on which
+  every worker publishes the live 1-minute bars and latest prices it writes; so a socket
+  on any worker gets every symbol. The replay state is polled from Redis
+  (:mod:`stores.replay_control`) while someone subscribes to it.
+* **Bars.** One :class:`BarFeed` per distinct (symbol, exchange or consolidated, interval)
+  that some socket subscribes to. The hub keeps the live 1-minute bars of the subscribed
+  symbols (a newer state of a bar, by trade count then ``closed``, wins); a feed computes
+  its dirty buckets from them and TimescaleDB (:mod:`query.live_series`; a 1-minute
+  series of one exchange is the live bar itself), at most ``stream.max_updates_per_s``
+  times a second, and hands the bars that changed to its subscriptions. A bucket is over
+  when event time passed its end (a later minute of the series was seen, or its last
+  minute closed); it is closed when over and none of its minutes is open.
+* **Sockets.** Each :class:`Connection` has an :class:`Outbox` that coalesces pending
+  frames per (subscription, bucket / price item / replay): a slow reader gets the newest
+  state, never a growing queue. The outbox holds at most ``stream.max_queued_frames``
+  entries; beyond, or when one send blocks longer than ``stream.send_timeout_s``, the
+  socket is closed with code 4008 (``slow consumer``). Frames of a subscription are
+  numbered (``seq``) when they are sent, so the numbers have no gaps.
+* **Snapshot then updates.** A feed (or price item) is registered before its snapshot is
+  read, so a change published meanwhile is held; the snapshot is taken from the hub's
+  state, and a subscription is sent a bar only when it differs from what it last got.
+  After the Redis subscription was lost, every subscription gets a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiohttp import web
+from mode import Service
+from redis.exceptions import RedisError
+
+from core.config import Settings
+from core.errors import MarketflowError, StorageUnavailable
+from core.metrics import (
+    STREAM_CONNECTIONS,
+    STREAM_DISCONNECTS,
+    STREAM_FRAMES,
+    STREAM_SUBSCRIPTIONS,
+)
+from core.timeutil import MINUTE_MS, floor_minute, live_window_ms
+from query.live_series import bucket_bars, minute_bar
+from query.series import INTERVALS_MS, Bar
+from sql.pool import Database
+from stores.keys import stream_channel
+from stores.latest import LatestPriceStore
+from stores.live_bars import LiveBarStore
+from stores.replay_control import STATE_INTERVAL_S, read_state, status_body
+from stores.stream_channel import StreamChange, decode_change
+from views.stream_protocol import PriceItem, Subscribe, error_frame
+
+__all__ = ["CLOSE_SLOW", "BarFeed", "BarUpdate", "Connection", "Outbox", "StreamHub",
+           "Subscription"]
+
+log = logging.getLogger(__name__)
+
+#: close code for a client that does not keep up
+CLOSE_SLOW = 4008
+#: most buckets a subscription remembers (what it was sent, which it was sent closed)
+_SUB_MEMORY = 64
+_RETRY_S = 1.0
+
+
+@dataclass(frozen=True)
+class BarUpdate:
+    """A bar as the hub pushes it: serialised once, shared by every subscription.
+
+    Attributes:
+        bucket_ms: bucket start, UTC epoch ms.
+        closed: the bar's ``closed``.
+        data: the bar as JSON.
+        bar: the bar.
+    """
+
+    bucket_ms: int
+    closed: bool
+    data: bytes
+    bar: Bar
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One subscription of a socket.
+
+    Attributes:
+        request: what the client asked for.
+        seq: number of the last frame sent (0 before the snapshot).
+        snapshotted: the snapshot is queued; updates may follow.
+        sent: bucket -> JSON of the bar last sent (dedupe), at most 64 buckets.
+        closed_sent: buckets already sent with ``closed: true``.
+        first_bucket_ms: the snapshot's first bucket (older buckets are corrections).
+        feed: the bar feed, for a bars subscription.
+    """
+
+    request: Subscribe
+    seq: int = 0
+    snapshotted: bool = False
+    sent: dict[int, bytes] = field(default_factory=dict)
+    closed_sent: set[int] = field(default_factory=set)
+    first_bucket_ms: int | None = None
+    feed: BarFeed | None = None
+
+    @property
+    def sub_id(self) -> str:
+        """The client's id."""
+        return self.request.sub_id
+
+
+class Outbox:
+    """Pending frames of one socket, coalesced by key (a newer item for a key replaces the
+    pending one and keeps its place), at most ``max_items`` keys.
+
+    Args:
+        max_items: most pending keys.
+    """
+
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
+        self._items: dict[Hashable, Any] = {}
+        self._ready = asyncio.Event()
+        #: set when a put found the outbox full
+        self.overflowed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, key: Hashable, item: Any) -> bool:
+        """Queue ``item`` under ``key``. Returns False (and sets :attr:`overflowed`) when
+        ``key`` is new and the outbox is full."""
+        if key not in self._items and len(self._items) >= self.max_items:
+            self.overflowed = True
+            self._ready.set()
+            return False
+        self._items[key] = item
+        self._ready.set()
+        return True
+
+    def discard(self, prefix: str) -> None:
+        """Drop the pending items whose key is a tuple starting with ``prefix``."""
+        for k in [k for k in self._items if isinstance(k, tuple) and k[0] == prefix]:
+            del self._items[k]
+
+    async def get(self) -> tuple[Hashable, Any]:
+        """The oldest pending ``(key, item)``, waiting for one.
+
+        Raises:
+            MarketflowError: the outbox overflowed (the caller closes the socket).
+        """
+        while not self._items or self.overflowed:
+            if self.overflowed:
+                raise MarketflowError("outbox overflowed")
+            self._ready.clear()
+            await self._ready.wait()
+        key = next(iter(self._items))
+        return key, self._items.pop(key)
+
+
+class Connection:
+    """One ``/stream`` socket: its subscriptions, its outbox and the task that writes it.
+
+    Args:
+        ws: the prepared WebSocket.
+        client_id: the access guard's client id (for logs), or the peer address.
+        max_queued: the outbox bound (``stream.max_queued_frames``).
+        send_timeout_s: longest a single send may block.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, ws: web.WebSocketResponse, client_id: str, max_queued: int,
+                 send_timeout_s: float) -> None:
+        self.ws = ws
+        self.client_id = client_id
+        self.conn_id = next(self._ids)
+        self.subs: dict[str, Subscription] = {}
+        self.outbox = Outbox(max_queued)
+        self.send_timeout_s = send_timeout_s
+        self.close_reason: str | None = None
+        self._control = itertools.count()
+        self.frames_sent = 0
+
+    # -- queueing (called by the hub and the view; never blocks) -----------------------
+
+    def control(self, frame: dict[str, Any]) -> None:
+        """Queue a frame that belongs to no subscription (welcome, error, pong, ...)."""
+        self.outbox.put(("", next(self._control)), ("control", None, frame))
+
+    def push(self, sub: Subscription, kind: str, item: Hashable, payload: Any) -> None:
+        """Queue a subscription's frame (``kind`` ``snapshot``/``bar``/``price``/
+        ``replay``), coalesced per (subscription, kind, item)."""
+        if self.subs.get(sub.sub_id) is not sub:
+            return  # unsubscribed meanwhile
+        self.outbox.put((sub.sub_id, kind, item), (kind, sub, payload))
+
+    # -- writing ------------------------------------------------------------------------
+
+    def _frame(self, kind: str, sub: Subscription | None, payload: Any) -> bytes | None:
+        """Serialise one pending item (None: nothing to send any more)."""
+        if sub is None:
+            STREAM_FRAMES.labels(payload.get("type", "control")).inc()
+            return orjson.dumps(payload)
+        if self.subs.get(sub.sub_id) is not sub:
+            return None
+        if kind == "bar":
+            upd: BarUpdate = payload
+            if sub.sent.get(upd.bucket_ms) == upd.data:
+                return None
+            data = upd.data
+            if upd.closed:
+                old = sub.first_bucket_ms is not None and upd.bucket_ms < sub.first_bucket_ms
+                if upd.bucket_ms in sub.closed_sent or old or upd.bar.get("correction"):
+                    data = orjson.dumps({**upd.bar, "correction": True})
+                _remember(sub.closed_sent, upd.bucket_ms)
+            sub.sent[upd.bucket_ms] = upd.data
+            if len(sub.sent) > _SUB_MEMORY:
+                del sub.sent[min(sub.sent)]
+            body = b'"bar":' + data
+        elif kind == "snapshot":
+            body = payload[1:-1]  # a JSON object without its braces
+        elif kind == "price":
+            body = b'"price":' + payload
+        else:  # replay
+            body = b'"replay":' + payload
+        sub.seq += 1
+        STREAM_FRAMES.labels(kind).inc()
+        return (b'{"type":"' + kind.encode() + b'","id":' + orjson.dumps(sub.sub_id)
+                + b',"seq":' + str(sub.seq).encode() + b"," + body + b"}")
+
+    async def writer(self) -> None:
+        """Send pending frames until the socket closes; closes it (4008) when the client
+        falls too far behind or a send blocks longer than ``send_timeout_s``."""
+        ws = self.ws
+        try:
+            while not ws.closed:
+                try:
+                    _, (kind, sub, payload) = await self.outbox.get()
+                except MarketflowError:
+                    await self.close(CLOSE_SLOW, "slow consumer", "slow_consumer")
+                    return
+                data = self._frame(kind, sub, payload)
+                if data is None:
+                    continue
+                try:
+                    await asyncio.wait_for(ws.send_str(data.decode()), self.send_timeout_s)
+                except TimeoutError:
+                    await self.close(CLOSE_SLOW, "slow consumer", "send_timeout")
+                    return
+                self.frames_sent += 1
+        except (ConnectionError, RuntimeError) as exc:  # peer gone, or closing meanwhile
+            log.debug("stream: socket %d write ended: %s", self.conn_id, exc)
+
+    async def close(self, code: int, message: str, reason: str) -> None:
+        """Close the socket with ``code``/``message``, counting ``reason``."""
+        if self.close_reason is None:
+            self.close_reason = reason
+            STREAM_DISCONNECTS.labels(reason).inc()
+            log.info("stream: closing socket %d (%s): %s", self.conn_id, self.client_id,
+                     reason)
+        try:
+            await asyncio.wait_for(self.ws.close(code=code, message=message.encode()), 2.0)
+        except (TimeoutError, ConnectionError, RuntimeError) as exc:
+            log.debug("stream: socket %d close: %s", self.conn_id, exc)
+
+
+def _remember(s: set[int], bucket_ms: int) -> None:
+    s.add(bucket_ms)
+    if len(s) > _SUB_MEMORY:
+        s.discard(min(s))
+
+
+def _version(bar: dict[str, Any]) -> tuple[int, bool]:
+    return int(bar.get("trade_count") or 0), bool(bar.get("closed"))
+
+
+def _frontier(bar: dict[str, Any]) -> int:
+    """How far event time is known to have reached from a live 1-minute bar (ms)."""
+    start = int(bar["bucket_start_ms"])
+    return start + MINUTE_MS if bar.get("closed") else start
+
+
+class BarFeed:
+    """The bars of one series for every subscription to it (module docstring).
+
+    Args:
+        hub: the hub (live-bar cache, stores, settings).
+        symbol: the symbol.
+        exchange: one exchange, None = consolidated.
+        interval: an interval name of :data:`query.series.INTERVALS_MS`.
+    """
+
+    def __init__(self, hub: StreamHub, symbol: str, exchange: str | None,
+                 interval: str) -> None:
+        self.hub = hub
+        self.symbol = symbol
+        self.exchange = exchange
+        self.interval = interval
+        self.interval_ms = INTERVALS_MS[interval]
+        self.subs: dict[Subscription, Connection] = {}
+        self.bars: dict[int, BarUpdate] = {}
+        self.frontier_ms: int | None = None
+        self.first_bucket_ms: int | None = None
+        self.dirty: set[int] = set()
+        self.reload = True
+        self.wake = asyncio.Event()
+        self.wake.set()
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def key(self) -> tuple[str, str | None, str]:
+        """``(symbol, exchange, interval)``."""
+        return self.symbol, self.exchange, self.interval
+
+    def matches(self, bar: dict[str, Any]) -> bool:
+        """Whether a live bar of this feed's symbol belongs to the series."""
+        return self.exchange is None or bar["exchange"] == self.exchange
+
+    def on_live_bar(self, bar: dict[str, Any]) -> None:
+        """A newer live 1-minute bar of the series arrived: its bucket is dirty, and
+        buckets that event time has now passed are re-checked for closing."""
+        iv = self.interval_ms
+        start = int(bar["bucket_start_ms"])
+        f = _frontier(bar)
+        if self.frontier_ms is None or f > self.frontier_ms:
+            self.frontier_ms = f
+            self.dirty.update(b for b, u in self.bars.items() if not u.closed and b + iv <= f)
+        self.dirty.add(start - start % iv)
+        self.wake.set()
+
+    def _closed(self, bar: Bar) -> bool:
+        end = int(bar["bucket_start_ms"]) + self.interval_ms
+        return bool(bar["closed"]) and self.frontier_ms is not None and end <= self.frontier_ms
+
+    async def _compute(self, buckets: set[int]) -> list[Bar]:
+        """The bars of ``buckets`` from the live cache and TimescaleDB.
+
+        Raises:
+            StorageUnavailable: the database failed.
+        """
+        cache = self.hub.live.get(self.symbol, {})
+        if self.interval_ms == MINUTE_MS and self.exchange is not None:
+            return [minute_bar(cache[(self.exchange, b)]) for b in sorted(buckets)
+                    if (self.exchange, b) in cache]
+        lo, hi = min(buckets), max(buckets) + self.interval_ms
+        live = [b for (ex, start), b in cache.items()
+                if lo <= start < hi and (self.exchange is None or ex == self.exchange)]
+        bars = await bucket_bars(self.hub.database, self.symbol, self.exchange, lo, hi,
+                                 self.interval_ms, live)
+        for bar in bars:
+            bar["closed"] = self._closed(bar)
+        return [b for b in bars if b["bucket_start_ms"] in buckets]
+
+    async def _load(self) -> None:
+        """(Re)build the feed's state from Redis and TimescaleDB, then send a snapshot to
+        every subscription.
+
+        Raises:
+            StorageUnavailable: the database failed.
+            redis.exceptions.RedisError, OSError: Redis failed.
+        """
+        hub = self.hub
+        iv = self.interval_ms
+        latest = await hub.latest.get(self.symbol, self.exchange)
+        cache = hub.live.setdefault(self.symbol, {})
+        seen = [b for (ex, _), b in cache.items() if self.exchange in (None, ex)]
+        newest = max(([latest["ts_ms"]] if latest else [])
+                     + [int(b["bucket_start_ms"]) for b in seen], default=None)
+        self.bars.clear()
+        self.dirty.clear()
+        if newest is None:
+            self.first_bucket_ms = None
+        else:
+            window = live_window_ms(hub.grace_ms)
+            lo = newest - window
+            lo -= lo % iv
+            hi = floor_minute(newest) + 2 * MINUTE_MS
+            hi += -hi % iv
+            live_lo = max(lo, floor_minute(newest) - window)
+            for bar in await hub.live_bars.live_bars(self.symbol, self.exchange, live_lo, hi):
+                hub.merge_live(bar)
+            for bar in cache.values():
+                if self.matches(bar):
+                    f = _frontier(bar)
+                    self.frontier_ms = f if self.frontier_ms is None else max(
+                        self.frontier_ms, f)
+            if latest:
+                self.frontier_ms = max(self.frontier_ms or 0, floor_minute(latest["ts_ms"]))
+            self.first_bucket_ms = lo
+            for bar in await self._compute(set(range(lo, hi, iv))):
+                self._store(bar)
+        self.reload = False
+        for sub, conn in list(self.subs.items()):
+            self.send_snapshot(sub, conn)
+
+    def _store(self, bar: Bar) -> BarUpdate | None:
+        """Remember ``bar``; returns the update when it differs from the last one."""
+        data = orjson.dumps(bar)
+        b = int(bar["bucket_start_ms"])
+        prev = self.bars.get(b)
+        if prev is not None and prev.data == data:
+            return None
+        upd = BarUpdate(b, bool(bar["closed"]), data, bar)
+        self.bars[b] = upd
+        return upd
+
+    def _prune(self) -> None:
+        if self.frontier_ms is None:
+            return
+        keep_from = self.frontier_ms - self.hub.horizon_ms - self.interval_ms
+        for b in [b for b in self.bars if b < keep_from]:
+            del self.bars[b]
+
+    def send_snapshot(self, sub: Subscription, conn: Connection) -> None:
+        """Queue the snapshot of the feed's current bars for ``sub``."""
+        sub.snapshotted = True
+        sub.first_bucket_ms = self.first_bucket_ms
+        bars = [self.bars[b].bar for b in sorted(self.bars)]
+        for b in sorted(self.bars):
+            upd = self.bars[b]
+            sub.sent[b] = upd.data
+            if upd.closed:
+                _remember(sub.closed_sent, b)
+        req = sub.request
+        conn.push(sub, "snapshot", "", orjson.dumps(
+            {"channel": "bars", "symbol": req.symbol, "exchange": req.exchange,
+             "interval": req.interval, "bars": bars}))
+
+    async def run(self) -> None:
+        """The feed's loop: load, then compute dirty buckets and push what changed, at most
+        ``max_updates_per_s`` times a second; storage failures are retried every second
+        (logged once per outage)."""
+        hub = self.hub
+        failing = False
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            try:
+                if self.reload:
+                    await self._load()
+                    continue
+                dirty, self.dirty = self.dirty, set()
+                if not dirty:
+                    continue
+                try:
+                    bars = await self._compute(dirty)
+                except BaseException:
+                    self.dirty |= dirty
+                    raise
+                for bar in bars:
+                    upd = self._store(bar)
+                    if upd is not None:
+                        for sub, conn in list(self.subs.items()):
+                            if sub.snapshotted:
+                                conn.push(sub, "bar", upd.bucket_ms, upd)
+                self._prune()
+                hub.prune_live(self.symbol)
+                failing = False
+                await asyncio.sleep(hub.min_interval_s)
+            except (StorageUnavailable, RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("stream: bars of %s/%s/%s unavailable (%s); retrying",
+                                self.symbol, self.exchange or "*", self.interval, exc)
+                failing = True
+                await asyncio.sleep(_RETRY_S)
+                self.wake.set()
+
+
+class StreamHub(Service):
+    """The worker's stream hub (module docstring).
+
+    Args:
+        settings: the worker's settings (``stream``, ``redis.key_prefix``,
+            ``window.grace_ms``, ``window.correction_horizon_ms``).
+        redis: the shared Redis connection (pub/sub, replay state).
+        database: the TimescaleDB pool service.
+        latest: latest prices in Redis (snapshots).
+        live_bars: live 1-minute bars in Redis (snapshots).
+    """
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis, database: Database,
+                 latest: LatestPriceStore, live_bars: LiveBarStore, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.stream = settings.stream
+        self.redis = redis
+        self.prefix = settings.redis.key_prefix
+        self.channel = stream_channel(self.prefix)
+        self.database = database
+        self.latest = latest
+        self.live_bars = live_bars
+        self.grace_ms = settings.window.grace_ms
+        #: how long buckets are remembered behind event time (late corrections)
+        self.horizon_ms = max(live_window_ms(self.grace_ms),
+                              settings.window.correction_horizon_ms + self.grace_ms)
+        self.min_interval_s = 1.0 / self.stream.max_updates_per_s
+        self.connections: set[Connection] = set()
+        self.feeds: dict[tuple[str, str | None, str], BarFeed] = {}
+        #: symbol -> (exchange, bucket_start_ms) -> live 1-minute bar (subscribed symbols)
+        self.live: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
+        self._feeds_of: dict[str, set[BarFeed]] = {}
+        #: price item key -> subscriptions; newest price per watched item
+        self._price_subs: dict[str, dict[Subscription, Connection]] = {}
+        self._price_last: dict[str, dict[str, Any]] = {}
+        self._price_dirty: set[str] = set()
+        self._price_sent_at: dict[str, float] = {}
+        self._replay_subs: dict[Subscription, Connection] = {}
+        self._replay_last: bytes | None = None
+        self._replay_key: Any = None
+        self._replay_sent_at = 0.0
+        self._channel_up = False
+        self._channel_error: str | None = None
+        self._messages = 0
+        self._resubscribes: set[asyncio.Future[None]] = set()
+
+    # -- sockets -------------------------------------------------------------------------
+
+    @property
+    def full(self) -> bool:
+        """Whether the worker has ``stream.max_connections`` sockets."""
+        return len(self.connections) >= self.stream.max_connections
+
+    def add(self, conn: Connection) -> None:
+        """Register a socket."""
+        self.connections.add(conn)
+        STREAM_CONNECTIONS.set(len(self.connections))
+
+    def remove(self, conn: Connection) -> None:
+        """Forget a socket and all its subscriptions."""
+        for sub_id in list(conn.subs):
+            self.unsubscribe(conn, sub_id)
+        self.connections.discard(conn)
+        STREAM_CONNECTIONS.set(len(self.connections))
+
+    async def subscribe(self, conn: Connection, req: Subscribe) -> Subscription:
+        """Add a subscription and queue its snapshot (for prices and the replay, read from
+        Redis now; for bars when the feed is loaded).
+
+        Raises:
+            StorageUnavailable: Redis failed while reading a snapshot (the subscription is
+                not kept).
+        """
+        sub = Subscription(req)
+        conn.subs[req.sub_id] = sub
+        self._count_subs()
+        try:
+            if req.channel == "bars":
+                self._subscribe_bars(conn, sub)
+            elif req.channel == "prices":
+                await self._subscribe_prices(conn, sub)
+            else:
+                await self._subscribe_replay(conn, sub)
+        except (RedisError, OSError) as exc:
+            self.unsubscribe(conn, req.sub_id)
+            raise StorageUnavailable(f"redis unavailable: {type(exc).__name__}") from exc
+        return sub
+
+    def unsubscribe(self, conn: Connection, sub_id: str) -> bool:
+        """End a subscription (its pending frames are dropped). Returns whether it
+        existed."""
+        sub = conn.subs.pop(sub_id, None)
+        if sub is None:
+            return False
+        conn.outbox.discard(sub_id)
+        feed = sub.feed
+        if feed is not None:
+            feed.subs.pop(sub, None)
+            if not feed.subs:
+                self._drop_feed(feed)
+        for item in sub.request.items:
+            subs = self._price_subs.get(item.key)
+            if subs is not None:
+                subs.pop(sub, None)
+                if not subs:
+                    del self._price_subs[item.key]
+                    self._price_last.pop(item.key, None)
+                    self._price_sent_at.pop(item.key, None)
+                    self._price_dirty.discard(item.key)
+        self._replay_subs.pop(sub, None)
+        self._count_subs()
+        return True
+
+    def _count_subs(self) -> None:
+        counts = {"bars": 0, "prices": 0, "replay": 0}
+        for c in self.connections:
+            for s in c.subs.values():
+                counts[s.request.channel] += 1
+        for ch, n in counts.items():
+            STREAM_SUBSCRIPTIONS.labels(ch).set(n)
+
+    # -- bars ----------------------------------------------------------------------------
+
+    def _subscribe_bars(self, conn: Connection, sub: Subscription) -> None:
+        req = sub.request
+        key = (req.symbol, req.exchange, req.interval)
+        feed = self.feeds.get(key)
+        if feed is None:
+            feed = BarFeed(self, *key)
+            self.feeds[key] = feed
+            self._feeds_of.setdefault(req.symbol, set()).add(feed)
+            self.live.setdefault(req.symbol, {})
+            feed.task = asyncio.ensure_future(self._run_feed(feed))
+        feed.subs[sub] = conn
+        sub.feed = feed
+        if not feed.reload:
+            feed.send_snapshot(sub, conn)
+
+    async def _run_feed(self, feed: BarFeed) -> None:
+        while True:
+            try:
+                await feed.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("stream: feed %s failed; restarting it", feed.key)
+                feed.reload = True
+                await asyncio.sleep(_RETRY_S)
+
+    def _drop_feed(self, feed: BarFeed) -> None:
+        self.feeds.pop(feed.key, None)
+        if feed.task is not None:
+            feed.task.cancel()
+        feeds = self._feeds_of.get(feed.symbol)
+        if feeds is not None:
+            feeds.discard(feed)
+            if not feeds:
+                del self._feeds_of[feed.symbol]
+                self.live.pop(feed.symbol, None)
+
+    def merge_live(self, bar: dict[str, Any]) -> bool:
+        """Keep a live 1-minute bar of a subscribed symbol when it is newer than the one
+        held (trade count, then ``closed``). Returns whether it was kept."""
+        cache = self.live.get(bar["symbol"])
+        if cache is None:
+            return False
+        k = (bar["exchange"], int(bar["bucket_start_ms"]))
+        cur = cache.get(k)
+        if cur is not None and _version(cur) > _version(bar):
+            return False
+        if cur is not None and _version(cur) == _version(bar) and not bar.get("correction"):
+            return False
+        cache[k] = bar
+        return True
+
+    def prune_live(self, symbol: str) -> None:
+        """Forget live bars of ``symbol`` older than the correction horizon."""
+        cache = self.live.get(symbol)
+        if not cache or len(cache) < 64:
+            return
+        newest = max(start for _, start in cache)
+        for k in [k for k in cache if k[1] < newest - self.horizon_ms]:
+            del cache[k]
+
+    # -- prices --------------------------------------------------------------------------
+
+    async def _subscribe_prices(self, conn: Connection, sub: Subscription) -> None:
+        items: tuple[PriceItem, ...] = sub.request.items
+        for item in items:  # watched before the read: changes meanwhile are kept
+            self._price_subs.setdefault(item.key, {})[sub] = conn
+        missing = [i for i in items if i.key not in self._price_last]
+        got = await asyncio.gather(*(self.latest.get(i.symbol, i.exchange) for i in missing))
+        for item, p in zip(missing, got, strict=True):
+            if p is not None:
+                self._set_price(item.key, item.symbol, p["exchange"], p["price"], p["ts_ms"])
+        if conn.subs.get(sub.sub_id) is not sub:
+            return
+        sub.snapshotted = True
+        prices = [self._price_last[i.key] for i in items if i.key in self._price_last]
+        conn.push(sub, "snapshot", "", orjson.dumps({"channel": "prices", "prices": prices}))
+
+    def _set_price(self, key: str, symbol: str, exchange: str, price: float,
+                   ts_ms: int) -> bool:
+        last = self._price_last.get(key)
+        if last is not None and ts_ms < last["ts_ms"]:
+            return False
+        self._price_last[key] = {"symbol": symbol, "exchange": exchange, "price": price,
+                                 "ts_ms": ts_ms}
+        return True
+
+    def _push_price(self, key: str, now: float) -> None:
+        self._price_sent_at[key] = now
+        data = orjson.dumps(self._price_last[key])
+        for sub, conn in list(self._price_subs.get(key, {}).items()):
+            if sub.snapshotted:
+                conn.push(sub, "price", key, data)
+
+    # -- replay --------------------------------------------------------------------------
+
+    async def _subscribe_replay(self, conn: Connection, sub: Subscription) -> None:
+        state = await read_state(self.redis, self.prefix)
+        self._replay_subs[sub] = conn
+        sub.snapshotted = True
+        body = status_body(state) if state else None
+        conn.push(sub, "snapshot", "", orjson.dumps({"channel": "replay", "replay": body}))
+
+    # -- channel input -------------------------------------------------------------------
+
+    def on_change(self, change: StreamChange) -> None:
+        """Apply one channel message: newer live bars mark their feeds' buckets dirty;
+        newer prices of watched items are pushed (or left for the throttle)."""
+        self._messages += 1
+        for bar in change.bars:
+            if bar.get("symbol") in self.live and self.merge_live(bar):
+                for feed in self._feeds_of.get(bar["symbol"], ()):
+                    if feed.matches(bar):
+                        feed.on_live_bar(bar)
+        if not self._price_subs:
+            return
+        now = time.monotonic()
+        for exchange, symbol, price, ts_ms in change.prices:
+            for key in (f"{exchange}:{symbol}", symbol):
+                if key in self._price_subs and self._set_price(key, symbol, exchange, price,
+                                                               ts_ms):
+                    if now - self._price_sent_at.get(key, 0.0) >= self.min_interval_s:
+                        self._price_dirty.discard(key)
+                        self._push_price(key, now)
+                    else:
+                        self._price_dirty.add(key)
+
+    def _resnapshot(self) -> None:
+        """After the channel was lost: every feed reloads and re-sends its snapshot; price
+        and replay subscriptions are re-read."""
+        for feed in self.feeds.values():
+            feed.reload = True
+            feed.wake.set()
+        self._price_last.clear()
+        for conn in list(self.connections):
+            for sub in list(conn.subs.values()):
+                if sub.request.channel in ("prices", "replay"):
+                    task = asyncio.ensure_future(self._resubscribe(conn, sub))
+                    self._resubscribes.add(task)
+                    task.add_done_callback(self._resubscribes.discard)
+
+    async def _resubscribe(self, conn: Connection, sub: Subscription) -> None:
+        try:
+            if sub.request.channel == "prices":
+                await self._subscribe_prices(conn, sub)
+            else:
+                await self._subscribe_replay(conn, sub)
+        except (RedisError, OSError) as exc:
+            conn.control(error_frame("unavailable", f"snapshot failed ({type(exc).__name__}):"
+                                     " subscribe again", sub.sub_id))
+
+    @Service.task
+    async def _reader(self) -> None:
+        """Read the channel; reconnect with backoff when Redis fails."""
+        delay = 0.1
+        connected_before = False
+        while not self.should_stop:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                if connected_before:
+                    log.warning("stream: channel %s subscribed again; re-sending snapshots",
+                                self.channel)
+                    self._resnapshot()
+                connected_before = True
+                self._channel_up, self._channel_error, delay = True, None, 0.1
+                while not self.should_stop:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is None or msg.get("type") != "message":
+                        continue
+                    try:
+                        change = decode_change(msg["data"])
+                    except MarketflowError as exc:
+                        log.warning("stream: %s", exc)
+                        continue
+                    self.on_change(change)
+            except (RedisError, OSError, TimeoutError) as exc:
+                if self._channel_up:
+                    log.warning("stream: channel %s lost (%s: %s); reconnecting", self.channel,
+                                type(exc).__name__, exc)
+                self._channel_up = False
+                self._channel_error = f"{type(exc).__name__}: {exc}"[:200]
+                await self.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                try:
+                    await pubsub.aclose()
+                except (RedisError, OSError) as exc:
+                    log.debug("stream: pubsub close: %s", exc)
+
+    @Service.task
+    async def _price_throttle(self) -> None:
+        """Push prices held back by the throttle once their interval passed."""
+        while not self.should_stop:
+            await self.sleep(min(0.02, self.min_interval_s))
+            if not self._price_dirty:
+                continue
+            now = time.monotonic()
+            due = [k for k in self._price_dirty
+                   if now - self._price_sent_at.get(k, 0.0) >= self.min_interval_s]
+            for key in due:
+                self._price_dirty.discard(key)
+                if key in self._price_last:
+                    self._push_price(key, now)
+
+    @Service.task
+    async def _replay_poll(self) -> None:
+        """While someone subscribes to the replay: read its state 5 times a second and push
+        it when it changed (state, speed, session or a command applied: at once; only the
+        clock or progress: at most ``max_updates_per_s``)."""
+        failing = False
+        while not self.should_stop:
+            await self.sleep(STATE_INTERVAL_S)
+            if not self._replay_subs:
+                continue
+            try:
+                state = await read_state(self.redis, self.prefix)
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("stream: replay state unavailable (%s)", exc)
+                failing = True
+                continue
+            failing = False
+            body = status_body(state) if state else None
+            data = orjson.dumps(body)
+            if data == self._replay_last:
+                continue
+            key = None if state is None else (state.get("session"), state.get("state"),
+                                              state.get("speed"), state.get("ack"))
+            now = time.monotonic()
+            if key == self._replay_key and now - self._replay_sent_at < self.min_interval_s:
+                continue
+            self._replay_last, self._replay_key, self._replay_sent_at = data, key, now
+            for sub, conn in list(self._replay_subs.items()):
+                conn.push(sub, "replay", "", data)
+
+    # -- status --------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """For ``/health``: ``{"channel": "up"|"down", "channel_error", "connections",
+        "subscriptions", "feeds", "messages"}``."""
+        return {"channel": "up" if self._channel_up else "down",
+                "channel_error": self._channel_error,
+                "connections": len(self.connections),
+                "subscriptions": sum(len(c.subs) for c in self.connections),
+                "feeds": len(self.feeds), "messages": self._messages}
+
+    async def on_stop(self) -> None:
+        """Cancel the feeds and close every socket (code 1001, going away)."""
+        for feed in list(self.feeds.values()):
+            self._drop_feed(feed)
+        await asyncio.gather(*(c.close(1001, "worker stopping", "shutdown")
+                               for c in list(self.connections)))
