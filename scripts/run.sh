@@ -6,7 +6,8 @@
 #      history at once: 2020-09-27 14:04-14:07 and 2024-08-08 23:54-08-09 00:05);
 #   3. the four 2024-08-08 Binance files replayed in a loop at real speed, re-stamped to
 #      now (live-looking prices on two exchanges and two pairs);
-#   4. `faust -A app worker` in the foreground; the API listens on http://127.0.0.1:6066.
+#   4. `faust -A app worker` in the foreground; the API listens on http://127.0.0.1:6066,
+#      and the chart page is http://127.0.0.1:6066/ (printed once the worker is up).
 # Ctrl-C stops the worker and the replay; `scripts/services.sh down` stops the services.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -29,8 +30,10 @@ faust -A app replay --speed 1 --rebase-now --repeat --batch-span-ms 250 "${LIVE[
 replay_pid=$!
 trap 'kill $replay_pid 2>/dev/null || true' EXIT
 echo "run: live replay running (pid $replay_pid, log var/log/replay-live.log)"
-echo "run: starting the worker; try:"
+echo "run: starting the worker; the chart: http://127.0.0.1:6066/  (live replayed sample)"
+echo "run: try also:"
 echo "  curl http://127.0.0.1:6066/prices/latest/BTCUSDT"
 echo "  curl 'http://127.0.0.1:6066/ohlcv?symbol=BTCUSDT&exchange=binance-usdm&start=2024-08-08T23:50:00Z&end=2024-08-09T00:10:00Z'"
 echo "  curl http://127.0.0.1:6066/health"
+(sleep 8; echo "run: chart page: http://127.0.0.1:6066/  (WebSocket stream: ws://127.0.0.1:6066/stream)") &
 faust -A app worker -l info

@@ -5,6 +5,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 scripts/bootstrap.sh
+scripts/browser.sh   # Debian's chromium for the browser tests (Playwright drives it)
 scripts/services.sh up
 export PATH=$REPO/.venv/bin:$PATH
 echo "== ruff"; ruff check .

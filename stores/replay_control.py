@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 
 from core.models import iso_ms
 from stores.keys import replay_control_key, replay_seq_key, replay_state_key
+from stores.latest import exchanges_of
 
 __all__ = [
     "ACTIVE_STATES",
@@ -52,6 +53,7 @@ __all__ = [
     "pop_commands",
     "read_state",
     "send_command",
+    "series_clock_ms",
     "status_body",
     "write_state",
 ]
@@ -242,3 +244,29 @@ def status_body(state: dict[str, Any]) -> dict[str, Any]:
     body["source_clock"] = iso_ms(int(state["source_clock_ms"]))
     body["active"] = state.get("state") in ACTIVE_STATES
     return body
+
+
+async def series_clock_ms(client: aioredis.Redis, prefix: str, symbol: str,
+                          exchange: str | None, wall_ms: int) -> int:
+    """"Now" for a series of ``/ohlcv`` and ``/udf/history``: the simulated clock while a
+    replay runs (or is paused) and the series is replayed data (``exchange`` in the
+    replay's namespace; for the consolidated series, every exchange of ``symbol``), so
+    the replay's open bucket is served open and its live minutes are read; else
+    ``wall_ms``.
+
+    Raises:
+        redis.exceptions.RedisError, OSError: Redis unreachable.
+    """
+    state = await read_state(client, prefix)
+    if not is_active(state):
+        return wall_ms
+    assert state is not None
+    ns = state.get("namespace") or ""
+    clock = state.get("clock_ms")
+    if not ns or not isinstance(clock, (int, float)):
+        return wall_ms
+    exchanges = [exchange] if exchange is not None else await exchanges_of(client, prefix,
+                                                                           symbol)
+    if exchanges and all(e.startswith(f"{ns}.") for e in exchanges):
+        return int(clock)
+    return wall_ms

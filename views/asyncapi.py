@@ -46,8 +46,9 @@ def build_asyncapi() -> dict[str, Any]:
     """The document (a dict, JSON-serialisable)."""
     bar = _obj({f: {} for f in BAR_FIELDS} | {"correction": {"type": "boolean"}},
                list(BAR_FIELDS))
-    price = _obj({"symbol": _NAME, "exchange": _NAME, "price": {"type": "number"},
-                  "ts_ms": {"type": "integer"}}, ["symbol", "exchange", "price", "ts_ms"])
+    price = _obj({"item": {"type": "string"}, "symbol": _NAME, "exchange": _NAME,
+                  "price": {"type": "number"}, "ts_ms": {"type": "integer"}},
+                 ["item", "symbol", "exchange", "price", "ts_ms"])
     client = [
         _msg("subscribeBars", "Bars of one series (exchange absent/null: consolidated)",
              _obj({"op": {"const": "subscribe"}, "id": _ID, "channel": {"const": "bars"},
@@ -101,7 +102,7 @@ def build_asyncapi() -> dict[str, Any]:
              _obj({"type": {"const": "price"}, "id": _ID, "seq": _SEQ, "price": price},
                   ["type", "id", "seq", "price"]),
              {"type": "price", "id": "p1", "seq": 2,
-              "price": {"symbol": "BTCUSDT", "exchange": "binance-usdm",
+              "price": {"item": "BTCUSDT", "symbol": "BTCUSDT", "exchange": "binance-usdm",
                         "price": 61841.2, "ts_ms": 1723161255342}}),
         _msg("replay", "The replay's state changed or its clock moved (null: none runs)",
              _obj({"type": {"const": "replay"}, "id": _ID, "seq": _SEQ,

@@ -40,7 +40,9 @@ from typing import Any, ClassVar, TypeVar, cast
 import orjson
 from faust.web import Request, Response, View
 from faust.web.exceptions import WebError
+from redis.exceptions import RedisError
 
+from stores.replay_control import series_clock_ms
 from views.auth import AccessDenied
 from views.context import ViewContext
 
@@ -116,6 +118,16 @@ class ApiView(View):
         return self.bytes(orjson.dumps(error_body(status, message, param)),
                           content_type="application/json", status=status,
                           headers=dict(headers) if headers else None)
+
+    async def clock_ms(self, symbol: str, exchange: str | None, wall_ms: int) -> int:
+        """"Now" for a series (:func:`stores.replay_control.series_clock_ms`: the replay
+        clock for replayed data); ``wall_ms`` when Redis cannot tell."""
+        try:
+            return await series_clock_ms(self.ctx.redis, self.ctx.settings.redis.key_prefix,
+                                         symbol, exchange, wall_ms)
+        except (RedisError, OSError) as exc:
+            log.warning("replay clock unavailable (%s); wall clock used", type(exc).__name__)
+            return wall_ms
 
     # -- method handling --------------------------------------------------------------
 

@@ -12,7 +12,9 @@ all its sockets.
   series of one exchange is the live bar itself), at most ``stream.max_updates_per_s``
   times a second, and hands the bars that changed to its subscriptions. A bucket is over
   when event time passed its end (a later minute of the series was seen, or its last
-  minute closed); it is closed when over and none of its minutes is open.
+  minute closed), or when the series got no live bar for ``window.idle_timeout_s`` + 1 s
+  (the event clock of a finished replay stops); it is closed when over and none of its
+  minutes is open.
 * **Sockets.** Each :class:`Connection` has an :class:`Outbox` that coalesces pending
   frames per (subscription, bucket / price item / replay): a slow reader gets the newest
   state, never a growing queue. The outbox holds at most ``stream.max_queued_frames``
@@ -259,6 +261,9 @@ class Connection:
                 self.frames_sent += 1
         except (ConnectionError, RuntimeError) as exc:  # peer gone, or closing meanwhile
             log.debug("stream: socket %d write ended: %s", self.conn_id, exc)
+        except Exception:
+            log.exception("stream: socket %d writer failed; closing it", self.conn_id)
+            await self.close(1011, "internal error", "writer_error")
 
     async def close(self, code: int, message: str, reason: str) -> None:
         """Close the socket with ``code``/``message``, counting ``reason``."""
@@ -277,6 +282,13 @@ def _remember(s: set[int], bucket_ms: int) -> None:
     s.add(bucket_ms)
     if len(s) > _SUB_MEMORY:
         s.discard(min(s))
+
+
+def _replay_key(state: dict[str, Any] | None) -> Any:
+    """What makes a replay state change worth a frame at once (not only the clock)."""
+    if state is None:
+        return None
+    return state.get("session"), state.get("state"), state.get("speed"), state.get("ack")
 
 
 def _version(bar: dict[str, Any]) -> tuple[int, bool]:
@@ -315,6 +327,8 @@ class BarFeed:
         self.wake = asyncio.Event()
         self.wake.set()
         self.task: asyncio.Task[None] | None = None
+        #: when the series last got a live bar (monotonic s)
+        self.last_live_s = time.monotonic()
 
     @property
     def key(self) -> tuple[str, str | None, str]:
@@ -335,11 +349,14 @@ class BarFeed:
             self.frontier_ms = f
             self.dirty.update(b for b, u in self.bars.items() if not u.closed and b + iv <= f)
         self.dirty.add(start - start % iv)
+        self.last_live_s = time.monotonic()
         self.wake.set()
 
     def _closed(self, bar: Bar) -> bool:
         end = int(bar["bucket_start_ms"]) + self.interval_ms
-        return bool(bar["closed"]) and self.frontier_ms is not None and end <= self.frontier_ms
+        over = (self.frontier_ms is not None and end <= self.frontier_ms) or (
+            time.monotonic() - self.last_live_s >= self.hub.idle_s)
+        return bool(bar["closed"]) and over
 
     async def _compute(self, buckets: set[int]) -> list[Bar]:
         """The bars of ``buckets`` from the live cache and TimescaleDB.
@@ -442,7 +459,10 @@ class BarFeed:
         hub = self.hub
         failing = False
         while True:
-            await self.wake.wait()
+            try:
+                await asyncio.wait_for(self.wake.wait(), hub.idle_s)
+            except TimeoutError:  # idle: open buckets whose minutes all closed close now
+                self.dirty.update(b for b, u in self.bars.items() if not u.closed)
             self.wake.clear()
             try:
                 if self.reload:
@@ -503,6 +523,9 @@ class StreamHub(Service):
         self.horizon_ms = max(live_window_ms(self.grace_ms),
                               settings.window.correction_horizon_ms + self.grace_ms)
         self.min_interval_s = 1.0 / self.stream.max_updates_per_s
+        #: a series without live bars this long (s) closes its buckets whose minutes all
+        #: closed, like the window's idle close (the event clock of a replay stops at its end)
+        self.idle_s = settings.window.idle_timeout_s + 1.0
         self.connections: set[Connection] = set()
         self.feeds: dict[tuple[str, str | None, str], BarFeed] = {}
         #: symbol -> (exchange, bucket_start_ms) -> live 1-minute bar (subscribed symbols)
@@ -586,6 +609,8 @@ class StreamHub(Service):
                     self._price_sent_at.pop(item.key, None)
                     self._price_dirty.discard(item.key)
         self._replay_subs.pop(sub, None)
+        if not self._replay_subs:
+            self._replay_last = None
         self._count_subs()
         return True
 
@@ -682,8 +707,8 @@ class StreamHub(Service):
         last = self._price_last.get(key)
         if last is not None and ts_ms < last["ts_ms"]:
             return False
-        self._price_last[key] = {"symbol": symbol, "exchange": exchange, "price": price,
-                                 "ts_ms": ts_ms}
+        self._price_last[key] = {"item": key, "symbol": symbol, "exchange": exchange,
+                                 "price": price, "ts_ms": ts_ms}
         return True
 
     def _push_price(self, key: str, now: float) -> None:
@@ -696,11 +721,17 @@ class StreamHub(Service):
     # -- replay --------------------------------------------------------------------------
 
     async def _subscribe_replay(self, conn: Connection, sub: Subscription) -> None:
-        state = await read_state(self.redis, self.prefix)
+        """The snapshot is the state the poller last pushed (so the next push is a change
+        for every subscription alike); the first subscription reads it from Redis."""
+        if not self._replay_subs or self._replay_last is None:
+            state = await read_state(self.redis, self.prefix)
+            self._replay_last = orjson.dumps(status_body(state) if state else None)
+            self._replay_key = _replay_key(state)
+            self._replay_sent_at = time.monotonic()
         self._replay_subs[sub] = conn
         sub.snapshotted = True
-        body = status_body(state) if state else None
-        conn.push(sub, "snapshot", "", orjson.dumps({"channel": "replay", "replay": body}))
+        conn.push(sub, "snapshot", "",
+                  b'{"channel":"replay","replay":' + self._replay_last + b"}")
 
     # -- channel input -------------------------------------------------------------------
 
@@ -826,8 +857,7 @@ class StreamHub(Service):
             data = orjson.dumps(body)
             if data == self._replay_last:
                 continue
-            key = None if state is None else (state.get("session"), state.get("state"),
-                                              state.get("speed"), state.get("ack"))
+            key = _replay_key(state)
             now = time.monotonic()
             if key == self._replay_key and now - self._replay_sent_at < self.min_interval_s:
                 continue

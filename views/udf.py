@@ -432,7 +432,7 @@ class UdfHistory(_UdfView):
             h = parse_history_query(dict(request.query))
         except QueryError as exc:
             return self.udf_error(400, str(exc))
-        now = now_ms()
+        now = await self.clock_ms(h.symbol, h.exchange, now_ms())
         iv = h.interval_ms
         try:
             pool = await self.ctx.database.pool()
