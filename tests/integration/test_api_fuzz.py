@@ -45,6 +45,8 @@ ANCHORS: dict[str, dict[str, dict[str, Any]]] = {
     "GET /udf/search": {"query": {"query": "btc"}},
     "GET /udf/history": {"query": {"symbol": "BTCUSDT", "from": 1601215200,
                                    "to": 1601218800}},
+    "GET /static/{name}": {"path_parameters": {"name": "chart.js"}},
+    "GET /static/vendor/{name}": {"path_parameters": {"name": "lightweight-charts.LICENSE"}},
 }
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance]
@@ -131,9 +133,11 @@ async def test_every_operation_conforms_to_the_openapi_document(stack: Stack) ->
                   for m in ops}
     assert {label for label, _ in calls} == documented
     # the generated requests reached the working paths too, not only the error answers;
-    # the replay views answer 200 only while (or up to 10 s after) a replay runs
+    # the replay views answer 200 only while (or up to 10 s after) a replay runs; a plain
+    # GET /stream is answered 426 (the WebSocket tests are in test_stream.py)
     needs_replay = {"GET /replay/status", "POST /replay/{command}"}
     ok = {label for label, status in calls if status == 200}
-    assert ok - needs_replay == documented - needs_replay
+    assert ok - needs_replay == documented - needs_replay - {"GET /stream"}
+    assert {status for label, status in calls if label == "GET /stream"} == {426}
     assert {status for label, status in calls if label in needs_replay} <= {200, 400, 404, 409}
     w.assert_alive()

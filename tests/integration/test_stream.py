@@ -342,9 +342,10 @@ async def test_bad_frames_get_errors_and_the_socket_stays_usable(stack: Stack) -
     await c.send({"op": "unsubscribe", "id": "s0"})
     await c.wait(lambda: {"type": "unsubscribed", "id": "s0"} in c.frames, 5, "unsubscribed")
     await c.send({"op": "subscribe", "id": "s3", "channel": "replay"})
-    await c.wait(lambda: len(c.of("s3")) == 2, 10, "subscribe after unsubscribe")
-    assert c.of("s3")[1] == {"type": "snapshot", "id": "s3", "seq": 1, "channel": "replay",
-                             "replay": None}
+    await c.wait(lambda: [f for f in c.of("s3") if f["type"] == "snapshot"], 10,
+                 "subscribe after unsubscribe")
+    assert [f for f in c.of("s3") if f["type"] != "error"] == [
+        {"type": "snapshot", "id": "s3", "seq": 1, "channel": "replay", "replay": None}]
     assert c.close_code is None
     # a frame over 16 KiB closes the socket (1009), it is not read
     await c.send({"op": "ping", "pad": "x" * 20_000})

@@ -1,0 +1,170 @@
+"""The stream's pure parts: client frame parsing, the coalescing outbox, frame numbering,
+closed-once/correction marking, and a slow client closed with its memory bounded
+(``views/stream_protocol.py``, ``views/stream_hub.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from views.stream_hub import CLOSE_SLOW, BarUpdate, Connection, Outbox, Subscription
+from views.stream_protocol import (
+    Auth,
+    Ping,
+    PriceItem,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    parse_frame,
+)
+
+
+def parse(obj: Any) -> Any:
+    return parse_frame(obj if isinstance(obj, str) else orjson.dumps(obj), max_symbols=3)
+
+
+def test_valid_frames() -> None:
+    assert parse({"op": "ping"}) == Ping()
+    assert parse({"op": "auth", "token": "t"}) == Auth("t")
+    assert parse({"op": "unsubscribe", "id": "a"}) == Unsubscribe("a")
+    assert parse({"op": "subscribe", "id": "a", "channel": "bars", "symbol": "BTCUSDT"}
+                 ) == Subscribe("a", "bars", symbol="BTCUSDT", exchange=None, interval="1m")
+    assert parse({"op": "subscribe", "id": "b", "channel": "bars", "symbol": "BTCUSDT",
+                  "exchange": "replay.binance-usdm", "interval": "4h"}).exchange == \
+        "replay.binance-usdm"
+    sub = parse({"op": "subscribe", "id": "p", "channel": "prices",
+                 "symbols": ["BTCUSDT", "binance:ETHUSDT", "BTCUSDT"]})
+    assert sub.items == (PriceItem("BTCUSDT", None), PriceItem("ETHUSDT", "binance"))
+    assert [i.key for i in sub.items] == ["BTCUSDT", "binance:ETHUSDT"]
+    assert parse({"op": "subscribe", "id": "r", "channel": "replay"}) == Subscribe("r", "replay")
+
+
+@pytest.mark.parametrize(("frame", "code", "sub_id"), [
+    ("{nope", "bad_json", None),
+    ("[1]", "bad_request", None),
+    ({"op": "fly"}, "bad_request", None),
+    ({"op": "auth"}, "bad_request", None),
+    ({"op": "subscribe", "id": "", "channel": "replay"}, "bad_request", None),
+    ({"op": "subscribe", "id": "x" * 65, "channel": "replay"}, "bad_request", None),
+    ({"op": "subscribe", "id": "a", "channel": "trades"}, "bad_request", "a"),
+    ({"op": "subscribe", "id": "a", "channel": "bars"}, "bad_request", "a"),
+    ({"op": "subscribe", "id": "a", "channel": "bars", "symbol": "BTC USDT"}, "bad_request",
+     "a"),
+    ({"op": "subscribe", "id": "a", "channel": "bars", "symbol": "BTCUSDT", "exchange": 5},
+     "bad_request", "a"),
+    ({"op": "subscribe", "id": "a", "channel": "bars", "symbol": "BTCUSDT",
+      "interval": "3m"}, "bad_request", "a"),
+    ({"op": "subscribe", "id": "a", "channel": "prices", "symbols": "BTCUSDT"}, "bad_request",
+     "a"),
+    ({"op": "subscribe", "id": "a", "channel": "prices", "symbols": ["a:b:c d"]},
+     "bad_request", "a"),
+    ({"op": "subscribe", "id": "a", "channel": "prices", "symbols": ["A", "B", "C", "D"]},
+     "limit", "a"),
+])
+def test_bad_frames(frame: Any, code: str, sub_id: str | None) -> None:
+    with pytest.raises(ProtocolError) as err:
+        parse(frame)
+    assert err.value.code == code and err.value.sub_id == sub_id
+    assert err.value.message
+
+
+async def test_outbox_coalesces_keeps_order_and_is_bounded() -> None:
+    box = Outbox(3)
+    assert box.put("a", 1) and box.put("b", 2) and box.put("a", 3)  # a replaced in place
+    assert len(box) == 2
+    assert await box.get() == ("a", 3)
+    assert box.put("c", 4) and box.put("d", 5)
+    assert not box.put("e", 6) and box.overflowed  # a 4th key does not fit
+    with pytest.raises(Exception, match="overflowed"):
+        await box.get()
+    box2 = Outbox(10)
+    box2.put(("s1", "bar", 1), "x")
+    box2.put(("s2", "bar", 1), "y")
+    box2.discard("s1")
+    assert await box2.get() == (("s2", "bar", 1), "y")
+
+
+class FakeWs:
+    """Records sent frames; ``block`` makes every send wait forever (a client that does
+    not read)."""
+
+    def __init__(self, block: bool = False) -> None:
+        self.sent: list[dict[str, Any]] = []
+        self.block = block
+        self.closed = False
+        self.close_code: int | None = None
+
+    async def send_str(self, data: str) -> None:
+        if self.block:
+            await asyncio.Event().wait()
+        self.sent.append(orjson.loads(data))
+
+    async def close(self, code: int = 1000, message: bytes = b"") -> None:
+        self.closed = True
+        self.close_code = code
+
+
+def bar(b: int, closed: bool, close: float, **extra: Any) -> BarUpdate:
+    body = {"bucket_start_ms": b, "close": close, "closed": closed, **extra}
+    return BarUpdate(b, closed, orjson.dumps(body), body)
+
+
+def sub_of(conn: Connection, sub_id: str) -> Subscription:
+    s = Subscription(Subscribe(sub_id, "bars", symbol="BTCUSDT"))
+    conn.subs[sub_id] = s
+    s.snapshotted = True
+    return s
+
+
+async def test_frames_are_numbered_deduplicated_and_closed_once() -> None:
+    ws = FakeWs()
+    conn = Connection(ws, "t", 100, 5.0)  # type: ignore[arg-type]
+    s = sub_of(conn, "c")
+    writer = asyncio.ensure_future(conn.writer())
+    conn.push(s, "snapshot", "", orjson.dumps({"channel": "bars", "bars": []}))
+    for upd in (bar(0, False, 1.0), bar(0, False, 2.0)):
+        conn.push(s, "bar", 0, upd)  # the same bucket twice before sending: coalesced
+    await asyncio.sleep(0.05)
+    conn.push(s, "bar", 0, bar(0, False, 2.0))  # no change: not sent again
+    conn.push(s, "bar", 0, bar(0, True, 2.5))   # closed
+    await asyncio.sleep(0.05)
+    conn.push(s, "bar", 0, bar(0, True, 2.6))   # changed after closing: a correction
+    conn.push(s, "bar", 60, bar(60, False, 3.0))
+    await asyncio.sleep(0.05)
+    conn.subs.pop("c")
+    conn.push(s, "bar", 60, bar(60, False, 4.0))  # unsubscribed: dropped
+    conn.control({"type": "pong"})
+    await asyncio.sleep(0.05)
+    writer.cancel()
+    frames = [f for f in ws.sent if f.get("id") == "c"]
+    assert [f["seq"] for f in frames] == [1, 2, 3, 4, 5]
+    assert [f["type"] for f in frames] == ["snapshot", "bar", "bar", "bar", "bar"]
+    assert [(f["bar"]["close"], f["bar"]["closed"], f["bar"].get("correction"))
+            for f in frames[1:]] == [(2.0, False, None), (2.5, True, None),
+                                     (2.6, True, True), (3.0, False, None)]
+    assert ws.sent[-1] == {"type": "pong"}
+
+
+async def test_a_client_that_does_not_read_is_closed_and_stays_bounded() -> None:
+    ws = FakeWs(block=True)
+    conn = Connection(ws, "t", 50, 0.2)  # type: ignore[arg-type]
+    s = sub_of(conn, "c")
+    writer = asyncio.ensure_future(conn.writer())
+    for i in range(10_000):  # 10,000 updates of 10 buckets: at most 10 entries pending
+        conn.push(s, "bar", i % 10, bar(i % 10, False, float(i)))
+        assert len(conn.outbox) <= 11
+    await asyncio.wait_for(writer, 5)  # the blocked send times out: socket closed
+    assert ws.close_code == CLOSE_SLOW and conn.close_reason == "send_timeout"
+
+    ws2 = FakeWs(block=True)
+    conn2 = Connection(ws2, "t", 20, 30.0)  # type: ignore[arg-type]
+    s2 = sub_of(conn2, "c")
+    writer2 = asyncio.ensure_future(conn2.writer())
+    await asyncio.sleep(0)
+    for b in range(100):  # 100 distinct buckets > the 20-entry outbox
+        conn2.push(s2, "bar", b, bar(b, True, 1.0))
+    writer2.cancel()  # the send in progress blocks forever; the overflow is recorded
+    assert conn2.outbox.overflowed and len(conn2.outbox) == 20
