@@ -253,7 +253,7 @@ class StreamSection(BaseModel):
             ``auth`` frame may take, seconds.
     """
 
-    max_updates_per_s: float = Field(default=10.0, gt=0, le=1000)
+    max_updates_per_s: float = Field(default=4.0, gt=0, le=1000)
     max_connections: int = Field(default=2000, ge=1, le=100_000)
     max_subscriptions: int = Field(default=50, ge=1, le=10_000)
     max_symbols: int = Field(default=100, ge=1, le=10_000)

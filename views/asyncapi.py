@@ -23,8 +23,7 @@ _BAR_EXAMPLE = {"exchange": "binance-usdm", "symbol": "BTCUSDT",
                 "bucket_start_ms": 1723161240000, "time": "2024-08-08T23:54:00.000Z",
                 "open": 61837.6, "high": 61850.0, "low": 61820.1, "close": 61841.2,
                 "volume": 12.345, "trade_count": 812, "avg_price": 61838.9,
-                "min_price": 61820.1, "max_price": 61850.0, "vwap": 61839.4,
-                "open_ts_ms": 1723161240012, "close_ts_ms": 1723161299871, "closed": False}
+                "vwap": 61839.4, "min_price": 61820.1, "max_price": 61850.0, "closed": False}
 
 
 def _msg(name: str, summary: str, payload: dict[str, Any], example: dict[str, Any]

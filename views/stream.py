@@ -56,8 +56,10 @@ class Stream(ApiView):
 
     async def get(self, request: Request) -> Response:
         raw: Any = request
+        # no per-message deflate: the frames are small, and compressing each one for
+        # each client would cost more CPU than the whole fan-out
         ws = web.WebSocketResponse(heartbeat=self.ctx.settings.stream.heartbeat_s,
-                                   max_msg_size=MAX_FRAME_BYTES)
+                                   max_msg_size=MAX_FRAME_BYTES, compress=False)
         if not ws.can_prepare(raw).ok:
             return self.fail(426, "GET /stream is a WebSocket: send Upgrade: websocket "
                                   "(see docs/stream.md)", headers={"Upgrade": "websocket"})
@@ -71,7 +73,7 @@ class Stream(ApiView):
             return ws  # type: ignore[return-value]
         need_auth = settings.auth.enabled and raw.get(CLIENT_ID_KEY) is None
         hub.add(conn)
-        writer = asyncio.ensure_future(conn.writer())
+        writer = conn.writer_task = asyncio.ensure_future(conn.writer())
         try:
             s = settings.stream
             conn.control({"type": "welcome", "server_time_ms": now_ms(),

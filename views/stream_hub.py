@@ -18,7 +18,8 @@ all its sockets.
 * **Sockets.** Each :class:`Connection` has an :class:`Outbox` that coalesces pending
   frames per (subscription, bucket / price item / replay): a slow reader gets the newest
   state, never a growing queue. The outbox holds at most ``stream.max_queued_frames``
-  entries; beyond, or when one send blocks longer than ``stream.send_timeout_s``, the
+  entries; beyond, or when one send blocks longer than 10 s (:data:`views.stream.SEND_TIMEOUT_S`,
+  checked each second by the hub's watchdog), the
   socket is closed with code 4008 (``slow consumer``). Frames of a subscription are
   numbered (``seq``) when they are sent, so the numbers have no gaps.
 * **Snapshot then updates.** A feed (or price item) is registered before its snapshot is
@@ -33,10 +34,11 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -63,12 +65,15 @@ from stores.stream_channel import StreamChange, decode_change
 from views.stream_protocol import PriceItem, Subscribe, error_frame
 
 __all__ = ["CLOSE_SLOW", "BarFeed", "BarUpdate", "Connection", "Outbox", "StreamHub",
-           "Subscription"]
+           "Subscription", "close_stalled"]
 
 log = logging.getLogger(__name__)
 
 #: close code for a client that does not keep up
 CLOSE_SLOW = 4008
+#: the start of each subscription frame, by type
+_FRAME_HEAD = {kind: b'{"type":"' + kind.encode() + b'","id":'
+               for kind in ("snapshot", "bar", "price", "replay")}
 #: most buckets a subscription remembers (what it was sent, which it was sent closed)
 _SUB_MEMORY = 64
 _RETRY_S = 1.0
@@ -112,11 +117,13 @@ class Subscription:
     closed_sent: set[int] = field(default_factory=set)
     first_bucket_ms: int | None = None
     feed: BarFeed | None = None
+    #: the client's id, and as JSON (for the frame header)
+    sub_id: str = field(init=False)
+    id_json: bytes = field(init=False)
 
-    @property
-    def sub_id(self) -> str:
-        """The client's id."""
-        return self.request.sub_id
+    def __post_init__(self) -> None:
+        self.sub_id = self.request.sub_id
+        self.id_json = orjson.dumps(self.sub_id)
 
 
 class Outbox:
@@ -130,22 +137,30 @@ class Outbox:
     def __init__(self, max_items: int) -> None:
         self.max_items = max_items
         self._items: dict[Hashable, Any] = {}
-        self._ready = asyncio.Event()
+        #: the waiting :meth:`get`'s future (a bare future: cheaper than an Event, and
+        #: this is on the path of every frame)
+        self._waiter: asyncio.Future[None] | None = None
         #: set when a put found the outbox full
         self.overflowed = False
 
     def __len__(self) -> int:
         return len(self._items)
 
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     def put(self, key: Hashable, item: Any) -> bool:
         """Queue ``item`` under ``key``. Returns False (and sets :attr:`overflowed`) when
         ``key`` is new and the outbox is full."""
-        if key not in self._items and len(self._items) >= self.max_items:
+        items = self._items
+        if key not in items and len(items) >= self.max_items:
             self.overflowed = True
-            self._ready.set()
+            self._wake()
             return False
-        self._items[key] = item
-        self._ready.set()
+        items[key] = item
+        self._wake()
         return True
 
     def discard(self, prefix: str) -> None:
@@ -162,8 +177,8 @@ class Outbox:
         while not self._items or self.overflowed:
             if self.overflowed:
                 raise MarketflowError("outbox overflowed")
-            self._ready.clear()
-            await self._ready.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
         key = next(iter(self._items))
         return key, self._items.pop(key)
 
@@ -191,6 +206,12 @@ class Connection:
         self.close_reason: str | None = None
         self._control = itertools.count()
         self.frames_sent = 0
+        #: when the send in progress started (monotonic s), None between sends
+        self.send_started_s: float | None = None
+        #: the writer task (set by the view)
+        self.writer_task: asyncio.Future[None] | None = None
+        #: frames sent by type since the hub last added them to the metric
+        self.frame_counts: dict[str, int] = {}
 
     # -- queueing (called by the hub and the view; never blocks) -----------------------
 
@@ -210,7 +231,8 @@ class Connection:
     def _frame(self, kind: str, sub: Subscription | None, payload: Any) -> bytes | None:
         """Serialise one pending item (None: nothing to send any more)."""
         if sub is None:
-            STREAM_FRAMES.labels(payload.get("type", "control")).inc()
+            kind = str(payload.get("type", "control"))
+            self.frame_counts[kind] = self.frame_counts.get(kind, 0) + 1
             return orjson.dumps(payload)
         if self.subs.get(sub.sub_id) is not sub:
             return None
@@ -235,13 +257,13 @@ class Connection:
         else:  # replay
             body = b'"replay":' + payload
         sub.seq += 1
-        STREAM_FRAMES.labels(kind).inc()
-        return (b'{"type":"' + kind.encode() + b'","id":' + orjson.dumps(sub.sub_id)
-                + b',"seq":' + str(sub.seq).encode() + b"," + body + b"}")
+        self.frame_counts[kind] = self.frame_counts.get(kind, 0) + 1
+        return (_FRAME_HEAD[kind] + sub.id_json + b',"seq":' + str(sub.seq).encode() + b","
+                + body + b"}")
 
     async def writer(self) -> None:
         """Send pending frames until the socket closes; closes it (4008) when the client
-        falls too far behind or a send blocks longer than ``send_timeout_s``."""
+        falls too far behind (a send blocked too long is stopped by :func:`close_stalled`)."""
         ws = self.ws
         try:
             while not ws.closed:
@@ -253,11 +275,11 @@ class Connection:
                 data = self._frame(kind, sub, payload)
                 if data is None:
                     continue
-                try:
-                    await asyncio.wait_for(ws.send_str(data.decode()), self.send_timeout_s)
-                except TimeoutError:
-                    await self.close(CLOSE_SLOW, "slow consumer", "send_timeout")
-                    return
+                # no timeout task per send (that cost a third of the fan-out's CPU): the
+                # hub's watchdog (StreamHub._watchdog) closes a socket whose send blocks
+                self.send_started_s = time.monotonic()
+                await ws.send_frame(data, aiohttp.WSMsgType.TEXT)
+                self.send_started_s = None
                 self.frames_sent += 1
         except (ConnectionError, RuntimeError) as exc:  # peer gone, or closing meanwhile
             log.debug("stream: socket %d write ended: %s", self.conn_id, exc)
@@ -276,6 +298,22 @@ class Connection:
             await asyncio.wait_for(self.ws.close(code=code, message=message.encode()), 2.0)
         except (TimeoutError, ConnectionError, RuntimeError) as exc:
             log.debug("stream: socket %d close: %s", self.conn_id, exc)
+
+
+def close_stalled(connections: Iterable[Connection], now_s: float) -> list[asyncio.Future[None]]:
+    """Stop the writers of the sockets whose current send started more than their send
+    timeout before ``now_s`` (monotonic s), and start closing them (code 4008, reason
+    ``send_timeout``). Returns the closing tasks."""
+    tasks: list[asyncio.Future[None]] = []
+    for conn in list(connections):
+        started = conn.send_started_s
+        if started is not None and now_s - started > conn.send_timeout_s:
+            if conn.writer_task is not None:
+                conn.writer_task.cancel()
+            conn.send_started_s = None
+            tasks.append(asyncio.ensure_future(
+                conn.close(CLOSE_SLOW, "slow consumer", "send_timeout")))
+    return tasks
 
 
 def _remember(s: set[int], bucket_ms: int) -> None:
@@ -544,6 +582,9 @@ class StreamHub(Service):
         self._channel_error: str | None = None
         self._messages = 0
         self._resubscribes: set[asyncio.Future[None]] = set()
+        self._sub_counts: dict[str, int] = {}
+        #: snapshot reads from Redis at a time (a burst of subscriptions queues here)
+        self._snapshot_reads = asyncio.Semaphore(8)
 
     # -- sockets -------------------------------------------------------------------------
 
@@ -574,7 +615,7 @@ class StreamHub(Service):
         """
         sub = Subscription(req)
         conn.subs[req.sub_id] = sub
-        self._count_subs()
+        self._count_sub(req.channel, 1)
         try:
             if req.channel == "bars":
                 self._subscribe_bars(conn, sub)
@@ -611,16 +652,13 @@ class StreamHub(Service):
         self._replay_subs.pop(sub, None)
         if not self._replay_subs:
             self._replay_last = None
-        self._count_subs()
+        self._count_sub(sub.request.channel, -1)
         return True
 
-    def _count_subs(self) -> None:
-        counts = {"bars": 0, "prices": 0, "replay": 0}
-        for c in self.connections:
-            for s in c.subs.values():
-                counts[s.request.channel] += 1
-        for ch, n in counts.items():
-            STREAM_SUBSCRIPTIONS.labels(ch).set(n)
+    def _count_sub(self, channel: str, delta: int) -> None:
+        n = self._sub_counts.get(channel, 0) + delta
+        self._sub_counts[channel] = n
+        STREAM_SUBSCRIPTIONS.labels(channel).set(n)
 
     # -- bars ----------------------------------------------------------------------------
 
@@ -692,7 +730,8 @@ class StreamHub(Service):
         for item in items:  # watched before the read: changes meanwhile are kept
             self._price_subs.setdefault(item.key, {})[sub] = conn
         missing = [i for i in items if i.key not in self._price_last]
-        got = await asyncio.gather(*(self.latest.get(i.symbol, i.exchange) for i in missing))
+        async with self._snapshot_reads:
+            got = [await self.latest.get(i.symbol, i.exchange) for i in missing]
         for item, p in zip(missing, got, strict=True):
             if p is not None:
                 self._set_price(item.key, item.symbol, p["exchange"], p["price"], p["ts_ms"])
@@ -864,6 +903,20 @@ class StreamHub(Service):
             self._replay_last, self._replay_key, self._replay_sent_at = data, key, now
             for sub, conn in list(self._replay_subs.items()):
                 conn.push(sub, "replay", "", data)
+
+    @Service.timer(1.0)
+    async def _watchdog(self) -> None:
+        """Add the sockets' frame counts to ``marketflow_stream_frames_total``; close the
+        sockets whose current send has blocked longer than the send timeout (a client that
+        stopped reading: code 4008, reason ``send_timeout``)."""
+        for conn in self.connections:
+            if conn.frame_counts:
+                counts, conn.frame_counts = conn.frame_counts, {}
+                for kind, n in counts.items():
+                    STREAM_FRAMES.labels(kind).inc(n)
+        for task in close_stalled(self.connections, time.monotonic()):
+            self._resubscribes.add(task)
+            task.add_done_callback(self._resubscribes.discard)
 
     # -- status --------------------------------------------------------------------------
 

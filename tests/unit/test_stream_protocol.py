@@ -10,7 +10,14 @@ from typing import Any
 import orjson
 import pytest
 
-from views.stream_hub import CLOSE_SLOW, BarUpdate, Connection, Outbox, Subscription
+from views.stream_hub import (
+    CLOSE_SLOW,
+    BarUpdate,
+    Connection,
+    Outbox,
+    Subscription,
+    close_stalled,
+)
 from views.stream_protocol import (
     Auth,
     Ping,
@@ -97,7 +104,7 @@ class FakeWs:
         self.closed = False
         self.close_code: int | None = None
 
-    async def send_str(self, data: str) -> None:
+    async def send_frame(self, data: bytes, opcode: Any) -> None:
         if self.block:
             await asyncio.Event().wait()
         self.sent.append(orjson.loads(data))
@@ -152,11 +159,16 @@ async def test_a_client_that_does_not_read_is_closed_and_stays_bounded() -> None
     ws = FakeWs(block=True)
     conn = Connection(ws, "t", 50, 0.2)  # type: ignore[arg-type]
     s = sub_of(conn, "c")
-    writer = asyncio.ensure_future(conn.writer())
+    writer = conn.writer_task = asyncio.ensure_future(conn.writer())
     for i in range(10_000):  # 10,000 updates of 10 buckets: at most 10 entries pending
         conn.push(s, "bar", i % 10, bar(i % 10, False, float(i)))
         assert len(conn.outbox) <= 11
-    await asyncio.wait_for(writer, 5)  # the blocked send times out: socket closed
+    await asyncio.sleep(0.01)
+    assert conn.send_started_s is not None  # the first send blocks
+    assert close_stalled([conn], conn.send_started_s + 0.1) == []  # not for long yet
+    tasks = close_stalled([conn], conn.send_started_s + 0.3)
+    await asyncio.gather(*tasks)
+    assert writer.cancelled() or writer.done()
     assert ws.close_code == CLOSE_SLOW and conn.close_reason == "send_timeout"
 
     ws2 = FakeWs(block=True)
