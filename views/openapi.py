@@ -40,6 +40,19 @@ def _error(description: str) -> dict[str, Any]:
     return _json("Error", description)
 
 
+def _static_file(operation_id: str, summary: str) -> dict[str, Any]:
+    """A public ``GET`` of one file named by the path parameter ``name``."""
+    return {"get": {
+        "operationId": operation_id, "tags": ["chart"], "security": [], "summary": summary,
+        "parameters": [{"name": "name", "in": "path", "required": True,
+                        "schema": {"type": "string",
+                                   "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"}}],
+        "responses": {"200": {"description": "the file",
+                              "content": {"*/*": {"schema": {"type": "string"}}}},
+                      "404": _error("no such file")},
+    }}
+
+
 def _name_param(name: str, where: str, description: str, required: bool = True
                 ) -> dict[str, Any]:
     return {"name": name, "in": where, "required": required, "description": description,
@@ -506,26 +519,10 @@ PATHS: dict[str, dict[str, Any]] = {
                               "content": {"text/html": {"schema": {"type": "string"}}}},
                       "404": _error("the page is not installed")},
     }},
-    "/static/{name}": {"get": {
-        "operationId": "staticFile", "tags": ["chart"], "security": [],
-        "summary": "A file of the chart page (JS modules, CSS, /static/datafeed.js)",
-        "parameters": [{"name": "name", "in": "path", "required": True,
-                        "schema": {"type": "string",
-                                   "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"}}],
-        "responses": {"200": {"description": "the file",
-                              "content": {"*/*": {"schema": {"type": "string"}}}},
-                      "404": _error("no such file")},
-    }},
-    "/static/vendor/{name}": {"get": {
-        "operationId": "vendorFile", "tags": ["chart"], "security": [],
-        "summary": "A vendored file (Lightweight Charts build, its LICENSE and NOTICE)",
-        "parameters": [{"name": "name", "in": "path", "required": True,
-                        "schema": {"type": "string",
-                                   "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"}}],
-        "responses": {"200": {"description": "the file",
-                              "content": {"*/*": {"schema": {"type": "string"}}}},
-                      "404": _error("no such file")},
-    }},
+    "/static/{name}": _static_file(
+        "staticFile", "A file of the chart page (JS modules, CSS, /static/datafeed.js)"),
+    "/static/vendor/{name}": _static_file(
+        "vendorFile", "A vendored file (Lightweight Charts build, its LICENSE and NOTICE)"),
     "/stream": {"get": {
         "operationId": "stream", "tags": ["stream"],
         "summary": "WebSocket stream of bars, latest prices and the replay state",

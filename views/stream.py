@@ -67,7 +67,8 @@ class Stream(ApiView):
         settings = self.ctx.settings
         await ws.prepare(raw)
         client = raw.get(CLIENT_ID_KEY) or f"addr:{raw.remote}"
-        conn = Connection(ws, client, settings.stream.max_queued_frames, SEND_TIMEOUT_S)
+        conn = Connection(ws, client, settings.stream.max_queued_frames, SEND_TIMEOUT_S,
+                          raw.transport)
         if hub.full:
             await conn.close(1013, "too many connections", "too_many_connections")
             return ws  # type: ignore[return-value]

@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -163,6 +163,11 @@ class Outbox:
         self._wake()
         return True
 
+    def fail(self) -> None:
+        """Mark the outbox overflowed (its reader then raises)."""
+        self.overflowed = True
+        self._wake()
+
     def discard(self, prefix: str) -> None:
         """Drop the pending items whose key is a tuple starting with ``prefix``."""
         for k in [k for k in self._items if isinstance(k, tuple) and k[0] == prefix]:
@@ -191,13 +196,19 @@ class Connection:
         client_id: the access guard's client id (for logs), or the peer address.
         max_queued: the outbox bound (``stream.max_queued_frames``).
         send_timeout_s: longest a single send may block.
+        transport: the socket's transport (``request.transport``); with it, a frame is
+            written at once when nothing is pending and the transport's buffer is empty
+            (no task wake-up per frame), otherwise through the outbox.
     """
 
     _ids = itertools.count(1)
 
     def __init__(self, ws: web.WebSocketResponse, client_id: str, max_queued: int,
-                 send_timeout_s: float) -> None:
+                 send_timeout_s: float, transport: asyncio.BaseTransport | None = None
+                 ) -> None:
         self.ws = ws
+        #: the socket's transport: a frame is written at once when its buffer is empty
+        self.transport = cast(asyncio.WriteTransport | None, transport)
         self.client_id = client_id
         self.conn_id = next(self._ids)
         self.subs: dict[str, Subscription] = {}
@@ -212,6 +223,8 @@ class Connection:
         self.writer_task: asyncio.Future[None] | None = None
         #: frames sent by type since the hub last added them to the metric
         self.frame_counts: dict[str, int] = {}
+        #: the writer waits for the outbox (then a frame may be written at once)
+        self._writer_idle = False
 
     # -- queueing (called by the hub and the view; never blocks) -----------------------
 
@@ -224,7 +237,32 @@ class Connection:
         ``replay``), coalesced per (subscription, kind, item)."""
         if self.subs.get(sub.sub_id) is not sub:
             return  # unsubscribed meanwhile
+        if self._writer_idle and not self.outbox and self._send_now(kind, sub, payload):
+            return
         self.outbox.put((sub.sub_id, kind, item), (kind, sub, payload))
+
+    def _send_now(self, kind: str, sub: Subscription, payload: Any) -> bool:
+        """Write one frame at once, without waking the writer task, when the socket's
+        buffer is empty (the send then completes without waiting). Returns False when the
+        frame must go through the outbox instead."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        data = self._frame(kind, sub, payload)
+        if data is None:
+            return True
+        coro = self.ws.send_frame(data, aiohttp.WSMsgType.TEXT)
+        try:
+            coro.send(None)
+        except StopIteration:
+            self.frames_sent += 1
+            return True
+        except (ConnectionError, RuntimeError) as exc:
+            log.debug("stream: socket %d write failed: %s", self.conn_id, exc)
+            return True
+        coro.close()  # it had to wait for the transport: not expected with an empty buffer
+        self.outbox.fail()  # the writer closes the socket as a slow consumer
+        return True
 
     # -- writing ------------------------------------------------------------------------
 
@@ -268,7 +306,9 @@ class Connection:
         try:
             while not ws.closed:
                 try:
+                    self._writer_idle = not self.outbox
                     _, (kind, sub, payload) = await self.outbox.get()
+                    self._writer_idle = False
                 except MarketflowError:
                     await self.close(CLOSE_SLOW, "slow consumer", "slow_consumer")
                     return

@@ -180,3 +180,34 @@ async def test_a_client_that_does_not_read_is_closed_and_stays_bounded() -> None
         conn2.push(s2, "bar", b, bar(b, True, 1.0))
     writer2.cancel()  # the send in progress blocks forever; the overflow is recorded
     assert conn2.outbox.overflowed and len(conn2.outbox) == 20
+
+
+class FakeTransport:
+    """What the direct write checks: closing, and bytes still buffered."""
+
+    def __init__(self) -> None:
+        self.buffered = 0
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+
+async def test_frames_are_written_at_once_when_nothing_is_pending() -> None:
+    ws = FakeWs()
+    transport = FakeTransport()
+    conn = Connection(ws, "t", 100, 5.0, transport)  # type: ignore[arg-type]
+    s = sub_of(conn, "c")
+    writer = conn.writer_task = asyncio.ensure_future(conn.writer())
+    await asyncio.sleep(0)  # the writer waits for the outbox
+    conn.push(s, "bar", 0, bar(0, False, 1.0))
+    assert [f["seq"] for f in ws.sent] == [1] and len(conn.outbox) == 0  # no await needed
+    transport.buffered = 10  # the socket is behind: frames queue (and coalesce) instead
+    conn.push(s, "bar", 0, bar(0, False, 2.0))
+    conn.push(s, "bar", 0, bar(0, False, 3.0))
+    assert len(ws.sent) == 1 and len(conn.outbox) == 1
+    await asyncio.sleep(0.05)  # the writer sends the newest state
+    assert [(f["seq"], f["bar"]["close"]) for f in ws.sent] == [(1, 1.0), (2, 3.0)]
+    writer.cancel()
