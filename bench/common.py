@@ -16,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
@@ -125,3 +126,33 @@ def run_main(run: Callable[[], Awaitable[int]]) -> int:
     except KeyboardInterrupt:
         print("interrupted (cleanup done)", file=sys.stderr)
         return 130
+
+
+def profile_tops(path: Path, top: int) -> tuple[int, list[tuple[str, int]],
+                                                list[tuple[str, int]]]:
+    """Summarise a ``py-spy record --format raw`` file (collapsed stacks, one
+    ``frame;frame;... count`` per line): ``(total samples, top functions by self samples,
+    top 2 x top functions by inclusive samples)``; function names keep their file's base
+    name.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    self_n: dict[str, int] = defaultdict(int)
+    incl: dict[str, int] = defaultdict(int)
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        cnt = int(n)
+        frames = [f.split(" (", 1)[0] + " (" + f.rsplit("/", 1)[-1] if " (" in f else f
+                  for f in stack.split(";")]
+        total += cnt
+        self_n[frames[-1]] += cnt
+        for f in set(frames):
+            incl[f] += cnt
+
+    def best(d: dict[str, int], k: int) -> list[tuple[str, int]]:
+        return sorted(d.items(), key=lambda kv: -kv[1])[:k]
+    return total, best(self_n, top), best(incl, top * 2)

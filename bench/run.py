@@ -36,7 +36,7 @@ import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
-from common import MINUTE, BenchRun, now_ms, pct, run_main, say  # noqa: E402  (bench/common.py)
+from common import MINUTE, BenchRun, now_ms, pct, profile_tops, run_main, say  # noqa: E402  (bench/common.py)
 
 from core.admin import ensure_topics  # noqa: E402
 from core.config import Settings  # noqa: E402
@@ -155,33 +155,17 @@ class PySpy:
 
     def report(self, top: int = 15) -> str:
         """Top functions by self and by inclusive samples, from the collapsed stacks."""
-        self_n: dict[str, int] = defaultdict(int)
-        incl: dict[str, int] = defaultdict(int)
-        total = 0
         try:
-            lines = self.out.read_text().splitlines()
+            total, by_self, by_incl = profile_tops(self.out, top)
         except OSError as exc:
             return f"  py-spy: no profile ({exc})"
-        for line in lines:
-            stack, _, n = line.rpartition(" ")
-            if not stack or not n.isdigit():
-                continue
-            cnt = int(n)
-            frames = [f.split(" (", 1)[0] + " (" + f.rsplit("/", 1)[-1] if " (" in f else f
-                      for f in stack.split(";")]
-            total += cnt
-            self_n[frames[-1]] += cnt
-            for f in set(frames):
-                incl[f] += cnt
         if not total:
             return "  py-spy: no samples"
         out = [f"  py-spy profile ({total} samples while consuming, {self.out}):",
                "    self%  function"]
-        out += [f"    {100 * n / total:5.1f}  {f}" for f, n in
-                sorted(self_n.items(), key=lambda kv: -kv[1])[:top]]
+        out += [f"    {100 * n / total:5.1f}  {f}" for f, n in by_self]
         out.append("    incl%  function")
-        out += [f"    {100 * n / total:5.1f}  {f}" for f, n in
-                sorted(incl.items(), key=lambda kv: -kv[1])[:top * 2]]
+        out += [f"    {100 * n / total:5.1f}  {f}" for f, n in by_incl]
         return "\n".join(out)
 
 

@@ -45,7 +45,7 @@ import aiohttp  # noqa: E402
 import orjson  # noqa: E402
 import psutil  # noqa: E402
 from aiokafka import AIOKafkaProducer  # noqa: E402
-from common import BenchRun, now_ms, pct, run_main, say  # noqa: E402  (bench/common.py)
+from common import BenchRun, now_ms, pct, profile_tops, run_main, say  # noqa: E402  (bench/common.py)
 
 SUB_1M = "b"      # subscription id: bars 1m of the client's exchange:symbol
 SUB_5M = "c"      # subscription id: consolidated 5m bars (every --consolidated-every client)
@@ -453,31 +453,16 @@ class Profile:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self_n: dict[str, int] = defaultdict(int)
-        incl: dict[str, int] = defaultdict(int)
-        total = 0
         try:
-            lines = self.out.read_text().splitlines()
+            total, by_self, by_incl = profile_tops(self.out, top)
         except OSError as exc:
             return [f"py-spy: no profile ({exc})"]
-        for line in lines:
-            stack, _, cnt = line.rpartition(" ")
-            if not stack or not cnt.isdigit():
-                continue
-            frames = [f.split(" (", 1)[0] + " (" + f.rsplit("/", 1)[-1] if " (" in f else f
-                      for f in stack.split(";")]
-            total += int(cnt)
-            self_n[frames[-1]] += int(cnt)
-            for f in set(frames):
-                incl[f] += int(cnt)
         if not total:
             return ["py-spy: no samples"]
         out = [f"py-spy profile of the worker ({total} samples, {self.out}): self%"]
-        out += [f"  {100 * k / total:5.1f}  {f}" for f, k in
-                sorted(self_n.items(), key=lambda kv: -kv[1])[:top]]
+        out += [f"  {100 * k / total:5.1f}  {f}" for f, k in by_self]
         out.append("incl%")
-        out += [f"  {100 * k / total:5.1f}  {f}" for f, k in
-                sorted(incl.items(), key=lambda kv: -kv[1])[:top * 2]]
+        out += [f"  {100 * k / total:5.1f}  {f}" for f, k in by_incl]
         return out
 
 

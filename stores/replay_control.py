@@ -225,15 +225,7 @@ async def active_clock_ms(client: aioredis.Redis, prefix: str,
         redis.exceptions.RedisError, OSError: Redis unreachable.
     """
     state = await read_state(client, prefix)
-    if not is_active(state):
-        return None
-    assert state is not None
-    if exchange is not None:
-        ns = state.get("namespace") or ""
-        if not ns or not exchange.startswith(f"{ns}."):
-            return None
-    clock = state.get("clock_ms")
-    return int(clock) if isinstance(clock, (int, float)) else None
+    return _clock_for(state, None if exchange is None else [exchange])
 
 
 def status_body(state: dict[str, Any]) -> dict[str, Any]:
@@ -260,13 +252,20 @@ async def series_clock_ms(client: aioredis.Redis, prefix: str, symbol: str,
     state = await read_state(client, prefix)
     if not is_active(state):
         return wall_ms
-    assert state is not None
-    ns = state.get("namespace") or ""
-    clock = state.get("clock_ms")
-    if not ns or not isinstance(clock, (int, float)):
-        return wall_ms
     exchanges = [exchange] if exchange is not None else await exchanges_of(client, prefix,
                                                                            symbol)
-    if exchanges and all(e.startswith(f"{ns}.") for e in exchanges):
-        return int(clock)
-    return wall_ms
+    clock = _clock_for(state, exchanges) if exchanges else None
+    return wall_ms if clock is None else clock
+
+
+def _clock_for(state: dict[str, Any] | None, exchanges: list[str] | None) -> int | None:
+    """The replay's ``clock_ms`` when ``state`` is active and (unless ``exchanges`` is
+    None) every one of ``exchanges`` is in its namespace; else None."""
+    if state is None or not is_active(state):
+        return None
+    if exchanges is not None:
+        ns = state.get("namespace") or ""
+        if not ns or not all(e.startswith(f"{ns}.") for e in exchanges):
+            return None
+    clock = state.get("clock_ms")
+    return int(clock) if isinstance(clock, (int, float)) else None

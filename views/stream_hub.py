@@ -621,7 +621,7 @@ class StreamHub(Service):
         self._channel_up = False
         self._channel_error: str | None = None
         self._messages = 0
-        self._resubscribes: set[asyncio.Future[None]] = set()
+        self._background: set[asyncio.Future[None]] = set()
         self._sub_counts: dict[str, int] = {}
         #: snapshot reads from Redis at a time (a burst of subscriptions queues here)
         self._snapshot_reads = asyncio.Semaphore(8)
@@ -847,8 +847,8 @@ class StreamHub(Service):
             for sub in list(conn.subs.values()):
                 if sub.request.channel in ("prices", "replay"):
                     task = asyncio.ensure_future(self._resubscribe(conn, sub))
-                    self._resubscribes.add(task)
-                    task.add_done_callback(self._resubscribes.discard)
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
 
     async def _resubscribe(self, conn: Connection, sub: Subscription) -> None:
         try:
@@ -955,8 +955,8 @@ class StreamHub(Service):
                 for kind, n in counts.items():
                     STREAM_FRAMES.labels(kind).inc(n)
         for task in close_stalled(self.connections, time.monotonic()):
-            self._resubscribes.add(task)
-            task.add_done_callback(self._resubscribes.discard)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     # -- status --------------------------------------------------------------------------
 

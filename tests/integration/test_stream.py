@@ -124,6 +124,16 @@ def assert_same_bars(streamed: dict[int, dict[str, Any]], ohlcv: list[dict[str, 
                 assert got[k] == v, (b, k, got[k], v)
 
 
+async def replay_0808(stack: Stack) -> None:
+    """Replay the four 2024-08-08 sample files at full speed into the namespace."""
+    rp = await ReplayProc(stack, "--speed", "0", *(str(SAMPLE / "trades" / f)
+                                                  for f in FILES_0808)).start()
+    try:
+        assert await rp.wait(120) == 0, rp.output()
+    finally:
+        rp.kill()
+
+
 async def ohlcv(stack: Stack, symbol: str, exchange: str | None, interval: str,
                 port: int | None = None) -> list[dict[str, Any]]:
     q = f"/ohlcv?symbol={symbol}&interval={interval}&start=2024-08-08T23:40:00Z" \
@@ -212,12 +222,7 @@ async def test_several_workers_each_serve_every_symbol(stack: Stack) -> None:
             ex, sym = key.split(":")
             await c.send({"op": "subscribe", "id": f"b{i}", "channel": "bars", "symbol": sym,
                           "exchange": ex})
-    rp = await ReplayProc(stack, "--speed", "0", *(str(SAMPLE / "trades" / f)
-                                                  for f in FILES_0808)).start()
-    try:
-        assert await rp.wait(120) == 0, rp.output()
-    finally:
-        rp.kill()
+    await replay_0808(stack)
 
     def keys_seen(c: Client) -> set[str]:
         return {f"{f['price']['exchange']}:{f['price']['symbol']}" for f in c.of("p")
@@ -271,12 +276,7 @@ async def test_dead_and_slow_clients_are_dropped_and_bounded(stack: Stack) -> No
         return (await stack.http("/health", port))[1]["stream"]
     await until(lambda: _gte(health, "connections", 4), 10, "4 sockets")
     rss0 = w.memory_kb()["VmRSS"]
-    rp = await ReplayProc(stack, "--speed", "0", *(str(SAMPLE / "trades" / f)
-                                                  for f in FILES_0808)).start()
-    try:
-        assert await rp.wait(120) == 0, rp.output()
-    finally:
-        rp.kill()
+    await replay_0808(stack)
     # the clients that never read nor answer pings are closed; the reading one stays
     await until(lambda: _eq(health, "connections", 1), 20, "dead sockets dropped")
     # the server closed their TCP connections (read in threads: the loop must keep
