@@ -37,8 +37,9 @@ from aiokafka.errors import KafkaError, KafkaTimeoutError
 from faust.exceptions import ConsumerNotStarted
 from faust.types import TP, EventT, StreamT, TableT
 
-from core.config import Settings
+from core.config import BrokerSection, Settings
 from core.errors import InvalidTick
+from core.kafka_security import client_security
 from core.metrics import (
     BARS_CLOSED,
     CONSUMER_LAG,
@@ -116,8 +117,8 @@ class SkippedMessages:
 
     TIMEOUT_S = 30.0
 
-    def __init__(self, bootstrap_servers: list[str], topic: str) -> None:
-        self.bootstrap_servers = bootstrap_servers
+    def __init__(self, broker: BrokerSection, topic: str) -> None:
+        self.broker = broker
         self.topic = topic
         self._consumer: AIOKafkaConsumer | None = None
 
@@ -125,8 +126,9 @@ class SkippedMessages:
         """Records of ``partition`` with ``start <= offset < end``, in offset order."""
         if self._consumer is None:
             self._consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
-                isolation_level="read_committed", auto_offset_reset="earliest")
+                bootstrap_servers=self.broker.bootstrap_servers, enable_auto_commit=False,
+                isolation_level="read_committed", auto_offset_reset="earliest",
+                **client_security(self.broker))
             await self._consumer.start()
         cons = self._consumer
         tp = TopicPartition(self.topic, partition)
@@ -195,12 +197,8 @@ class BarAggregation:
             size_ms=w.size_ms,
             late_policy=w.late_policy,
             correction_horizon_ms=w.correction_horizon_ms,
-            # exactly_once: an idle check is readable only once its transaction commits
-            stall_after_ms=int(w.idle_timeout_s * 1000) + (
-                int(app.conf.broker_commit_interval * 1000)
-                if settings.app.processing_guarantee == "exactly_once" else 0),
         )
-        self.skipped = SkippedMessages(settings.broker.bootstrap_servers, settings.topics.ticks)
+        self.skipped = SkippedMessages(settings.broker, settings.topics.ticks)
         #: partition -> offset of the last ``ticks`` message handled in this assignment
         self._last_offset: dict[int, int] = {}
         #: partition -> when a stalled idle check was last logged (one line per interval)
@@ -303,7 +301,7 @@ class BarAggregation:
                     event, wall_ms))
             if res.latest:
                 self.redis_writes.update(res.latest)
-                self.redis_writes.update_seconds(per_second(res.applied_ticks))
+                self.redis_writes.update_seconds(per_second(res.applied_ticks), msg.offset)
             WATERMARK_MS.labels(str(msg.partition)).set(self.aggregator.watermark(msg.partition))
             trigger = "watermark"
         live = [{**bar, "closed": True} for bar in (*res.closed, *res.corrected)]
@@ -351,25 +349,24 @@ class BarAggregation:
 
         Acks are manual: :func:`_ack_in_order` acks each message once its changelog writes
         are durable, in arrival order (a bounded queue: back-pressure if the broker lags).
-        A jump in a partition's offsets is filled first (:class:`SkippedMessages`; at least
-        once only: with ``exactly_once`` transaction markers make jumps normal).
+        A jump in a partition's offsets is filled first (:class:`SkippedMessages`), with
+        either processing guarantee: transaction markers (``ticks`` has none of the
+        worker's own, see :meth:`idle_check`; a transactional producer upstream adds some)
+        read back as no records, so they only cost the read.
         """
         manual = cast(faust.Stream, stream).noack()
-        # with transactions, commit markers leave offset gaps of their own in ``ticks``
-        check_gaps = self.settings.app.processing_guarantee == "at_least_once"
         queue: asyncio.Queue[_AckItem] = asyncio.Queue(maxsize=10_000)
         acker = asyncio.ensure_future(self._ack_in_order(manual, queue))
         try:
             async for event in manual.events():
                 if acker.done():
                     acker.result()  # re-raise the changelog failure: crash, do not ack
-                if check_gaps:
-                    p, off = event.message.partition, event.message.offset
-                    last = self._last_offset.get(p)
-                    if last is not None and off > last + 1:
-                        await self._handle_gap(p, last + 1, off, queue)
-                    if last is None or off > last:
-                        self._last_offset[p] = off
+                p, off = event.message.partition, event.message.offset
+                last = self._last_offset.get(p)
+                if last is not None and off > last + 1:
+                    await self._handle_gap(p, last + 1, off, queue)
+                if last is None or off > last:
+                    self._last_offset[p] = off
                 await queue.put((event, await self.handle_event(event)))
         finally:
             acker.cancel()
@@ -377,13 +374,22 @@ class BarAggregation:
     async def idle_check(self) -> None:
         """Write an idle-check control message into each ``ticks`` partition this worker owns
         that has a window to close by idleness; the agent handles it in stream order (tables
-        are only writable from there)."""
+        are only writable from there).
+
+        The check is written by the app's plain producer, outside any transaction. With
+        ``exactly_once`` every ``topic.send`` joins the open transaction of its partition,
+        and Faust commits a transaction only together with newly acked offsets: a check
+        sent once the partition has gone quiet would stay unreadable (``read_committed``)
+        until the next tick arrived, and the last minute of a replay would never close.
+        The check is only a trigger, so a crash after writing it loses nothing.
+        """
         wall_ms = now_ms()
         value = control_message(wall_ms)
         ticks = self.settings.topics.ticks
+        producer = self.app.producer
         for tp in self.app.assignor.assigned_actives():
             if tp.topic == ticks and self.aggregator.has_idle_work(tp.partition, wall_ms):
-                await self.topics.ticks.send(value=value, partition=tp.partition)
+                await producer.send(ticks, None, value, tp.partition, None, None)
 
     async def consumer_lag(self) -> None:
         """Set ``marketflow_consumer_lag{topic,partition}`` for the ``ticks`` partitions this

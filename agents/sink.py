@@ -1,10 +1,13 @@
 """Closed bars -> TimescaleDB, in batches, idempotently.
 
 The agent reads the closed-bars topic with manual acks: a bar's offset becomes
-committable only after the batch holding it is upserted. Batches flush when
-``sink.batch_size`` bars are pending or ``sink.flush_interval_s`` after the oldest
-arrived. A failing database is retried with exponential backoff (capped at
-``sink.retry_max_s``) while the agent waits, which pauses consumption (back-pressure).
+committable only after the batch holding it is upserted. A bar that finds the writer idle
+(no flush started within ``sink.min_flush_gap_s``) is written at once; bars that arrive
+while a batch is written, or within that gap, go out together in the next batch. A batch
+is also written when ``sink.batch_size`` bars are pending, and a backstop timer writes
+any bar pending for ``sink.flush_interval_s``. A failing database is retried with
+exponential backoff (capped at ``sink.retry_max_s``) while the agent waits, which pauses
+consumption (back-pressure).
 
 Memory bound: at most ``2 * sink.batch_size`` bars are held in memory -- one batch being
 written (or retried) plus one filling up; when the filling batch is full the agent waits
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -30,7 +34,14 @@ from faust.types import EventT, StreamT
 from mode import Service
 
 from core.config import Settings
-from core.metrics import BARS_WRITTEN, FLUSH_SECONDS, PENDING_BARS, SINK_ERRORS, SINK_RETRIES
+from core.metrics import (
+    BARS_WRITTEN,
+    FLUSH_SECONDS,
+    PENDING_BARS,
+    SINK_ERRORS,
+    SINK_RETRIES,
+    TIMESCALEDB_WRITER_UP,
+)
 from core.timeutil import now_ms, stale_write_ms
 from core.topics import Topics
 from sql.bars_1m import upsert_bars
@@ -53,8 +64,12 @@ class BarWriter(Service):
     Args:
         db: the database service.
         batch_size: flush when this many bars are pending.
-        flush_interval_s: flush when the oldest pending bar is this old (seconds).
+        flush_interval_s: flush when the oldest pending bar is this old (seconds; the
+            backstop, :meth:`flush_if_due`).
         retry_max_s: cap of the exponential retry delay (seconds).
+        min_flush_gap_s: least time between the starts of two flushes of the service's
+            own flusher task (seconds): a bar arriving later than this after the last
+            flush started is written at once.
         upsert: ``async (conn, bars) -> rows`` (default :func:`sql.bars_1m.upsert_bars`).
         invalidate: ``async (symbols) -> None`` called after a commit with the symbols of
             the bars older than ``stale_ms`` (wall clock minus ``bucket_start_ms``).
@@ -70,7 +85,7 @@ class BarWriter(Service):
     def __init__(self, db: Database, batch_size: int, flush_interval_s: float,
                  retry_max_s: float, upsert: Callable[..., Awaitable[int]] = upsert_bars,
                  invalidate: Callable[[set[str]], Awaitable[None]] | None = None,
-                 stale_ms: int = 0, **kwargs: Any) -> None:
+                 stale_ms: int = 0, min_flush_gap_s: float = 0.05, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.add_dependency(db)
         self.db = db
@@ -84,6 +99,13 @@ class BarWriter(Service):
         self._inflight = 0
         self._oldest_s = 0.0
         self._lock = asyncio.Lock()
+        self.min_flush_gap_s = min_flush_gap_s
+        self._last_flush_s = -math.inf
+        self._has_pending = asyncio.Event()
+
+    async def on_start(self) -> None:
+        """Export ``marketflow_timescaledb_writer_up`` 1 until a write fails."""
+        TIMESCALEDB_WRITER_UP.set(1)
 
     @property
     def held(self) -> int:
@@ -97,8 +119,25 @@ class BarWriter(Service):
         if not self._pending:
             self._oldest_s = time.monotonic()
         self._pending.append((bar, event, stream))
+        self._has_pending.set()
         PENDING_BARS.set(self.held)
         if len(self._pending) >= self.batch_size:
+            await self.flush()
+
+    @Service.task
+    async def _flusher(self) -> None:
+        """Write pending bars as soon as they arrive, at most one flush start per
+        ``min_flush_gap_s`` (see the module docstring)."""
+        while not self.should_stop:
+            try:
+                async with asyncio.timeout(1.0):  # look at should_stop now and then
+                    await self._has_pending.wait()
+            except TimeoutError:
+                continue
+            self._has_pending.clear()
+            pause_s = self._last_flush_s + self.min_flush_gap_s - time.monotonic()
+            if pause_s > 0:
+                await self.sleep(pause_s)
             await self.flush()
 
     async def flush_if_due(self) -> None:
@@ -115,6 +154,7 @@ class BarWriter(Service):
         async with self._lock:
             if not self._pending:
                 return 0
+            self._last_flush_s = time.monotonic()
             # Take the batch out first: bars arriving during the awaits below start a new
             # batch (they must not be acked with this one before they are written).
             batch, self._pending = self._pending, []
@@ -134,11 +174,13 @@ class BarWriter(Service):
                 with FLUSH_SECONDS.time():
                     async with pool.acquire() as conn:
                         n = await self.upsert(conn, [b for b, _, _ in batch])
+                TIMESCALEDB_WRITER_UP.set(1)
                 break
             except (TimeoutError, OSError, asyncpg.PostgresError,
                     asyncpg.InterfaceError) as exc:
                 SINK_ERRORS.labels("timescaledb").inc()
                 SINK_RETRIES.labels("timescaledb").inc()
+                TIMESCALEDB_WRITER_UP.set(0)
                 log.warning("bar upsert of %d rows failed (%s); retry in %.1fs",
                             len(batch), exc, delay)
                 await asyncio.sleep(delay)
@@ -178,7 +220,8 @@ def register_sink(app: faust.App, settings: Settings, topics: Topics, database: 
     sink = settings.sink
     writer = BarWriter(database, sink.batch_size, sink.flush_interval_s, sink.retry_max_s,
                        invalidate=ohlcv_cache.invalidate,
-                       stale_ms=stale_write_ms(settings.window.grace_ms))
+                       stale_ms=stale_write_ms(settings.window.grace_ms),
+                       min_flush_gap_s=sink.min_flush_gap_s)
 
     async def persist_bars(stream: StreamT) -> None:
         manual = cast(faust.Stream, stream).noack()

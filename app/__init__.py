@@ -24,12 +24,11 @@ __all__ = ["app", "create_app"]
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        try:
-            settings = load_settings()
+        try:  # settings, and the files they name (TLS certificate, JWT keys)
+            built = create_app(load_settings())
         except ConfigError as exc:
             print(f"marketflow: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        built = create_app(settings)
         globals()["app"] = built
         return built
     raise AttributeError(f"module 'app' has no attribute {name!r}")

@@ -118,7 +118,7 @@ def register_commands(app: faust.App, settings: Settings) -> None:
     @app.command()
     async def migrate(self: Any) -> None:
         """Apply pending sql/migrations to the configured database."""
-        conn = await asyncpg.connect(settings.database.dsn)
+        conn = await asyncpg.connect(settings.database.dsn.get_secret_value())
         try:
             applied = await apply_migrations(conn)
         finally:
@@ -176,12 +176,14 @@ def register_commands(app: faust.App, settings: Settings) -> None:
                  "or pass --source")
         assert client is not None
         overwrite = h.overwrite_own if overwrite_own is None else overwrite_own
-        cache = OhlcvCache(connect(settings.redis.url), settings.redis.key_prefix,
-                           settings.web.ohlcv_cache_ttl_s, settings.web.ohlcv_cache_max_bytes)
+        cache = OhlcvCache(connect(settings.redis.url.get_secret_value()),
+                           settings.redis.key_prefix, settings.web.ohlcv_cache_ttl_s,
+                           settings.web.ohlcv_cache_max_bytes)
         failed: list[str] = []
         pool: asyncpg.Pool | None = None
         try:
-            pool = await asyncpg.create_pool(settings.database.dsn, min_size=1, max_size=2)
+            pool = await asyncpg.create_pool(settings.database.dsn.get_secret_value(),
+                                             min_size=1, max_size=2)
             if settings.database.migrate_on_start:
                 async with pool.acquire() as conn:
                     await apply_migrations(conn)

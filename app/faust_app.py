@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
+import aiokafka
 import faust
 from aiokafka.errors import KafkaConnectionError
+from faust.transport.drivers import aiokafka as faust_kafka
 
 from core.admin import ensure_topics
-from core.config import Settings
+from core.config import BrokerSection, Settings, WebSection
 from core.errors import ConfigError
+from core.kafka_security import client_ssl_context
 
-__all__ = ["MarketflowApp", "faust_options", "json_logging_config", "use_event_loop"]
+__all__ = ["MarketflowApp", "faust_credentials", "faust_options", "json_logging_config",
+           "server_ssl_context", "use_event_loop"]
 
 
 def json_logging_config() -> dict[str, Any]:
@@ -38,6 +44,43 @@ def json_logging_config() -> dict[str, Any]:
     }
 
 
+def server_ssl_context(web: WebSection) -> ssl.SSLContext:
+    """The web server's TLS context: ``web.tls_cert_file`` / ``web.tls_key_file``, TLS 1.2
+    or later, Python's default server ciphers.
+
+    Raises:
+        ConfigError: a file is missing, unreadable, or the key does not match.
+    """
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cast(Path, web.tls_cert_file), web.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"web.tls_cert_file / web.tls_key_file: cannot load "
+                          f"{web.tls_cert_file} / {web.tls_key_file}: {exc}") from None
+    return ctx
+
+
+def faust_credentials(broker: BrokerSection) -> faust.auth.Credentials | None:
+    """Faust's ``broker_credentials`` for ``broker``'s security settings (the same ones
+    :func:`core.kafka_security.client_security` gives the other clients): SASL
+    credentials (over TLS for ``SASL_SSL``), TLS credentials for ``SSL``, None for
+    ``PLAINTEXT``. Faust hands them to every client of the worker: its consumer, its
+    (transactional) producers and its admin client.
+
+    Raises:
+        ConfigError: see :func:`core.kafka_security.client_ssl_context`.
+    """
+    ctx = client_ssl_context(broker)
+    if broker.sasl_password is not None:
+        return faust.SASLCredentials(username=broker.sasl_username,
+                                     password=broker.sasl_password.get_secret_value(),
+                                     ssl_context=ctx, mechanism=broker.sasl_mechanism)
+    if ctx is not None:
+        return faust.SSLCredentials(ctx)
+    return None
+
+
 def faust_options(s: Settings) -> dict[str, Any]:
     """Faust settings for ``s``: Faust's defaults except where a setting of ours says
     otherwise (group timeouts of ``[broker]``, ``app.processing_guarantee``)."""
@@ -55,6 +98,11 @@ def faust_options(s: Settings) -> dict[str, Any]:
         "web_enabled": True,
         "table_standby_replicas": 0,
     }
+    if s.web.tls_cert_file is not None:
+        opts["web_ssl_context"] = server_ssl_context(s.web)
+    credentials = faust_credentials(s.broker)
+    if credentials is not None:
+        opts["broker_credentials"] = credentials
     if s.log.format == "json":
         opts["logging_config"] = json_logging_config()
     for key, value in (("broker_session_timeout", s.broker.session_timeout_s),
@@ -63,6 +111,30 @@ def faust_options(s: Settings) -> dict[str, Any]:
         if value is not None:
             opts[key] = value
     return opts
+
+
+class _ConsumerThread(faust_kafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread with ``broker.fetch_max_wait_ms`` instead of Faust's fixed
+    1500 ms (:class:`core.config.BrokerSection`)."""
+
+    def _create_worker_consumer(self, transport: faust_kafka.Transport
+                                ) -> aiokafka.AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        settings: Settings = cast(Any, self.app).mf_settings
+        # aiokafka hands this to its Fetcher in start(), which has not run yet
+        consumer._fetch_max_wait_ms = settings.broker.fetch_max_wait_ms
+        return consumer
+
+
+class _Consumer(faust_kafka.Consumer):
+    def _new_consumer_thread(self) -> faust_kafka.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class _Transport(faust_kafka.Transport):
+    """Faust's aiokafka transport with :class:`_ConsumerThread`."""
+
+    Consumer = _Consumer
 
 
 class MarketflowApp(faust.App):
@@ -94,6 +166,10 @@ class MarketflowApp(faust.App):
             except Exception:
                 self.log.exception("shutdown hook %r failed", fn)
         await super().on_stop()
+
+    def _new_transport(self) -> Any:
+        """Faust's aiokafka transport, with the fetch wait of ``broker.fetch_max_wait_ms``."""
+        return _Transport(self.conf.broker_consumer, self)
 
     async def on_first_start(self) -> None:
         """Create topics first (auto-created ones would get the broker's default count),

@@ -262,7 +262,7 @@ async def run(args: argparse.Namespace) -> int:
         say("\n[1] worker")
         await bench.create_database()
         http = aiohttp.ClientSession()
-        r = aioredis.Redis.from_url(settings.redis.url, decode_responses=True)
+        r = aioredis.Redis.from_url(settings.redis.url.get_secret_value(), decode_responses=True)
         t = time.monotonic()
         pid = worker.start().pid
         await worker.until_ready(120, http=http, poll_s=0.1)

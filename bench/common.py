@@ -25,6 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from core.config import load_settings  # noqa: E402
+from core.kafka_security import client_security  # noqa: E402
 from tests.support.harness import Isolation, Worker  # noqa: E402
 
 FAUST = REPO / ".venv" / "bin" / "faust"
@@ -65,8 +66,8 @@ class BenchRun:
     def __init__(self, partitions: int, extra_env: Mapping[str, str],
                  loglevel: str = "warn") -> None:
         rand = secrets.token_hex(3)
-        self.iso = Isolation.new("bench-", load_settings().database.dsn, db_prefix="bench_",
-                                 token=rand)
+        self.iso = Isolation.new("bench-", load_settings().database.dsn.get_secret_value(),
+                                 db_prefix="bench_", token=rand)
         self.name = self.iso.name
         self.dbname = self.iso.dbname
         self.web_port = self.iso.web_port
@@ -98,9 +99,10 @@ class BenchRun:
         ``keep_log`` all but the worker log); each step printed, none raises."""
         if not self.worker.ended_on_purpose:
             say(f"  worker: {self.worker.terminate(15)}")
-        await self.iso.cleanup(self.settings.redis.url,
+        await self.iso.cleanup(self.settings.redis.url.get_secret_value(),
                                self.settings.broker.bootstrap_servers,
-                               report=lambda line: say("  " + line))
+                               report=lambda line: say("  " + line),
+                               security=client_security(self.settings.broker))
         if keep_log:
             say(f"  worker log kept: {self.workdir / 'worker.log'}")
             shutil.rmtree(self.workdir / "faust", ignore_errors=True)

@@ -36,10 +36,12 @@ import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
+from aiokafka.admin import AIOKafkaAdminClient  # noqa: E402
 from common import MINUTE, BenchRun, now_ms, pct, profile_tops, run_main, say  # noqa: E402  (bench/common.py)
 
 from core.admin import ensure_topics  # noqa: E402
 from core.config import Settings  # noqa: E402
+from core.kafka_security import client_security  # noqa: E402
 from core.models import Tick, parse_tick, tick_to_json  # noqa: E402
 from feeds.replay.csv_trades import read_trades  # noqa: E402
 from feeds.replay.simulator import batch_ticks  # noqa: E402
@@ -100,7 +102,7 @@ async def produce(settings: Settings, messages: list[tuple[str, list[Tick]]]) ->
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.broker.bootstrap_servers,
         linger_ms=5, max_batch_size=1 << 20, max_request_size=8 << 20, acks="all",
-        enable_idempotence=True,
+        enable_idempotence=True, **client_security(settings.broker),
     )
     await producer.start()
     topic = settings.topics.ticks
@@ -293,29 +295,40 @@ class RedisWatcher:
         self._stop.set()
 
 
-class BrokerProbe:
-    """Plain aiokafka consumer on the ticks topic during the latency phase: ``now - ts_ms``
-    per live message is the broker delivery floor of the tick -> Redis latency.
+class TopicProbe:
+    """A plain aiokafka consumer on ``topic`` (each of its ``topics.partitions``
+    partitions, from the end) during the latency phase; :meth:`sample` turns a record's
+    decoded value into a latency in ms, or None to skip it.
 
-    It uses the ``fetch_max_wait_ms=1500`` that Faust's aiokafka driver hard-codes
-    (``faust/transport/drivers/aiokafka.py``), like the worker's consumer. Kafka answers a
-    fetch as soon as data arrives, so the wait only bounds fetches that find no data."""
+    Args:
+        settings: the run's settings (broker and security).
+        topic: the topic to read.
+        min_ts: records of event time before this (ms) are skipped by :meth:`sample`.
+        wait_ms: the consumer's ``fetch_max_wait_ms``.
+    """
 
-    def __init__(self, settings: Settings, min_ts: int, wait_ms: int = 1500) -> None:
+    def __init__(self, settings: Settings, topic: str, min_ts: int, wait_ms: int) -> None:
         self.settings = settings
+        self.topic = topic
         self.min_ts = min_ts
         self.wait_ms = wait_ms
         self.samples: list[float] = []
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
 
+    def sample(self, value: Any, now_ms: float) -> float | None:
+        """The latency of one record (ms), None to skip it."""
+        raise NotImplementedError
+
     async def run(self) -> None:
         s = self.settings
         c = AIOKafkaConsumer(bootstrap_servers=s.broker.bootstrap_servers,
-                             fetch_max_wait_ms=self.wait_ms, enable_auto_commit=False)
+                             fetch_max_wait_ms=self.wait_ms, enable_auto_commit=False,
+                             **client_security(s.broker))
         await c.start()
         try:
-            c.assign([TopicPartition(s.topics.ticks, p) for p in range(s.topics.partitions)])
+            # every topic of the run has topics.partitions partitions (core/admin.py)
+            c.assign([TopicPartition(self.topic, p) for p in range(s.topics.partitions)])
             await c.seek_to_end()
             self.ready.set()
             while not self._stop.is_set():
@@ -323,9 +336,9 @@ class BrokerProbe:
                 now = time.time_ns() / 1e6
                 for recs in got.values():
                     for m in recs:
-                        v = orjson.loads(m.value)
-                        if isinstance(v, list) and v and v[0].get("ts_ms", 0) >= self.min_ts:
-                            self.samples.append(now - v[0]["ts_ms"])
+                        lat = self.sample(orjson.loads(m.value), now)
+                        if lat is not None:
+                            self.samples.append(lat)
         finally:
             self.ready.set()
             await c.stop()
@@ -334,12 +347,45 @@ class BrokerProbe:
         self._stop.set()
 
 
+class BrokerProbe(TopicProbe):
+    """The ticks topic: ``now - ts_ms`` of each live message's first tick is the broker
+    delivery floor of the tick -> Redis latency.
+
+    It uses the ``fetch_max_wait_ms=1500`` that Faust's aiokafka driver hard-codes
+    (``faust/transport/drivers/aiokafka.py``), like the worker's consumer. Kafka answers a
+    fetch as soon as data arrives, so the wait only bounds fetches that find no data."""
+
+    def __init__(self, settings: Settings, min_ts: int, wait_ms: int = 1500) -> None:
+        super().__init__(settings, settings.topics.ticks, min_ts, wait_ms)
+
+    def sample(self, value: Any, now_ms: float) -> float | None:
+        if isinstance(value, list) and value and value[0].get("ts_ms", 0) >= self.min_ts:
+            return now_ms - value[0]["ts_ms"]
+        return None
+
+
+class BarsProbe(TopicProbe):
+    """The closed-bars topic: for each bar (not a correction) of a minute that started
+    after ``min_ts``, ``now - bucket end`` in ms (window end -> bar on the topic; includes
+    the grace)."""
+
+    def __init__(self, settings: Settings, min_ts: int) -> None:
+        super().__init__(settings, settings.topics.bars, min_ts, 100)
+
+    def sample(self, value: Any, now_ms: float) -> float | None:
+        if (isinstance(value, dict) and not value.get("correction")
+                and value.get("bucket_start_ms", 0) >= self.min_ts):
+            return now_ms - (value["bucket_start_ms"] + MINUTE)
+        return None
+
+
 async def publish_live(settings: Settings, sample: list[Tick], seconds: float, rate: int,
                        interval_ms: int) -> tuple[int, int, int, int, list[dict], float]:
     """Paced live-stamped ticks. Returns (ticks, messages, first_ts, last_ts, every bar
     the pure aggregator builds from the same ticks (open ones finalized), ticks/s)."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.broker.bootstrap_servers,
-                                linger_ms=0, acks="all", enable_idempotence=True)
+                                linger_ms=0, acks="all", enable_idempotence=True,
+                                **client_security(settings.broker))
     await producer.start()
     agg = WindowAggregator({}, grace_ms=settings.window.grace_ms, idle_timeout_ms=1)
     bars: list[dict] = []
@@ -400,6 +446,7 @@ async def baseline(settings: Settings, group: str, last: dict[int, int], n_ticks
         bootstrap_servers=settings.broker.bootstrap_servers, group_id=group,
         auto_offset_reset="earliest", enable_auto_commit=False,
         fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20,
+        **client_security(settings.broker),
     )
     await consumer.start()
     tps = [TopicPartition(topic, p) for p in sorted(last)]
@@ -438,6 +485,70 @@ async def baseline(settings: Settings, group: str, last: dict[int, int], n_ticks
 
 
 # ----------------------------------------------------------------------------- main
+
+
+PEER_VENV = REPO / "var" / "peers-venv"
+PEER_REQUIREMENTS = REPO / "bench" / "peers" / "requirements.txt"
+
+
+def ensure_peer_venv() -> Path:
+    """The peers' virtualenv (``var/peers-venv``) with ``bench/peers/requirements.txt``
+    installed (once per content of that file); its python.
+
+    Raises:
+        subprocess.CalledProcessError: venv creation or pip failed.
+    """
+    python = PEER_VENV / "bin" / "python"
+    marker = PEER_VENV / ".requirements"
+    wanted = PEER_REQUIREMENTS.read_text()
+    if python.exists() and marker.exists() and marker.read_text() == wanted:
+        return python
+    say(f"  installing {wanted.strip()} into {PEER_VENV} (once)")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(PEER_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(PEER_REQUIREMENTS)],
+                   check=True)
+    marker.write_text(wanted)
+    return python
+
+
+async def peer_quix(settings: Settings, name: str, last: dict[int, int], grace_ms: int,
+                    state_dir: Path, timeout_s: float) -> dict[str, Any]:
+    """Run ``bench/peers/quix_ohlcv.py`` (Quix Streams, same windows) over the same
+    pre-produced messages, in its own consumer group; its figures, plus ``quix_version``.
+    Its changelog topics (named after its group) are deleted afterwards.
+
+    Raises:
+        RuntimeError: the application failed or printed no figures.
+    """
+    python = ensure_peer_venv()
+    group = f"{name}-quix"
+    proc = await asyncio.create_subprocess_exec(
+        str(python), "-W", "ignore", str(REPO / "bench" / "peers" / "quix_ohlcv.py"),
+        ",".join(settings.broker.bootstrap_servers), settings.topics.ticks, group,
+        str(grace_ms), orjson.dumps({str(p): o for p, o in last.items()}).decode(),
+        str(state_dir), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
+    finally:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.broker.bootstrap_servers,
+                                    **client_security(settings.broker))
+        await admin.start()
+        try:
+            mine = [t for t in await admin.list_topics() if group in t]
+            if mine:
+                await admin.delete_topics(mine)
+        finally:
+            await admin.close()
+    lines = out.decode().strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"quix peer failed (exit {proc.returncode}): "
+                           f"{err.decode()[-2000:]}")
+    fig: dict[str, Any] = orjson.loads(lines[-1])
+    version = subprocess.run([str(python), "-c", "import quixstreams; "
+                              "print(quixstreams.__version__)"], capture_output=True,
+                             text=True, check=True)
+    fig["quix_version"] = version.stdout.strip()
+    return fig
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -612,11 +723,14 @@ async def run(args: argparse.Namespace) -> int:
                 f"worker)")
             keys = sorted({t.key for t in sample})
             start_ms = now_ms()
-            watcher = RedisWatcher(settings.redis.url, name, keys, start_ms)
+            watcher = RedisWatcher(settings.redis.url.get_secret_value(), name, keys, start_ms)
             wtask = asyncio.create_task(watcher.run())
             probe = BrokerProbe(settings, start_ms)
             ptask = asyncio.create_task(probe.run())
+            bars_probe = BarsProbe(settings, start_ms)
+            btask = asyncio.create_task(bars_probe.run())
             await probe.ready.wait()
+            await bars_probe.ready.wait()
             await asyncio.sleep(0.5)  # subscribed before the first tick
             n_live, n_msgs, first_ts, last_ts, live_bars, achieved = await publish_live(
                 settings, sample, args.latency_seconds, args.latency_rate,
@@ -624,8 +738,10 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.sleep(2.0)  # let the last batches reach Redis
             watcher.stop()
             probe.stop()
+            bars_probe.stop()
             await wtask
             await ptask
+            await btask
             say(f"  published {n_live:,} ticks in {n_msgs:,} messages ({achieved:,.0f} ticks/s)")
             s = watcher.samples
             if s:
@@ -661,14 +777,21 @@ async def run(args: argparse.Namespace) -> int:
             if lat:
                 fig["bar_lat"] = (statistics.median(lat), max(lat), len(lat))
                 say(f"  window end -> bar in DB (inserted_at - bucket end; includes the "
-                    f"{args.grace_ms} ms grace and the sink's {settings.sink.flush_interval_s:g} s "
-                    f"flush interval): p50 {statistics.median(lat):,.0f} ms, max {max(lat):,.0f}"
+                    f"{args.grace_ms} ms grace and the sink's write, at once when idle, "
+                    f"{settings.sink.min_flush_gap_s:g} s between batches): p50 "
+                    f"{statistics.median(lat):,.0f} ms, max {max(lat):,.0f}"
                     f" ms, n={len(lat)} bars ({len(want_bars)} expected, "
                     f"{len({b[2] for b in want_bars})} minute(s) x "
                     f"{len({b[:2] for b in want_bars})} keys)")
             else:
                 say("  window end -> bar in DB: no bar closed by the watermark during the phase "
                     "(use --latency-seconds >= 75)")
+            bt = bars_probe.samples
+            if bt:
+                fig["bar_topic_lat"] = (statistics.median(bt), max(bt), len(bt))
+                say(f"  window end -> bar on the closed-bars topic (plain consumer; includes "
+                    f"the {args.grace_ms} ms grace): p50 {statistics.median(bt):,.0f} ms, max "
+                    f"{max(bt):,.0f} ms, n={len(bt)} bars")
             say(f"  live bars vs pure aggregator: {fig['live_correct']}")
             for line in bad_live[:10]:
                 say(f"    {line}")
@@ -697,6 +820,23 @@ async def run(args: argparse.Namespace) -> int:
         say(f"  pipeline/baseline: sustained {fig['sustained'] / fig['baseline']:.3f}" + (
             f", consume {fig['consume_ready'] / fig['baseline']:.3f}" if "consume_ready" in fig
             else ""))
+
+        # -------------------------------------------------------------- 6b. peer
+        if args.peer == "quix":
+            say("\n[6b] peer: Quix Streams, tumbling 60 s OHLCV + count with the same grace, "
+                "over the same messages (bench/peers/quix_ohlcv.py)")
+            q = await peer_quix(settings, name, last_off, args.grace_ms,
+                                bench.workdir / "quix-state", max(300.0, args.ticks / 200))
+            if q["t_last"] is None or q["ticks"] != args.ticks:
+                raise RuntimeError(f"quix peer did not process every tick: {q}")
+            fig["quix_consumed"] = q["ticks"] / (q["t_last"] - q["t_first"])
+            fig["quix_e2e"] = q["ticks"] / (q["t_last"] - q["t_launch"])
+            fig["quix_version"] = q["quix_version"]
+            say(f"  quixstreams {q['quix_version']}: {q['ticks']:,} ticks, {q['windows']} "
+                f"closed windows emitted; first -> last message processed "
+                f"{q['t_last'] - q['t_first']:.2f} s -> {fig['quix_consumed']:,.0f} ticks/s; "
+                f"launch -> last {q['t_last'] - q['t_launch']:.2f} s -> "
+                f"{fig['quix_e2e']:,.0f} ticks/s")
     finally:
         # -------------------------------------------------------------- 7. cleanup
         say("\n[7] cleanup")
@@ -745,8 +885,23 @@ async def run(args: argparse.Namespace) -> int:
         p50, mx, n = fig["bar_lat"]
         rows_out.append(("window end -> bar in DB", f"p50 {p50:,.0f} ms, max {mx:,.0f} ms "
                                                     f"(n={n}; includes {args.grace_ms} ms grace)"))
+    if "bar_topic_lat" in fig:
+        p50, mx, n = fig["bar_topic_lat"]
+        rows_out.append(("window end -> bar on topic", f"p50 {p50:,.0f} ms, max {mx:,.0f} ms "
+                                                       f"(n={n}; includes {args.grace_ms} ms "
+                                                       f"grace)"))
     if "live_correct" in fig:
         rows_out.append(("live bars correctness", fig["live_correct"]))
+    if "quix_consumed" in fig:
+        rows_out.append((f"peer Quix Streams {fig['quix_version']}",
+                         f"{fig['quix_consumed']:,.0f} ticks/s consumed (first -> last "
+                         f"message), {fig['quix_e2e']:,.0f} ticks/s from launch"))
+        if "consume_active" in fig:
+            rows_out.append(("marketflow / Quix Streams",
+                             f"{fig['consume_active'] / fig['quix_consumed']:.2f}x consumed "
+                             f"(first -> last tick), {fig['sustained'] / fig['quix_e2e']:.2f}x "
+                             f"end to end (ours: ready -> last bar in DB; Quix: launch -> "
+                             f"last message)"))
     if "baseline" in fig:
         rows_out.append(("baseline aiokafka+orjson+aggregator", f"{fig['baseline']:,.0f} ticks/s"))
         rows_out.append(("pipeline / baseline", f"{fig['sustained'] / fig['baseline']:.3f} "
@@ -777,6 +932,9 @@ def main() -> int:
                     help="the worker's app.processing_guarantee (exactly_once: Kafka "
                          "transactions), passed as MARKETFLOW_APP__PROCESSING_GUARANTEE")
     ap.add_argument("--keep-log", action="store_true", help="keep the worker log in /tmp")
+    ap.add_argument("--peer", choices=["none", "quix"], default="none",
+                    help="also run a peer over the same messages: quix = Quix Streams "
+                         "(bench/peers/, its own virtualenv var/peers-venv)")
     ap.add_argument("--worker-loglevel", default="warn",
                     choices=["crit", "error", "warn", "info", "debug"])
     ap.add_argument("--profile", metavar="FILE",

@@ -11,12 +11,12 @@ ran (whatever the figures), 1 otherwise.
     scripts/services.sh up
     .venv/bin/python bench/stream.py                    # phases 0, 100, 1000 clients x 30 s
 
-The clients run in a second process (``python bench/stream.py --_clients CONFIG``: one
-aiohttp session, ``TCPConnector(limit=0)``, one reader task per socket), so the publisher
-in this process keeps its pace. Isolation is the one of ``bench/run.py``: a random
-``bench-<rand>`` app id / topics / Redis prefix, a ``bench_<rand>`` database, a free web
-port, a temporary data dir; all removed at the end (also after an error, Ctrl-C or
-SIGTERM). See ``bench/README.md``.
+The clients run in a second process (``python bench/stream.py --_clients CONFIG``, on
+uvloop like the worker: one aiohttp session, ``TCPConnector(limit=0)``, one reader task
+per socket), so the publisher in this process keeps its pace. Isolation is the one of
+``bench/run.py``: a random ``bench-<rand>`` app id / topics / Redis prefix, a
+``bench_<rand>`` database, a free web port, a temporary data dir; all removed at the end
+(also after an error, Ctrl-C or SIGTERM). See ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -44,8 +44,11 @@ os.chdir(REPO)  # the worker and load_settings() read marketflow.toml from the r
 import aiohttp  # noqa: E402
 import orjson  # noqa: E402
 import psutil  # noqa: E402
+import uvloop  # noqa: E402
 from aiokafka import AIOKafkaProducer  # noqa: E402
 from common import BenchRun, now_ms, pct, profile_tops, run_main, say  # noqa: E402  (bench/common.py)
+
+from core.kafka_security import client_security  # noqa: E402
 
 SUB_1M = "b"      # subscription id: bars 1m of the client's exchange:symbol
 SUB_5M = "c"      # subscription id: consolidated 5m bars (every --consolidated-every client)
@@ -359,7 +362,8 @@ class LivePublisher:
 
     async def run(self) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.settings.broker.bootstrap_servers,
-                                    linger_ms=0, acks="all", enable_idempotence=True)
+                                    linger_ms=0, acks="all", enable_idempotence=True,
+                                    **client_security(self.settings.broker))
         await producer.start()
         topic = self.settings.topics.ticks
         per_batch = self.rate * self.interval_ms / 1000
@@ -793,8 +797,8 @@ async def run(args: argparse.Namespace) -> int:
             f"after launch")
         wlog = Log(worker.log_path)
         start_ms = now_ms()
-        watcher = RedisWatcher(settings.redis.url, name, [f"{e}:{s}" for e, s in keys],
-                               start_ms)
+        watcher = RedisWatcher(settings.redis.url.get_secret_value(), name,
+                               [f"{e}:{s}" for e, s in keys], start_ms)
         wtask = asyncio.create_task(watcher.run())
         pub = LivePublisher(settings, sample, args.rate)
         ptask = asyncio.create_task(pub.run())
@@ -897,7 +901,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--_clients":
-        asyncio.run(clients_main(orjson.loads(sys.argv[2])))
+        uvloop.run(clients_main(orjson.loads(sys.argv[2])))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", default="100,1000",

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError, for_code
 
 from core.config import Settings
 from core.errors import ConfigError
+from core.kafka_security import check_security, client_security
 from core.models import MAX_MESSAGE_BYTES
 
 __all__ = ["TICKS_TOPIC_MAX_MESSAGE_BYTES", "create_topic", "delete_topics", "ensure_topics"]
@@ -25,15 +26,23 @@ async def ensure_topics(s: Settings) -> None:
     1 MiB).
 
     Raises:
-        ConfigError: a topic exists with a different partition count than configured.
+        ConfigError: a topic exists with a different partition count than configured,
+            or the broker refused the security settings (:func:`check_security`).
         aiokafka.errors.KafkaError: the broker is unreachable or refuses.
     """
     names = (s.topics.ticks, s.topics.bars, s.topics.dead_letter, s.topics.history_requests)
     # ticks: room above MAX_MESSAGE_BYTES, so the worker (not the broker's 1 MiB default)
     # refuses an oversized message, with a dead letter saying so
     configs = {s.topics.ticks: {"max.message.bytes": str(TICKS_TOPIC_MAX_MESSAGE_BYTES)}}
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker.bootstrap_servers)
-    await admin.start()
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker.bootstrap_servers,
+                                **client_security(s.broker))
+    try:
+        await admin.start()
+    except KafkaConnectionError:
+        await admin.close()
+        if s.broker.security_protocol != "PLAINTEXT":
+            await check_security(s.broker)  # refused credentials: say so, don't retry
+        raise
     try:
         existing = set(await admin.list_topics())
         wanted = [
@@ -67,7 +76,8 @@ async def create_topic(s: Settings, name: str, partitions: int = 1) -> bool:
     Raises:
         aiokafka.errors.KafkaError: the broker is unreachable or refuses.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker.bootstrap_servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker.bootstrap_servers,
+                                **client_security(s.broker))
     await admin.start()
     try:
         resp = await admin.create_topics(
@@ -89,7 +99,8 @@ async def delete_topics(s: Settings, names: list[str]) -> None:
     Raises:
         aiokafka.errors.KafkaError: the broker is unreachable or refuses.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker.bootstrap_servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.broker.bootstrap_servers,
+                                **client_security(s.broker))
     await admin.start()
     try:
         await admin.delete_topics(names)

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "HistoryError", "InvalidTick", "MarketflowError", "QueryError",
-           "ReplayError", "StorageUnavailable"]
+__all__ = ["ConfigError", "HistoryError", "InvalidTick", "MarketflowError", "PublishError",
+           "QueryError", "ReplayError", "StorageUnavailable"]
 
 
 class MarketflowError(Exception):
@@ -60,4 +60,12 @@ class StorageUnavailable(MarketflowError):
 
     The message names what failed and how, e.g. ``database unavailable: OSError``; the
     views answer 503 with it as is.
+    """
+
+
+class PublishError(MarketflowError):
+    """Ticks could not be handed to the broker (a send failed or was not acked).
+
+    The ticks stay buffered in the publisher and go out with its next flush; the message
+    says how many messages failed and why.
     """

@@ -148,3 +148,78 @@ STREAM_DISCONNECTS = Counter(
     "marketflow_stream_disconnects_total",
     "/stream sockets closed by the server, by reason (slow_consumer, send_timeout, "
     "too_many_connections, unauthorized)", ["reason"])
+
+# ---- ingest supervision (feeds/live/supervisor.py)
+
+__all__ += ["FEED_RESTARTS"]
+
+FEED_RESTARTS = Counter(
+    "marketflow_feed_restarts_total",
+    "Ingest tasks restarted by their supervisor after a crash, by feed (an exchange name, "
+    "cryptocompare, generator, or publisher)", ["feed"],
+)
+
+# ---- retention (agents/retention.py; appended)
+
+__all__ += ["RETENTION_CHUNKS", "RETENTION_DELETED", "RETENTION_RUNS"]
+
+RETENTION_RUNS = Counter(
+    "marketflow_retention_runs_total",
+    "Retention cleanup runs of the leader, by result (ok; error: a step failed, logged, "
+    "retried)", ["result"],
+)
+for _result in ("ok", "error"):
+    RETENTION_RUNS.labels(_result)  # exported as 0 from the start
+RETENTION_DELETED = Counter(
+    "marketflow_retention_deleted_total",
+    "Rows deleted by retention, by table (bars_1m: the rows of the dropped chunks)",
+    ["table"],
+)
+RETENTION_CHUNKS = Counter(
+    "marketflow_retention_chunks_dropped_total", "bars_1m chunks dropped by retention",
+)
+
+# ---- observability: HTTP requests (views/http_metrics.py), feed and TimescaleDB writer
+# state (feeds/live/manager.py, agents/sink.py; appended)
+
+__all__ += ["FEED_CONNECTED", "HTTP_LATENCY_BUCKETS_S", "HTTP_REQUESTS", "HTTP_REQUEST_SECONDS",
+            "TIMESCALEDB_WRITER_UP"]
+
+#: upper bounds (seconds) of the HTTP latency histogram's buckets
+HTTP_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                          5.0, 10.0, 30.0)
+HTTP_REQUESTS = Counter(
+    "marketflow_http_requests_total",
+    "HTTP requests answered by the worker, by route template (unmatched: no route) and "
+    "response status; a /stream WebSocket session is counted when it ends (status 101)",
+    ["route", "status"],
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "marketflow_http_request_duration_seconds",
+    "Time from a request reaching the worker's web server to its handler's response, by "
+    "route template and status; WebSocket sessions (101) are not observed",
+    ["route", "status"], buckets=HTTP_LATENCY_BUCKETS_S,
+)
+FEED_CONNECTED = Gauge(
+    "marketflow_feed_connected",
+    "1 while an ingest feed of this worker is connected, 0 while it starts, reconnects, "
+    "crashed or stopped; no series while the worker runs no feed (mode off, not the leader)",
+    ["feed", "kind"],
+)
+TIMESCALEDB_WRITER_UP = Gauge(
+    "marketflow_timescaledb_writer_up",
+    "1 while the worker's last bar write to TimescaleDB succeeded (1 from the sink's start "
+    "until a write fails), 0 while the sink retries",
+)
+for _sink in ("timescaledb", "redis"):
+    SINK_RETRIES.labels(_sink)  # exported as 0 from the start (the alert rules' increase())
+
+# ---- circuit breakers of the request path (core/breaker.py)
+
+__all__ += ["BREAKER_OPEN", "BREAKER_TRIPS"]
+
+BREAKER_OPEN = Gauge("marketflow_breaker_open",
+                     "1 while the dependency's circuit breaker is open (requests skip it)",
+                     ["dependency"])
+BREAKER_TRIPS = Counter("marketflow_breaker_trips_total",
+                        "Times the dependency's circuit breaker opened", ["dependency"])

@@ -34,7 +34,8 @@ class StateHolder:
         last_message_ms: wall clock of the last message received (UTC epoch ms) or None.
         messages: lines/frames received; ticks: ticks published; dead_lettered: rejected;
             ignored: well-formed but not ticks; reconnects: reconnect attempts; handled:
-            items done (requests, bars).
+            items done (requests, bars); restarts: crashes its supervisor restarted it
+            after (:mod:`feeds.live.supervisor`).
         on_change: optional ``(holder, previous_state) -> None`` called synchronously after
             every transition (:mod:`feeds.history.gaps` records outages with it).
     """
@@ -52,6 +53,7 @@ class StateHolder:
     ignored: int = 0
     reconnects: int = 0
     handled: int = 0
+    restarts: int = 0
     on_change: Callable[[StateHolder, str], None] | None = field(
         default=None, repr=False, compare=False)
 
@@ -81,4 +83,5 @@ class StateHolder:
             "last_message_ms": self.last_message_ms, "messages": self.messages,
             "ticks": self.ticks, "dead_lettered": self.dead_lettered, "ignored": self.ignored,
             "reconnects": self.reconnects, "handled": self.handled,
+            "restarts": self.restarts,
         }

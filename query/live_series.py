@@ -63,8 +63,7 @@ async def bucket_bars(database: Database, symbol: str, exchange: str | None, lo_
         StorageUnavailable: the database failed.
     """
     try:
-        pool = await database.pool()
-        async with pool.acquire() as conn:
+        async with database.request() as conn:
             rows = await fetch_rollup_live(conn, symbol, exchange, lo_ms, hi_ms, interval_ms,
                                            MAX_BARS, live, live_wins=True)
     except _DB_ERRORS as exc:

@@ -142,8 +142,7 @@ class PriceQueries:
         except (RedisError, OSError) as exc:
             _redis_fallback("latest", exc)
             try:
-                pool = await self.database.pool()
-                async with pool.acquire() as conn:
+                async with self.database.request() as conn:
                     found = await latest_close(conn, symbol, exchange)
             except _DB_ERRORS as db_exc:
                 raise StorageUnavailable(
@@ -191,15 +190,18 @@ class PriceQueries:
                 cut_s -= cut_s % _MINUTE_S
                 first_s -= first_s % _MINUTE_S
                 aggs = await self.stats.seconds(symbol, exchange, cut_s, last_s)
-                pool = await self.database.pool()
-                async with pool.acquire() as conn:
-                    stored = await price_stats(conn, symbol, exchange, first_s * 1000,
-                                               cut_s * 1000)
-                    if aggs is None and stored is None and not await symbol_known(
-                            conn, symbol, exchange):
-                        aggs = None
-                    else:
-                        aggs = (aggs or []) + ([stored] if stored else [])
+                try:
+                    async with self.database.request() as conn:
+                        stored = await price_stats(conn, symbol, exchange, first_s * 1000,
+                                                   cut_s * 1000)
+                        if aggs is None and stored is None and not await symbol_known(
+                                conn, symbol, exchange):
+                            aggs = None
+                        else:
+                            aggs = (aggs or []) + ([stored] if stored else [])
+                except _DB_ERRORS as exc:
+                    raise StorageUnavailable(
+                        f"database unavailable: {type(exc).__name__}") from exc
         except RedisError as exc:
             _redis_fallback("stats", exc)
             return await self._stats_from_database(symbol, exchange, period_s, now_ms)
@@ -218,8 +220,7 @@ class PriceQueries:
         first_s, last_s = seconds_in_period(now_ms, period_s)
         first_s -= first_s % _MINUTE_S
         try:
-            pool = await self.database.pool()
-            async with pool.acquire() as conn:
+            async with self.database.request() as conn:
                 stored = await price_stats(conn, symbol, exchange, first_s * 1000,
                                            (last_s + 1) * 1000)
                 known = stored is not None or await symbol_known(conn, symbol, exchange)

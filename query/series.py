@@ -22,7 +22,8 @@ SQL as stored ones), and every bar has the shape of :func:`core.models.ohlcv_bar
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from core.errors import StorageUnavailable
+from core.metrics import REDIS_FALLBACKS
 from core.models import ohlcv_bar
 from core.timeutil import MINUTE_MS, floor_minute, live_window_ms, sealed_end_ms
 from feeds.history.on_demand import OnDemandHistory
@@ -49,8 +51,8 @@ from stores.live_bars import LiveBarStore
 from stores.ohlcv_cache import OhlcvCache
 
 __all__ = ["COUNTBACK_STEPS", "FILLS", "INTERVALS_MS", "MAX_BARS", "PAIRS_LIMIT", "Bar",
-           "HistoryBars", "OhlcvSeries", "SeriesBuilder", "bucket_range_ms", "canonical_pair",
-           "fill_previous", "rows_to_bars", "splice_json_arrays"]
+           "HistoryBars", "LocalLive", "OhlcvSeries", "SeriesBuilder", "bucket_range_ms",
+           "canonical_pair", "fill_previous", "rows_to_bars", "splice_json_arrays"]
 
 #: ``/ohlcv`` interval name -> bucket length (ms); buckets are aligned to UTC midnight
 INTERVALS_MS: dict[str, int] = {"1m": MINUTE_MS, "5m": 5 * MINUTE_MS, "15m": 15 * MINUTE_MS,
@@ -69,6 +71,12 @@ PAIRS_LIMIT = 100
 Bar = dict[str, Any]
 
 _DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+log = logging.getLogger(__name__)
+
+#: ``(symbol, exchange | None, start_ms, end_ms) -> live 1-minute bars`` (closed-bar
+#: schema plus ``closed``) from the worker's own window state
+LocalLive = Callable[[str, str | None, int, int], list[dict[str, Any]]]
 _FINAL = ("done", "empty", "error")
 
 
@@ -231,12 +239,20 @@ class SeriesBuilder:
             or ``history.source`` none).
         on_demand_wait_s: how long a request waits for an on-demand fetch
             (``history.on_demand_wait_s``).
+        local_live: ``(symbol, exchange | None, start_ms, end_ms) -> live bars`` from this
+            worker's window state (:func:`tables.bars.open_bars`), used while Redis is
+            down; None: no live minutes then.
+
+    Attributes:
+        degraded: set when a series was built without Redis's live bars (only the open
+            minutes of this worker's own partitions, or none); the views say so.
     """
 
     def __init__(self, database: Database, live_bars: LiveBarStore,
                  ohlcv_cache: OhlcvCache, *, grace_ms: int, max_future_ms: int,
                  on_demand: OnDemandHistory | None = None,
-                 on_demand_wait_s: float = 0.0) -> None:
+                 on_demand_wait_s: float = 0.0,
+                 local_live: LocalLive | None = None) -> None:
         self.database = database
         self.live_bars = live_bars
         self.ohlcv_cache = ohlcv_cache
@@ -244,6 +260,8 @@ class SeriesBuilder:
         self.max_future_ms = max_future_ms
         self.on_demand = on_demand
         self.on_demand_wait_s = on_demand_wait_s
+        self.local_live = local_live
+        self.degraded = False
 
     async def ohlcv(self, symbol: str, exchange: str | None, start_ms: int, end_ms: int,
                     interval: str, fill: str, now_ms: int) -> OhlcvSeries:
@@ -266,7 +284,8 @@ class SeriesBuilder:
             OhlcvSeries: the bars, whether the symbol is known, the history request.
 
         Raises:
-            StorageUnavailable: the database or Redis failed.
+            StorageUnavailable: the database failed (a Redis failure only sets
+                :attr:`degraded`).
         """
         iv = INTERVALS_MS[interval]
         seal_ms = min(end_ms, sealed_end_ms(now_ms, self.grace_ms, iv))
@@ -275,8 +294,12 @@ class SeriesBuilder:
             try:
                 history = await self.ask_history(self.on_demand, symbol, exchange, start_ms,
                                                  seal_ms, iv)
-            except (RedisError, *_DB_ERRORS) as exc:
-                raise StorageUnavailable(f"storage unavailable: {type(exc).__name__}"
+            except RedisError as exc:  # no on-demand fetch without Redis: stored bars only
+                REDIS_FALLBACKS.labels("series").inc()
+                log.debug("series: on-demand history unavailable (%s)", type(exc).__name__)
+                self.degraded = True
+            except _DB_ERRORS as exc:
+                raise StorageUnavailable(f"database unavailable: {type(exc).__name__}"
                                          ) from exc
         last: Bar | None = None
         sealed = b"[]"
@@ -287,8 +310,7 @@ class SeriesBuilder:
                 last, sealed = await self.sealed(symbol, exchange, interval, fill, start_ms,
                                                  seal_ms, now_ms)
             lo_ms = max(seal_ms, start_ms)
-            pool = await self.database.pool()
-            async with pool.acquire() as conn:
+            async with self.database.request() as conn:
                 if end_ms > lo_ms:
                     rest, live_seen = await self.recent_buckets(conn, symbol, exchange, lo_ms,
                                                                 end_ms, iv, now_ms)
@@ -335,8 +357,7 @@ class SeriesBuilder:
         iv = INTERVALS_MS[interval]
         last: Bar | None = None
         try:
-            pool = await self.database.pool()
-            async with pool.acquire() as conn:
+            async with self.database.request() as conn:
                 if fill == "none":  # serialised by PostgreSQL, passed through as is
                     blob = await fetch_rollup_json(conn, symbol, exchange, start_ms, seal_ms,
                                                    iv, MAX_BARS)
@@ -371,10 +392,10 @@ class SeriesBuilder:
 
         Returns:
             ``(bars, live_seen)``: bars oldest first; ``live_seen`` when a live bar was
-            counted.
+            counted. With Redis unreachable, the live bars are the ones of ``local_live``
+            (or none) and :attr:`degraded` is set.
 
         Raises:
-            StorageUnavailable: Redis is unreachable.
             asyncpg.PostgresError, OSError: the database failed.
         """
         minute = floor_minute(now_ms)
@@ -389,8 +410,13 @@ class SeriesBuilder:
                     live = await self.live_bars.live_bars(symbol, exchange, live_lo,
                                                               live_hi)
                 except (RedisError, OSError) as exc:
-                    raise StorageUnavailable(f"redis unavailable: {type(exc).__name__}"
-                                             ) from exc
+                    # stored bars, plus the open minutes this worker itself holds
+                    REDIS_FALLBACKS.labels("series").inc()
+                    log.debug("series: live bars unavailable (%s); window state used",
+                              type(exc).__name__)
+                    self.degraded = True
+                    live = (self.local_live(symbol, exchange, live_lo, live_hi)
+                            if self.local_live is not None else [])
         if not live:
             rows = await fetch_rollup(conn, symbol, exchange, lo_ms, end_ms, interval_ms,
                                       MAX_BARS)
@@ -422,8 +448,7 @@ class SeriesBuilder:
         Raises:
             redis.exceptions.RedisError, asyncpg.PostgresError, OSError: storage failed.
         """
-        pool = await self.database.pool()
-        async with pool.acquire() as conn:
+        async with self.database.request() as conn:
             oldest = await oldest_bar_in(conn, symbol, exchange, start_ms, seal_ms)
         if oldest is not None and oldest - start_ms < interval_ms:
             return None
@@ -451,10 +476,10 @@ class SeriesBuilder:
             now_ms: wall clock, UTC epoch ms.
 
         Returns:
-            HistoryBars: the bars, or where older data starts, or whether any exists.
+            HistoryBars: the bars, or where older data starts, or whether any exists
+            (:attr:`degraded` set when Redis's live bars were unavailable).
 
         Raises:
-            StorageUnavailable: Redis is unreachable.
             asyncpg.PostgresError, OSError: the database failed.
         """
         iv = interval_ms

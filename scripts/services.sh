@@ -12,6 +12,16 @@
 # Ports: MF_BROKER_PORT (19092), MF_CONTROLLER_PORT (broker port + 100), MF_PG_PORT (15432),
 # MF_REDIS_PORT (16379). MF_KAFKA_NODES=3: a 3-node Kafka cluster instead of one node (see broker).
 # Downloads (Kafka jars, Maven's repository) are cached in $MF_CACHE_DIR (default: <repo>/var/cache).
+# On request (off by default): MF_TLS=1 makes a local CA and a server certificate for 127.0.0.1 /
+# localhost in $VAR/tls (ca.pem, server.pem, server.key; kept across runs) and turns on TLS in
+# PostgreSQL (ssl = on, same port) and Redis (TLS on MF_REDIS_TLS_PORT, default redis port + 1,
+# beside the plain port); MF_REDIS_PASSWORD=... sets Redis's requirepass (docs/security.md).
+# MF_KAFKA_SASL=1 (single node only) adds two Kafka listeners beside the plaintext one, with the
+# same local CA: SASL_SSL on MF_KAFKA_SASL_PORT (broker port + 200; PLAIN, SCRAM-SHA-256 and
+# SCRAM-SHA-512) and SSL with required client certificates on MF_KAFKA_SSL_PORT (broker port + 201;
+# client.pem / client.key in $VAR/tls). The SASL user is MF_KAFKA_SASL_USER (marketflow), its
+# password MF_KAFKA_SASL_PASSWORD or a random one kept in $VAR/kafka/sasl/password; the SCRAM
+# credentials are created when the log dir is formatted (docs/security.md#kafka).
 # Must run as root (it uses apt-get and runs PostgreSQL as the `postgres` user).
 set -Eeuo pipefail
 
@@ -21,11 +31,20 @@ BROKER_PORT=${MF_BROKER_PORT:-19092}
 PG_PORT=${MF_PG_PORT:-15432}
 REDIS_PORT=${MF_REDIS_PORT:-16379}
 
+TLS=${MF_TLS:-0}
+REDIS_TLS_PORT=${MF_REDIS_TLS_PORT:-$((REDIS_PORT + 1))}
+REDIS_PASSWORD=${MF_REDIS_PASSWORD:-}
+TLS_DIR=$VAR/tls
+
 CACHE=${MF_CACHE_DIR:-$REPO/var/cache}
 CONTROLLER_PORT=${MF_CONTROLLER_PORT:-$((BROKER_PORT + 100))}
 KAFKA_VERSION=4.1.1
 KAFKA_NODES=${MF_KAFKA_NODES:-1}
 KAFKA_HEAP=${MF_KAFKA_HEAP:-1g}
+KAFKA_SASL=${MF_KAFKA_SASL:-0}
+KAFKA_SASL_PORT=${MF_KAFKA_SASL_PORT:-$((BROKER_PORT + 200))}
+KAFKA_SSL_PORT=${MF_KAFKA_SSL_PORT:-$((BROKER_PORT + 201))}
+KAFKA_SASL_USER=${MF_KAFKA_SASL_USER:-marketflow}
 
 PG_MAJOR=15
 PGBIN=/usr/lib/postgresql/$PG_MAJOR/bin
@@ -210,6 +229,49 @@ kafka_ctl_port() { echo $((CONTROLLER_PORT + $1 - 1)); }
 kafka_props() { echo "$KAFKA_DIR/node-$1/server.properties"; }
 kafka_pidfile() { echo "$VAR/run/kafka$KAFKA_TAG-$1.pid"; }
 kafka_log() { echo "$VAR/log/kafka$KAFKA_TAG-$1.log"; }
+KAFKA_SASL_DIR=$KAFKA_DIR/sasl
+
+# MF_KAFKA_SASL=1: the SASL password (given, or made once and kept) and the broker's PKCS#12
+# keystore (the local CA's server certificate; its password made once), all mode 600.
+ensure_kafka_sasl_secrets() {
+    ensure_tls_client_cert
+    mkdir -p "$KAFKA_SASL_DIR"
+    chmod 700 "$KAFKA_SASL_DIR"
+    if [[ -n ${MF_KAFKA_SASL_PASSWORD:-} ]]; then
+        (umask 077 && printf '%s\n' "$MF_KAFKA_SASL_PASSWORD" >"$KAFKA_SASL_DIR/password")
+    elif [[ ! -s $KAFKA_SASL_DIR/password ]]; then
+        (umask 077 && openssl rand -hex 24 >"$KAFKA_SASL_DIR/password")
+    fi
+    if [[ ! -s $KAFKA_SASL_DIR/keystore.p12 ]]; then
+        (umask 077 && openssl rand -hex 24 >"$KAFKA_SASL_DIR/keystore.password")
+        run_logged "kafka keystore" openssl pkcs12 -export -in "$TLS_DIR/server.pem" \
+            -inkey "$TLS_DIR/server.key" -certfile "$TLS_DIR/ca.pem" -name kafka \
+            -out "$KAFKA_SASL_DIR/keystore.p12" -passout "file:$KAFKA_SASL_DIR/keystore.password"
+        chmod 600 "$KAFKA_SASL_DIR/keystore.p12"
+    fi
+}
+
+# Extra server.properties lines of MF_KAFKA_SASL=1 (the PLAIN user's password is in the file,
+# which is mode 600; SCRAM users live in the cluster metadata).
+kafka_sasl_props() {
+    local pw ks_pw
+    pw=$(cat "$KAFKA_SASL_DIR/password")
+    ks_pw=$(cat "$KAFKA_SASL_DIR/keystore.password")
+    cat <<PROPS
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$KAFKA_SASL_USER="$pw";
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$KAFKA_SASL_DIR/keystore.p12
+ssl.keystore.password=$ks_pw
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.pem
+listener.name.ssl.ssl.client.auth=required
+listener.name.sasl_ssl.ssl.client.auth=none
+ssl.enabled.protocols=TLSv1.3,TLSv1.2
+PROPS
+}
 
 # Java >= 17 (Kafka 4 brokers need it) and Maven, from Debian when missing.
 ensure_java_maven() {
@@ -252,15 +314,21 @@ write_kafka_props() {
         voters+="${voters:+,}$j@127.0.0.1:$(kafka_ctl_port "$j")"
     done
     if ((n >= 3)); then rf=3; isr=2; fi
+    local extra="" map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+    if [[ $KAFKA_SASL == 1 ]]; then
+        extra=",SASL_SSL://127.0.0.1:$KAFKA_SASL_PORT,SSL://127.0.0.1:$KAFKA_SSL_PORT"
+        map+=",SASL_SSL:SASL_SSL,SSL:SSL"
+    fi
     mkdir -p "$KAFKA_DIR/node-$i"
+    (umask 077 && : >"$(kafka_props "$i")") && chmod 600 "$(kafka_props "$i")"
     cat >"$(kafka_props "$i")" <<PROPS
 # Managed by scripts/services.sh, rewritten on every start.
 process.roles=broker,controller
 node.id=$i
 controller.quorum.voters=$voters
-listeners=PLAINTEXT://127.0.0.1:$(kafka_port "$i"),CONTROLLER://127.0.0.1:$(kafka_ctl_port "$i")
-advertised.listeners=PLAINTEXT://127.0.0.1:$(kafka_port "$i")
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listeners=PLAINTEXT://127.0.0.1:$(kafka_port "$i"),CONTROLLER://127.0.0.1:$(kafka_ctl_port "$i")$extra
+advertised.listeners=PLAINTEXT://127.0.0.1:$(kafka_port "$i")$extra
+listener.security.protocol.map=$map
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$KAFKA_DIR/node-$i/data
@@ -277,21 +345,40 @@ auto.create.topics.enable=true
 delete.topic.enable=true
 log.retention.hours=168
 PROPS
+    [[ $KAFKA_SASL == 1 ]] && kafka_sasl_props >>"$(kafka_props "$i")"
+    return 0
 }
 
 # Format node $1's log dir once (KRaft metadata with the cluster id of $KAFKA_DIR/cluster.id).
 ensure_kafka_formatted() {
-    local i=$1 id
-    [[ -f $KAFKA_DIR/node-$i/data/meta.properties ]] && return 0
+    local i=$1 id pw
+    local -a scram=()
+    if [[ -f $KAFKA_DIR/node-$i/data/meta.properties ]]; then
+        if [[ $KAFKA_SASL == 1 && ! -f $KAFKA_SASL_DIR/formatted ]]; then
+            die "broker: MF_KAFKA_SASL=1, but $KAFKA_DIR was formatted without SCRAM users (they are" \
+                "made at format time); remove $KAFKA_DIR (its topics go) or use another MF_VAR_DIR"
+        fi
+        return 0
+    fi
     mkdir -p "$KAFKA_DIR"
     if [[ ! -s $KAFKA_DIR/cluster.id ]]; then
         kafka_java kafka.tools.StorageTool random-uuid >"$KAFKA_DIR/cluster.id" 2>>"$INSTALL_LOG" ||
             die "broker: kafka-storage random-uuid failed (log: $INSTALL_LOG)"
     fi
     id=$(cat "$KAFKA_DIR/cluster.id")
+    if [[ $KAFKA_SASL == 1 ]]; then
+        # StorageTool takes the credentials only as arguments: visible in ps for this one run
+        pw=$(cat "$KAFKA_SASL_DIR/password")
+        scram=(--add-scram "SCRAM-SHA-256=[name=$KAFKA_SASL_USER,password=$pw]"
+            --add-scram "SCRAM-SHA-512=[name=$KAFKA_SASL_USER,password=$pw]")
+    fi
     log "broker: formatting the log dir of node $i ($KAFKA_DIR/node-$i/data, cluster $id)"
     run_logged "kafka-storage format node $i" kafka_java kafka.tools.StorageTool format \
-        -t "$id" -c "$(kafka_props "$i")" --ignore-formatted
+        -t "$id" -c "$(kafka_props "$i")" --ignore-formatted "${scram[@]}"
+    if [[ $KAFKA_SASL == 1 ]]; then
+        touch "$KAFKA_SASL_DIR/formatted"
+        log "broker: SCRAM-SHA-256/512 user '$KAFKA_SASL_USER' created (password: $KAFKA_SASL_DIR/password)"
+    fi
 }
 
 kafka_node_pid() {
@@ -310,6 +397,7 @@ broker_running() {
 # Start node $1 in the background (no waiting); prints its pid.
 start_kafka_node() {
     local i=$1 pid
+    [[ $KAFKA_SASL == 1 ]] && ensure_kafka_sasl_secrets
     write_kafka_props "$i"
     ensure_kafka_formatted "$i"
     printf '\n=== %s: starting Apache Kafka %s node %s on 127.0.0.1:%s\n' "$(date -Is)" \
@@ -384,6 +472,10 @@ broker_up() {
         log "broker: started Apache Kafka $KAFKA_VERSION node ${to_start[$i]} on" \
             "127.0.0.1:$(kafka_port "${to_start[$i]}") (pid $(kafka_node_pid "${to_start[$i]}"), KRaft, data $KAFKA_DIR/node-${to_start[$i]}/data)"
     done
+    if [[ $KAFKA_SASL == 1 ]]; then
+        log "broker: SASL_SSL on 127.0.0.1:$KAFKA_SASL_PORT, SSL (client certificates required) on" \
+            "127.0.0.1:$KAFKA_SSL_PORT, CA $TLS_DIR/ca.pem"
+    fi
 }
 
 broker_down() {
@@ -539,6 +631,14 @@ unix_socket_directories = '$PG_SOCK_DIR'
 shared_preload_libraries = 'timescaledb'
 timescaledb.telemetry_level = off
 EOF
+    if [[ $TLS == 1 ]]; then
+        ensure_tls_certs
+        # PostgreSQL wants its key owned by the server user and not readable by others
+        install -o postgres -g postgres -m 600 "$TLS_DIR/server.key" "$PGDATA/server.key"
+        install -o postgres -g postgres -m 644 "$TLS_DIR/server.pem" "$PGDATA/server.crt"
+        printf "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_min_protocol_version = 'TLSv1.2'\n" \
+            >>"$PGDATA/marketflow.conf"
+    fi
     chown postgres:postgres "$PGDATA/marketflow.conf"
 }
 
@@ -632,12 +732,49 @@ postgres_status() {
     fi
 }
 
+# --------------------------------------------------------------------------------------------------- tls
+
+# A local CA and a server certificate for 127.0.0.1 / localhost (MF_TLS=1), made once in $TLS_DIR.
+ensure_tls_certs() {
+    [[ -f $TLS_DIR/ca.pem && -f $TLS_DIR/server.pem && -f $TLS_DIR/server.key ]] && return 0
+    command -v openssl >/dev/null || apt_install openssl
+    mkdir -p "$TLS_DIR"
+    chmod 700 "$TLS_DIR"
+    log "tls: making a local CA and a server certificate in $TLS_DIR"
+    run_logged "tls ca" openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" -days 3650 -subj "/CN=marketflow local CA" \
+        -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+    sign_tls_cert server /CN=127.0.0.1 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth'
+}
+
+# $TLS_DIR/$1.key and $1.pem: a P-256 key and its certificate, subject $2, extensions $3
+# (printf format), signed by the local CA.
+sign_tls_cert() {
+    local name=$1 subject=$2 ext=$3
+    run_logged "tls $name csr" openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$TLS_DIR/$name.key" -out "$TLS_DIR/$name.csr" -subj "$subject"
+    # shellcheck disable=SC2059  # $ext is the format, by design
+    printf "$ext\n" >"$TLS_DIR/$name.ext"
+    run_logged "tls $name cert" openssl x509 -req -in "$TLS_DIR/$name.csr" -CA "$TLS_DIR/ca.pem" \
+        -CAkey "$TLS_DIR/ca.key" -CAcreateserial -out "$TLS_DIR/$name.pem" -days 825 \
+        -extfile "$TLS_DIR/$name.ext"
+    rm -f "$TLS_DIR/$name.csr" "$TLS_DIR/$name.ext"
+}
+
+# A client certificate (CN=marketflow) of the local CA, for Kafka's SSL listener (MF_KAFKA_SASL=1).
+ensure_tls_client_cert() {
+    ensure_tls_certs
+    [[ -f $TLS_DIR/client.pem && -f $TLS_DIR/client.key ]] && return 0
+    log "tls: making a client certificate in $TLS_DIR"
+    sign_tls_cert client /CN=marketflow 'extendedKeyUsage=clientAuth'
+}
+
 # ------------------------------------------------------------------------------------------------- redis
 
 REDIS_PIDFILE=$VAR/run/redis.pid
 REDIS_LOG=$VAR/log/redis.log
 
-redis_cli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+redis_cli() { REDISCLI_AUTH=$REDIS_PASSWORD redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
 
 redis_pid() {
     local pid
@@ -670,9 +807,20 @@ redis_up() {
     fi
     mkdir -p "$VAR/run" "$VAR/log" "$VAR/redis"
     rm -f "$REDIS_PIDFILE"
+    local -a extra=()
+    if [[ $TLS == 1 ]]; then
+        ensure_tls_certs
+        extra+=(--tls-port "$REDIS_TLS_PORT" --tls-cert-file "$TLS_DIR/server.pem"
+            --tls-key-file "$TLS_DIR/server.key" --tls-ca-cert-file "$TLS_DIR/ca.pem"
+            --tls-auth-clients no)
+    fi
+    # The password goes in as a config file on stdin ("-"), never on the command line (ps).
     # No persistence (--save "" --appendonly no): it is a cache.
-    if ! redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" \
-        --save "" --appendonly no \
+    local conf=""
+    [[ -n $REDIS_PASSWORD ]] && conf="requirepass \"$REDIS_PASSWORD\""
+    if ! printf '%s\n' "$conf" |
+        redis-server - --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" \
+        --save "" --appendonly no "${extra[@]}" \
         --pidfile "$REDIS_PIDFILE" --logfile "$REDIS_LOG" --dir "$VAR/redis" >>"$INSTALL_LOG" 2>&1; then
         show_log_tail "$REDIS_LOG"
         die "redis: redis-server failed to start (log: $REDIS_LOG)"
@@ -686,7 +834,9 @@ redis_up() {
         show_log_tail "$REDIS_LOG"
         die "redis: not answering PING on 127.0.0.1:$REDIS_PORT after 10 s (log: $REDIS_LOG)"
     fi
-    log "redis: started on 127.0.0.1:$REDIS_PORT (pid $(redis_pid))"
+    local tls_note=""
+    [[ $TLS == 1 ]] && tls_note="; TLS on 127.0.0.1:$REDIS_TLS_PORT, CA $TLS_DIR/ca.pem"
+    log "redis: started on 127.0.0.1:$REDIS_PORT (pid $(redis_pid)$tls_note)"
 }
 
 redis_down() {
@@ -747,6 +897,11 @@ main() {
     check_port_var MF_BROKER_PORT "$BROKER_PORT"
     check_port_var MF_CONTROLLER_PORT "$CONTROLLER_PORT"
     [[ $KAFKA_NODES =~ ^[1-9]$ ]] || die "MF_KAFKA_NODES must be 1..9, got '$KAFKA_NODES'"
+    if [[ $KAFKA_SASL == 1 ]]; then
+        [[ $KAFKA_NODES == 1 ]] || die "MF_KAFKA_SASL=1 needs MF_KAFKA_NODES=1"
+        check_port_var MF_KAFKA_SASL_PORT "$KAFKA_SASL_PORT"
+        check_port_var MF_KAFKA_SSL_PORT "$KAFKA_SSL_PORT"
+    fi
     check_port_var MF_PG_PORT "$PG_PORT"
     check_port_var MF_REDIS_PORT "$REDIS_PORT"
 

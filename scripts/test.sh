@@ -6,6 +6,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
 scripts/bootstrap.sh
 scripts/browser.sh   # Debian's chromium for the browser tests (Playwright drives it)
+scripts/promtool.sh  # Debian's promtool for the alert-rule tests and the /metrics lint
 scripts/services.sh up
 export PATH=$REPO/.venv/bin:$PATH
 echo "== ruff"; ruff check .

@@ -7,6 +7,8 @@ A job is one (source, exchange, symbol, [start_ms, end_ms)) range fetched backwa
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import asyncpg
 
 __all__ = ["create_job", "get_job", "record_page", "reset_job", "set_state"]
@@ -77,3 +79,29 @@ async def record_page(conn: asyncpg.Connection, job_id: str, next_to_ms: int, ba
                       requests: int) -> None:
     """Advance the job after a committed page (call in the page's transaction)."""
     await conn.execute(_RECORD_PAGE, job_id, next_to_ms, bars, requests)
+
+
+# ---- retention (agents/retention.py; appended)
+
+__all__ += ["delete_finished_before"]
+
+#: Finished jobs (done, or failed: error) last updated before $1.
+_DELETE_FINISHED_BEFORE = """
+DELETE FROM backfill_jobs WHERE state IN ('done', 'error') AND updated_at < $1
+"""
+
+
+async def delete_finished_before(conn: asyncpg.Connection, cutoff_ms: int) -> int:
+    """Delete the ``done`` and ``error`` jobs last updated before ``cutoff_ms`` (UTC epoch
+    ms); ``pending`` and ``fetching`` jobs are kept whatever their age (they resume). A
+    deleted job run again starts from scratch.
+
+    Returns:
+        int: jobs deleted.
+
+    Raises:
+        asyncpg.PostgresError / OSError: the database failed.
+    """
+    status = await conn.execute(_DELETE_FINISHED_BEFORE,
+                                datetime.fromtimestamp(cutoff_ms / 1000, tz=UTC))
+    return int(status.rsplit(" ", 1)[1])

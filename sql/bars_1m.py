@@ -436,3 +436,85 @@ async def latest_close(conn: asyncpg.Connection, symbol: str, exchange: str | No
     return {"exchange": r["exchange"], "price": float(r["close"]),
             "ts_ms": int(ts_ms) if ts_ms is not None else start_ms + 59_999,
             "bucket_start_ms": start_ms}
+
+
+# ---- retention (agents/retention.py; appended)
+
+__all__ += ["chunks_before", "drop_chunk"]
+
+#: ``(range_start, range_end)`` of the ``bars_1m`` chunks whose whole range ends at or
+#: before $1 (the chunks ``drop_chunks(older_than => $1)`` drops), oldest first.
+_CHUNKS_BEFORE = """
+SELECT (extract(epoch FROM c.range_start) * 1000)::bigint AS start_ms,
+       (extract(epoch FROM c.range_end) * 1000)::bigint AS end_ms
+FROM timescaledb_information.chunks AS c
+JOIN show_chunks('bars_1m', older_than => $1::timestamptz) AS s(chunk)
+  ON format('%I.%I', c.chunk_schema, c.chunk_name)::regclass = s.chunk
+ORDER BY c.range_start
+"""
+
+#: Rows of the chunk [$1, $2) and its distinct symbols (a loose index scan over
+#: ``bars_1m_symbol_bucket``: one probe per symbol).
+_CHUNK_CONTENT = """
+WITH RECURSIVE syms (symbol) AS (
+    (SELECT symbol FROM bars_1m WHERE bucket_start >= $1 AND bucket_start < $2
+     ORDER BY symbol LIMIT 1)
+    UNION ALL
+    SELECT (SELECT b.symbol FROM bars_1m AS b
+            WHERE b.symbol > syms.symbol AND b.bucket_start >= $1 AND b.bucket_start < $2
+            ORDER BY b.symbol LIMIT 1)
+    FROM syms WHERE syms.symbol IS NOT NULL
+)
+SELECT (SELECT count(*) FROM bars_1m WHERE bucket_start >= $1 AND bucket_start < $2)
+           AS n,
+       coalesce((SELECT array_agg(symbol ORDER BY symbol) FROM syms
+                 WHERE symbol IS NOT NULL), '{}') AS symbols
+"""
+
+_DROP_CHUNK = """
+SELECT drop_chunks('bars_1m', older_than => $2::timestamptz, newer_than => $1::timestamptz)
+"""
+
+
+async def chunks_before(conn: asyncpg.Connection, cutoff_ms: int) -> list[tuple[int, int]]:
+    """The ``bars_1m`` chunks that lie wholly before ``cutoff_ms``.
+
+    Args:
+        conn: connection.
+        cutoff_ms: UTC epoch ms; a chunk qualifies when its range ends at or before it.
+
+    Returns:
+        ``(range_start_ms, range_end_ms)`` per chunk (UTC epoch ms, 1 day long with the
+        migration's chunk interval), oldest first.
+
+    Raises:
+        asyncpg.PostgresError / OSError: the query failed (e.g. ``bars_1m`` is not a
+            hypertable).
+    """
+    rows = await conn.fetch(_CHUNKS_BEFORE, _ts(cutoff_ms))
+    return [(int(r["start_ms"]), int(r["end_ms"])) for r in rows]
+
+
+async def drop_chunk(conn: asyncpg.Connection, start_ms: int, end_ms: int
+                     ) -> tuple[int, int, list[str]]:
+    """Drop the ``bars_1m`` chunk(s) lying within ``[start_ms, end_ms)``, in one
+    transaction (``drop_chunks`` with both bounds: a chunk returned by
+    :func:`chunks_before`, and nothing newer).
+
+    Args:
+        conn: connection.
+        start_ms, end_ms: the chunk's range, UTC epoch ms.
+
+    Returns:
+        ``(chunks dropped, rows they held, their distinct symbols sorted)``; the rows and
+        symbols are read in the same transaction just before the drop.
+
+    Raises:
+        asyncpg.PostgresError / OSError: the drop failed; nothing was dropped.
+    """
+    lo, hi = _ts(start_ms), _ts(end_ms)
+    async with conn.transaction():
+        content = await conn.fetchrow(_CHUNK_CONTENT, lo, hi)
+        dropped = await conn.fetch(_DROP_CHUNK, lo, hi)
+    assert content is not None
+    return len(dropped), int(content["n"]), list(content["symbols"])

@@ -244,3 +244,26 @@ async def missing_sealed_minutes(conn: asyncpg.Connection, exchange: str, symbol
         return 0
     return int(await conn.fetchval(_MISSING_IN_RANGE, exchange, symbol, _ts(start_ms),
                                    _ts(end_ms)))
+
+
+# ---- retention (agents/retention.py; appended)
+
+__all__ += ["delete_ended_before"]
+
+#: Gaps whose range ended at or before $1, unless a repair is running on them.
+_DELETE_ENDED_BEFORE = "DELETE FROM gaps WHERE end_ms <= $1 AND state <> 'repairing'"
+
+
+async def delete_ended_before(conn: asyncpg.Connection, cutoff_ms: int) -> int:
+    """Delete the gaps whose range ended at or before ``cutoff_ms`` (UTC epoch ms), in any
+    state but ``repairing`` (``open`` ones too: minutes that old are past the retention,
+    and with ``history.source = "none"`` open gaps are never resolved).
+
+    Returns:
+        int: gaps deleted.
+
+    Raises:
+        asyncpg.PostgresError / OSError: the database failed.
+    """
+    status = await conn.execute(_DELETE_ENDED_BEFORE, cutoff_ms)
+    return int(status.rsplit(" ", 1)[1])

@@ -76,7 +76,7 @@ class RedisWriteBuffer(Service):
         stats: where per-second statistics are written.
         live_bars: where live-bar snapshots are written.
         max_pending_seconds: bound of the per-second statistics backlog (entries
-            ``(exchange:symbol, second)``).
+            ``(exchange:symbol, second, source offset)``).
         max_pending_bars: bound of the live-bar snapshot backlog (entries).
         channel: where each flush's changed bars and prices are also published (in the
             same pipeline, after the writes), None for no publishing.
@@ -96,7 +96,7 @@ class RedisWriteBuffer(Service):
         self.max_pending_seconds = max_pending_seconds
         self.max_pending_bars = max_pending_bars
         self._pending: dict[str, tuple[float, int]] = {}
-        self._pending_secs: dict[tuple[str, int], list[float]] = {}
+        self._pending_secs: dict[tuple[str, int, int], list[float]] = {}
         self._pending_bars: dict[tuple[str, str, int], dict[str, Any]] = {}
         #: current state re-published when Redis comes back: newest price per key, and
         #: open live bars with the wall time (ms) of their last update
@@ -127,9 +127,14 @@ class RedisWriteBuffer(Service):
                 known[key] = val
         self._wake.set()
 
-    def update_seconds(self, aggs: dict[tuple[str, int], list[float]]) -> None:
-        """Queue per-second aggregates ``(exchange:symbol, second) -> [min, max, sum,
-        count]`` (merged with anything pending)."""
+    def update_seconds(self, aggs: dict[tuple[str, int], list[float]], offset: int) -> None:
+        """Queue the per-second aggregates ``(exchange:symbol, second) -> [min, max, sum,
+        count]`` of the ``ticks`` message at ``offset``. They stay apart from other
+        messages' until written, so that Redis merges each offset once
+        (:mod:`stores.stats`)."""
+        self._merge_seconds({(k, sec, offset): a for (k, sec), a in aggs.items()})
+
+    def _merge_seconds(self, aggs: dict[tuple[str, int, int], list[float]]) -> None:
         pending = self._pending_secs
         for k, a in aggs.items():
             cur = pending.get(k)
@@ -213,7 +218,7 @@ class RedisWriteBuffer(Service):
                           if k not in batch or v[1] >= batch[k][1]})
             self._pending = batch
             later, self._pending_secs = self._pending_secs, secs
-            self.update_seconds(later)
+            self._merge_seconds(later)
             later_bars, self._pending_bars = self._pending_bars, bars
             self.update_bars(list(later_bars.values()))
             raise

@@ -15,7 +15,10 @@
 * ``<p>:history:req:<request id>``: on-demand history requests
   (:mod:`feeds.history.on_demand`);
 * ``<p>:stream``: the pub/sub channel of live-bar and latest-price changes
-  (:mod:`stores.stream_channel`).
+  (:mod:`stores.stream_channel`);
+* ``<p>:ratelimit:<client id>`` and ``<p>:ratelimit:@global``: the shared rate-limit
+  buckets, ``<p>:streamconns:<client id>``: a client's open ``/stream`` sockets
+  (:mod:`stores.rate_limit`).
 """
 
 from __future__ import annotations
@@ -30,11 +33,13 @@ __all__ = [
     "mode_key",
     "ohlcv_entry_key",
     "ohlcv_gen_key",
+    "rate_limit_key",
     "replay_control_key",
     "replay_seq_key",
     "replay_state_key",
     "seconds_key",
     "stream_channel",
+    "stream_conns_key",
 ]
 
 
@@ -98,3 +103,19 @@ def history_request_key(prefix: str, req_id: str) -> str:
 def stream_channel(prefix: str) -> str:
     """Redis pub/sub channel of live-bar and latest-price changes."""
     return f"{prefix}:stream"
+
+
+def rate_limit_key(prefix: str, client_id: str) -> str:
+    """Redis key of a client's shared token bucket (``@global``: the cluster's)."""
+    return f"{prefix}:ratelimit:{client_id}"
+
+
+def stream_conns_key(prefix: str, client_id: str) -> str:
+    """Redis key of a client's open stream sockets (sorted set: socket id -> expiry ms)."""
+    return f"{prefix}:streamconns:{client_id}"
+
+
+def stream_subs_key(prefix: str, client_id: str) -> str:
+    """Redis key of a client's stream subscriptions (sorted set: ``<socket id>/<sub id>``
+    -> expiry ms)."""
+    return f"{prefix}:streamsubs:{client_id}"

@@ -3,8 +3,13 @@
 
 * ``<p>:sec:<exchange>:<symbol>:<minute>`` (:mod:`stores.keys`) — hash
   ``<second> -> "min,max,sum,count"`` of the ticks with event time in that second
-  (``minute``/``second`` are epoch minutes and seconds); merged atomically by a Lua
-  script, expiring :data:`SECONDS_TTL_MS` after its last write, so stale data deletes
+  (``minute``/``second`` are epoch minutes and seconds), plus the field ``off``: the
+  highest source offset (``ticks`` message offset; a key lives on one partition) merged
+  into the hash. Merged atomically by a Lua script that skips an entry whose offset is
+  not above ``off``, so a message applied again — re-delivered after a crash that fell
+  between this write and the window state's changelog write, or a pipeline retried after
+  a lost reply — is counted once, as the window state does (:mod:`tables.aggregator`).
+  The hash expires :data:`SECONDS_TTL_MS` after its last write, so stale data deletes
   itself and memory stays bounded.
 """
 
@@ -17,24 +22,35 @@ from core.timeutil import MINUTE_MS
 from stores.keys import exchanges_key, seconds_key
 from stores.latest import exchanges_of
 
-__all__ = ["SECONDS_TTL_MS", "SecondStatsStore"]
+__all__ = ["OFFSET_FIELD", "SECONDS_TTL_MS", "SecondStatsStore"]
 
 #: how long a per-minute hash of per-second state lives after its last write
 SECONDS_TTL_MS = 16 * MINUTE_MS
 
+#: hash field holding the highest source offset merged
+OFFSET_FIELD = "off"
+
+# ARGV: ttl_ms, then per entry: offset, second, min, max, sum, count
 _MERGE_SECONDS = """
-for i = 2, #ARGV, 5 do
-  local f = ARGV[i]
-  local lo, hi, sum, n = tonumber(ARGV[i+1]), tonumber(ARGV[i+2]), tonumber(ARGV[i+3]),
-                         tonumber(ARGV[i+4])
-  local cur = redis.call('HGET', KEYS[1], f)
-  if cur then
-    local a, b, c, d = string.match(cur, '([^,]+),([^,]+),([^,]+),([^,]+)')
-    lo = math.min(lo, tonumber(a)); hi = math.max(hi, tonumber(b))
-    sum = sum + tonumber(c); n = n + tonumber(d)
+local stored = tonumber(redis.call('HGET', KEYS[1], 'off') or '-1')
+local top = stored
+for i = 2, #ARGV, 6 do
+  local off = tonumber(ARGV[i])
+  if off > stored then
+    local f = ARGV[i+1]
+    local lo, hi, sum, n = tonumber(ARGV[i+2]), tonumber(ARGV[i+3]), tonumber(ARGV[i+4]),
+                           tonumber(ARGV[i+5])
+    local cur = redis.call('HGET', KEYS[1], f)
+    if cur then
+      local a, b, c, d = string.match(cur, '([^,]+),([^,]+),([^,]+),([^,]+)')
+      lo = math.min(lo, tonumber(a)); hi = math.max(hi, tonumber(b))
+      sum = sum + tonumber(c); n = n + tonumber(d)
+    end
+    redis.call('HSET', KEYS[1], f, string.format('%.17g,%.17g,%.17g,%d', lo, hi, sum, n))
+    if off > top then top = off end
   end
-  redis.call('HSET', KEYS[1], f, string.format('%.17g,%.17g,%.17g,%d', lo, hi, sum, n))
 end
+if top > stored then redis.call('HSET', KEYS[1], 'off', top) end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
 return 1
 """
@@ -54,17 +70,18 @@ class SecondStatsStore:
         self._merge = redis.register_script(_MERGE_SECONDS)
 
     async def queue_seconds(self, pipe: Pipeline,
-                            aggs: dict[tuple[str, int], list[float]]) -> set[str]:
-        """Add merges of ``(exchange:symbol, second) -> [min, max, sum, count]`` to
-        ``pipe``, one script call per key and minute.
+                            aggs: dict[tuple[str, int, int], list[float]]) -> set[str]:
+        """Add merges of ``(exchange:symbol, second, source offset) -> [min, max, sum,
+        count]`` to ``pipe``, one script call per key and minute; entries whose offset the
+        hash already merged are skipped by the script (module docstring).
 
         Returns:
             set[str]: the ``exchange:symbol`` keys written.
         """
         by_minute: dict[tuple[str, int], list[str]] = {}
-        for (key, sec), a in aggs.items():
+        for (key, sec, off), a in aggs.items():
             by_minute.setdefault((key, sec // 60), []).extend(
-                (str(sec), repr(a[0]), repr(a[1]), repr(a[2]), str(int(a[3]))))
+                (str(off), str(sec), repr(a[0]), repr(a[1]), repr(a[2]), str(int(a[3]))))
         for (key, minute), args in by_minute.items():
             exchange, symbol = key.split(":", 1)
             await self._merge(keys=[seconds_key(self.prefix, exchange, symbol, minute)],
@@ -96,7 +113,7 @@ class SecondStatsStore:
         out = []
         for h in hashes:
             for f, v in h.items():
-                if first_s <= int(f) <= last_s:
+                if f != OFFSET_FIELD and first_s <= int(f) <= last_s:
                     lo, hi, total, n = v.split(",")
                     out.append([float(lo), float(hi), float(total), float(n)])
         return out

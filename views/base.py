@@ -18,8 +18,12 @@ What :meth:`ApiView.dispatch` adds to Faust's ``View``:
   page with its static files (``/``, ``/static/...``: no data in them): with
   ``auth.enabled`` a missing/invalid bearer token gets 401 with
   ``WWW-Authenticate: Bearer ...``; with ``auth.rate_limit_per_s`` > 0 a client over its
-  limit gets 429 with ``Retry-After: <seconds>``. The client id is kept in
-  ``request[CLIENT_ID_KEY]``.
+  limit gets 429 with ``Retry-After: <seconds>``; a valid credential without the scope
+  the method needs (``read`` for GET/HEAD, the view's ``write_scope`` otherwise) gets 403
+  naming the scope. The client id is kept in ``request[CLIENT_ID_KEY]``, the
+  :class:`views.auth.Principal` in ``request[PRINCIPAL_KEY]``; a handler checks the
+  series it reads with :meth:`ApiView.check_market` (403 outside the credential's
+  symbols/exchanges).
 * **405** as JSON with an ``Allow`` header for a method the view does not implement
   (routes are registered for every standard method, so aiohttp's plain-text 405 never
   answers); ``OPTIONS`` is answered 204 with ``Allow`` unless the view defines it.
@@ -43,10 +47,11 @@ from faust.web.exceptions import WebError
 from redis.exceptions import RedisError
 
 from stores.replay_control import series_clock_ms
-from views.auth import AccessDenied
+from views.auth import OPEN, AccessDenied, Principal
 from views.context import ViewContext
 
-__all__ = ["CLIENT_ID_KEY", "PUBLIC_PATHS", "ApiView", "Routes", "bind_view", "error_body"]
+__all__ = ["CLIENT_ID_KEY", "PRINCIPAL_KEY", "PUBLIC_PATHS", "ApiView", "Routes", "bind_view",
+           "error_body"]
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +61,19 @@ PUBLIC_PATHS: frozenset[str] = frozenset({"/health", "/", "/static/{name}",
 #: request key of the client id (``request.get(CLIENT_ID_KEY)``, ``key:...``/``jwt:...``/
 #: ``addr:...``; set only when access control is active)
 CLIENT_ID_KEY: Any
+#: request key of the :class:`views.auth.Principal` (set only when access control is active)
+PRINCIPAL_KEY: Any
 try:
     from aiohttp.web import RequestKey
 
     CLIENT_ID_KEY = RequestKey("marketflow.client_id", str)
+    PRINCIPAL_KEY = RequestKey("marketflow.principal", Principal)
 except ImportError:  # aiohttp < 3.13
     CLIENT_ID_KEY = "marketflow.client_id"
+    PRINCIPAL_KEY = "marketflow.principal"
+
+#: methods that only read (scope ``read``); the others need the view's ``write_scope``
+_READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 #: methods routed to every ApiView (the view answers 405 for those it lacks)
 _ROUTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -90,6 +102,27 @@ class ApiView(View):
     #: with auth on, a request without ``Authorization`` reaches the view, which checks a
     #: token itself (the WebSocket stream: browsers cannot set the header)
     auth_in_first_frame: ClassVar[bool] = False
+    #: the scope a POST (or other writing method) needs; GET and HEAD need ``read``
+    write_scope: ClassVar[str] = "control"
+
+    @classmethod
+    def required_scope(cls, method: str) -> str:
+        """The scope ``method`` needs on this view (docs/security.md#scopes)."""
+        return "read" if method.upper() in _READ_METHODS else cls.write_scope
+
+    @staticmethod
+    def principal(request: Any) -> Principal:
+        """Who ``request`` acts as (:data:`views.auth.OPEN` while access control is off)."""
+        return cast(Principal, request.get(PRINCIPAL_KEY) or OPEN)
+
+    def check_market(self, request: Any, symbol: str | None, exchange: str | None) -> None:
+        """Check that ``request`` may read ``symbol`` on ``exchange`` (None: consolidated).
+
+        Raises:
+            views.auth.Forbidden: outside the credential's restrictions (the view's
+                dispatch answers 403).
+        """
+        self.principal(request).check_market(symbol, exchange)
 
     # -- helpers for views ------------------------------------------------------------
 
@@ -170,14 +203,19 @@ class ApiView(View):
                         and "Authorization" not in request.headers)
             if guard.active and not deferred:
                 try:
-                    request[CLIENT_ID_KEY] = guard.admit(
+                    principal = await guard.acheck(
                         request.headers.get("Authorization"),
-                        getattr(request, "remote", None), time.monotonic())
+                        getattr(request, "remote", None), time.monotonic(),
+                        self.required_scope(method))
                 except AccessDenied as exc:
                     return self.fail(exc.status, exc.message, headers=exc.headers)
+                request[CLIENT_ID_KEY] = principal.client_id
+                request[PRINCIPAL_KEY] = principal
         handler = cast(Callable[..., Awaitable[Response]], self.methods[method.lower()])
         try:
             return await handler(cast(Request, request), **(request.match_info or {}))
+        except AccessDenied as exc:  # a handler's own check (check_market)
+            return self.fail(exc.status, exc.message, headers=exc.headers)
         except WebError as exc:
             status = int(exc.code or 500)
             if status >= 500:

@@ -29,11 +29,8 @@ _TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".css": "text/css
           ".html": "text/html", ".md": "text/markdown", ".LICENSE": "text/plain",
           ".NOTICE": "text/plain", ".svg": "image/svg+xml", ".png": "image/png"}
 #: security headers of the page and its files
-_HEADERS = {"X-Content-Type-Options": "nosniff",
-            "Content-Security-Policy": ("default-src 'self'; connect-src 'self' ws: wss:; "
-                                        "img-src 'self' data:; style-src 'self' "
-                                        "'unsafe-inline'; frame-ancestors 'none'"),
-            "Cache-Control": "no-cache"}
+#: the CSP and the other security headers come from views/security_headers.py
+_HEADERS = {"Cache-Control": "no-cache"}
 
 
 @cache

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
+from core.breaker import CircuitBreaker
 from core.config import Settings
 from feeds.history.on_demand import OnDemandHistory
+from query.series import LocalLive
 from sql.pool import Database
 from stores.buffer import RedisWriteBuffer
 from stores.latest import LatestPriceStore
@@ -27,7 +29,8 @@ class ViewContext:
 
     Attributes:
         settings: the worker's settings.
-        database: the TimescaleDB pool service (``await database.pool()``).
+        database: the TimescaleDB pools (``async with database.request() as conn``: bounded,
+            behind the database circuit breaker).
         redis: the worker's shared Redis connection (mode, ingest status, replay state, gap
             status; key formats in :mod:`stores.keys`).
         latest: latest prices in Redis.
@@ -38,6 +41,9 @@ class ViewContext:
         on_demand: on-demand history requests (``ask``, ``wait_for_request``, ``status``).
         access_guard: bearer-token checks and the rate limit.
         stream_hub: the WebSocket stream's hub (``/stream``).
+        breakers: the request path's circuit breakers (Redis, database) for ``/health``.
+        local_live: this worker's open minutes from its window state
+            (:data:`query.series.LocalLive`), for series built while Redis is down.
     """
 
     settings: Settings
@@ -51,3 +57,5 @@ class ViewContext:
     on_demand: OnDemandHistory
     access_guard: AccessGuard
     stream_hub: StreamHub
+    breakers: list[CircuitBreaker] = field(default_factory=list)
+    local_live: LocalLive | None = None

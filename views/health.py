@@ -9,10 +9,14 @@
                 "feeds": {"exchange1": {"kind": "marketflow_tcp", "state": "connected",
                                         "last_message_ms": ..., "messages": 120,
                                         "ticks": 118, "dead_lettered": 2, "ignored": 0,
-                                        "reconnects": 0, "last_error": null}, ...}}}
+                                        "reconnects": 0, "restarts": 0,
+                                        "last_error": null}, ...},
+                "publisher": {"kind": "publisher", "state": "running", "restarts": 0, ...}}}
 
 A feed outage (state ``reconnecting``) shows in ``ingest.feeds`` but does not turn the
-HTTP status to 503: the pipeline itself is healthy. ``ingest`` is null when no worker
+HTTP status to 503: the pipeline itself is healthy. A feed (or the publisher's flush)
+that crashed is restarted by its supervisor (:mod:`feeds.live.supervisor`): state
+``crashed`` until then, ``restarts`` counts it. ``ingest`` is null when no worker
 ingests (mode ``off``). ``gaps`` is the leader's gap job (:mod:`feeds.history.gaps`):
 ``{"state": "idle"|"scanning"|"repairing"|"error", "last_scan_ms", "open", "counts",
 "source", "last_error", "updated_ms"}``, null when no worker runs it. ``stream`` is this
@@ -26,7 +30,12 @@ API answers meanwhile: ``{"prices_latest": "database", "prices_stats": "database
 is this worker's Redis writer (:meth:`stores.buffer.RedisWriteBuffer.status`): ``{"up",
 "outage_since_ms", "backlog": {"latest", "seconds", "bars"}, "dropped": {"seconds",
 "bars"}, "republished_ms", "last_error"}``. Once Redis answers again the status returns to
-200 and the writer re-publishes the worker's current state (no restart needed)."""
+200 and the writer re-publishes the worker's current state (no restart needed).
+
+``"breakers"``: the request path's circuit breakers (:mod:`core.breaker`), ``{"redis":
+{"state": "closed"|"open", "failures", "trips", "opened_ms", "last_error"}, "database":
+{...}}``; while one is open, requests skip that dependency at once (a Redis problem
+falls back to TimescaleDB; a database problem answers 503)."""
 
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ from aiokafka import AIOKafkaClient
 from faust.web import Request, Response
 from redis.exceptions import RedisError
 
+from core.kafka_security import client_security
 from feeds.history.gaps import read_gap_status
 from stores.control import get_mode, read_ingest_status
 from views.base import ApiView, Routes
@@ -49,7 +59,8 @@ _TIMEOUT_S = 2.0
 
 async def _broker(ctx: ViewContext) -> None:
     client = AIOKafkaClient(bootstrap_servers=ctx.settings.broker.bootstrap_servers,
-                            request_timeout_ms=int(_TIMEOUT_S * 1000))
+                            request_timeout_ms=int(_TIMEOUT_S * 1000),
+                            **client_security(ctx.settings.broker))
     try:
         await client.bootstrap()
     finally:
@@ -57,9 +68,8 @@ async def _broker(ctx: ViewContext) -> None:
 
 
 async def _database(ctx: ViewContext) -> None:
-    pool = await ctx.database.pool()
-    async with pool.acquire() as conn:
-        await conn.fetchval("SELECT 1")
+    async with ctx.database.request() as conn:  # bounded; fails at once while the circuit
+        await conn.fetchval("SELECT 1")          # is open
 
 
 async def _redis(ctx: ViewContext) -> None:
@@ -89,6 +99,7 @@ async def check_all(ctx: ViewContext) -> dict[str, Any]:
             out[name] = "up"
     out["status"] = "ok" if all(out[n] == "up" for n in names) else "degraded"
     out["redis_writer"] = ctx.redis_writes.status()
+    out["breakers"] = {b.name: b.status() for b in ctx.breakers}
     if out["redis"] == "down":
         out["redis_fallback"] = {"prices_latest": "database",
                                  "prices_stats": "database (minute granularity)",

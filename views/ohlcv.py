@@ -105,16 +105,18 @@ def parse_ohlcv_query(q: dict[str, str], now_ms: int
     return symbol, exchange, start_ms, end_ms, interval, fill
 
 
-def series_builder(ctx: ViewContext) -> SeriesBuilder:
+def series_builder(ctx: ViewContext, on_demand: bool = True) -> SeriesBuilder:
     """The series builder over the views' dependencies (on-demand history only with
-    ``history.on_demand`` on and a ``history.source``)."""
+    ``history.on_demand`` on, a ``history.source``, and ``on_demand``: the request's
+    credential has the ``admin`` scope)."""
     settings = ctx.settings
     h = settings.history
+    on_demand = on_demand and h.on_demand and h.source != "none"
     return SeriesBuilder(ctx.database, ctx.live_bars, ctx.ohlcv_cache,
                          grace_ms=settings.window.grace_ms,
                          max_future_ms=settings.window.max_future_ms,
-                         on_demand=ctx.on_demand if h.on_demand and h.source != "none" else None,
-                         on_demand_wait_s=h.on_demand_wait_s)
+                         on_demand=ctx.on_demand if on_demand else None,
+                         on_demand_wait_s=h.on_demand_wait_s, local_live=ctx.local_live)
 
 
 class Ohlcv(ApiView):
@@ -131,9 +133,11 @@ class Ohlcv(ApiView):
                     dict(request.query), now)
         except QueryError as exc:
             return self.fail(400, str(exc), param=exc.param)
+        self.check_market(request, symbol, exchange)
+        builder = series_builder(self.ctx, self.principal(request).may("admin"))
         try:
-            series = await series_builder(self.ctx).ohlcv(symbol, exchange, start_ms, end_ms,
-                                                          interval, fill, now)
+            series = await builder.ohlcv(symbol, exchange, start_ms, end_ms, interval, fill,
+                                         now)
         except StorageUnavailable as exc:
             return self.fail(503, str(exc))
         history = series.history
@@ -145,6 +149,8 @@ class Ohlcv(ApiView):
                 return self.fail(404, f"unknown symbol {symbol!r}{where}", param="symbol")
         head: dict[str, Any] = {"symbol": symbol, "exchange": exchange, "interval": interval,
                                 "fill": fill, "start": start_ms, "end": end_ms}
+        if builder.degraded:  # Redis down: stored bars and this worker's own open minutes
+            head["degraded"] = True
         if history is not None:
             head["history"] = {k: history.get(k) for k in ("request_id", "state", "bars",
                                                             "error")}

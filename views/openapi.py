@@ -134,6 +134,9 @@ SCHEMAS: dict[str, Any] = {
                                         "(inclusive), epoch ms"},
         "end": {**_MS, "description": "range end (exclusive), epoch ms"},
         "bars": {"type": "array", "items": _ref("Bar")},
+        "degraded": {"type": "boolean", "description":
+                     "present (true) when Redis was unavailable: stored bars plus only the "
+                     "open minutes this worker holds in its window state"},
         "history": _obj({
             "request_id": {"type": "string"},
             "state": {"type": "string", "enum": ["requested", "fetching", "writing", "done",
@@ -180,6 +183,8 @@ SCHEMAS: dict[str, Any] = {
         "dead_lettered": {"type": "integer"},
         "ignored": {"type": "integer"},
         "reconnects": {"type": "integer"},
+        "restarts": {"type": "integer", "description":
+                     "crashes its supervisor restarted it after (state crashed meanwhile)"},
         "last_error": {"type": "string", "nullable": True},
     }, description="One live/test feed of the ingesting worker."),
     "IngestStatus": _obj({
@@ -191,6 +196,9 @@ SCHEMAS: dict[str, Any] = {
                            "ticks waiting for the broker (grows during a broker outage)"},
         "max_buffered_ticks": {"type": "integer", "description":
                                "feeds.max_buffered_ticks: beyond it the feeds stop reading"},
+        "publisher": {"allOf": [_ref("FeedStatus")], "description":
+                      "the periodic flush to the broker (state running or crashed, "
+                      "restarts, last_error)"},
         "feeds": {"type": "object", "additionalProperties": _ref("FeedStatus"),
                   "description": "by feed name (exchange1, cryptocompare, ...)"},
     }, description="Status written by the ingesting worker; null when none ingests."),
@@ -212,6 +220,9 @@ SCHEMAS: dict[str, Any] = {
         "redis_writer": {"type": "object", "description": "this worker's Redis writer: up, "
                          "outage_since_ms, backlog {latest, seconds, bars}, dropped "
                          "{seconds, bars}, republished_ms, last_error"},
+        "breakers": {"type": "object", "description": "the request path's circuit "
+                     "breakers by dependency (redis, database): state closed|open, "
+                     "failures, trips, opened_ms, last_error"},
         "redis_fallback": {"type": "object", "additionalProperties": {"type": "string"},
                            "description": "present when Redis is down: where the price "
                                           "views answer from meanwhile"},
@@ -448,7 +459,9 @@ PATHS: dict[str, dict[str, Any]] = {
                         f"{MAX_BARS} buckets, or a countback above {MAX_BARS}, is not "
                         f"refused: the newest {MAX_BARS} buckets come back, and a chart "
                         "paging back (its next request ends before the oldest bar it got) "
-                        "ends on s=no_data without nextTime once nothing older is stored."),
+                        "ends on s=no_data without nextTime once nothing older is stored. "
+                        "While Redis is unavailable the body has degraded: true (stored "
+                        "bars plus the open minutes this worker holds)."),
         "parameters": [
             {"name": "symbol", "in": "query", "required": True,
              "schema": {"type": "string", "maxLength": 81}},
@@ -563,6 +576,13 @@ _COMMON_ERRORS = {
             "headers": {"WWW-Authenticate": {"schema": {"type": "string"},
                                              "description": "Bearer challenge"}},
             "content": {"application/json": {"schema": _ref("Error")}}},
+    "403": {"description": "the credential lacks the operation's scope "
+                           "(`x-required-scope`), or the series is outside its symbols or "
+                           "exchanges (docs/security.md)",
+            "headers": {"WWW-Authenticate": {"schema": {"type": "string"},
+                                             "description": "Bearer challenge, "
+                                                            "error=\"insufficient_scope\""}},
+            "content": {"application/json": {"schema": _ref("Error")}}},
     "429": {"description": "rate limit exceeded",
             "headers": {"Retry-After": {"schema": {"type": "integer"},
                                         "description": "seconds to wait"}},
@@ -573,8 +593,14 @@ _COMMON_ERRORS = {
 _DESCRIPTION = """Real-time crypto market data: latest prices and 1-minute OHLCV bars.
 
 **Authentication.** When the server enables it (`auth.enabled`), every path except
-`/health` needs `Authorization: Bearer <token>`: a configured API key or an HS256 JWT
-signed with the configured secret (`exp`/`nbf` checked). A per-client rate limit
+`/health` and the chart page needs `Authorization: Bearer <token>`: a configured API key or
+a JWT (HS256 with the configured secret, RS256/ES256 with a configured public key or JWKS;
+`exp`, `nbf`, `aud`, `iss` checked). Missing or invalid credentials get 401.
+
+**Scopes.** Each operation names the scope it needs in `x-required-scope`: `read` (every
+GET and the stream), `control` (mode switch, replay control); on-demand history fetches
+happen only for `admin`. A valid credential without the scope, or outside the symbols or
+exchanges it is limited to, gets 403 naming the reason. A per-client rate limit
 (`auth.rate_limit_per_s`, `auth.rate_limit_burst`) answers 429 with `Retry-After`.
 
 **Errors.** Every error is `{"error": {"status": 400, "message": "...", "param": "symbol"}}`
@@ -599,9 +625,12 @@ def build_spec() -> dict[str, Any]:
             op = {**op, "responses": dict(op["responses"])}
             public = op.get("security") == []
             for code, resp in _COMMON_ERRORS.items():
-                if public and code in ("401", "429"):
+                if public and code in ("401", "403", "429"):
                     continue
                 op["responses"].setdefault(code, resp)
+            if not public:
+                op.setdefault("x-required-scope",
+                              "read" if method in ("get", "head") else "control")
             paths[path][method] = op
     return {
         "openapi": "3.0.3",
@@ -615,7 +644,8 @@ def build_spec() -> dict[str, Any]:
             "schemas": SCHEMAS,
             "securitySchemes": {"bearerAuth": {
                 "type": "http", "scheme": "bearer",
-                "description": "API key or HS256 JWT (only when auth.enabled)"}},
+                "description": "API key or JWT (only when auth.enabled; scopes in each "
+                               "operation's x-required-scope)"}},
         },
         "security": [{"bearerAuth": []}],
     }
@@ -670,7 +700,9 @@ def _paragraphs(text: str) -> str:
 def _operation(path: str, method: str, op: dict[str, Any], spec: dict[str, Any]) -> str:
     anchor = _e(op.get("operationId", f"{method}-{path}"))
     open_ = op.get("security", spec.get("security")) == []
-    lock = "" if open_ else ' <span class="lock">bearer token when auth is enabled</span>'
+    lock = "" if open_ else (' <span class="lock">bearer token with scope '
+                             f'{_e(op.get("x-required-scope", "read"))} when auth is '
+                             'enabled</span>')
     parts = [f'<section class="op" id="{anchor}"><h3><span class="method">'
              f"{_e(method.upper())}</span> <code>{_e(path)}</code>{lock}</h3>",
              f"<p>{_e(op.get('summary', ''))}</p>"]

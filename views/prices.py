@@ -65,12 +65,14 @@ def price_queries(ctx: ViewContext) -> PriceQueries:
                         ctx.settings.redis.key_prefix)
 
 
-async def _latest(view: ApiView, symbol: str, exchange: str | None) -> Response:
+async def _latest(view: ApiView, request: Request, symbol: str,
+                  exchange: str | None) -> Response:
     try:
         parse_name(symbol, "symbol")
         parse_name(exchange, "exchange", required=False)
     except QueryError as exc:
         return view.fail(400, str(exc), param=exc.param)
+    view.check_market(request, symbol, exchange)
     try:
         found = await price_queries(view.ctx).latest(symbol, exchange)
     except StorageUnavailable as exc:
@@ -102,6 +104,7 @@ async def _stat(view: ApiView, request: Request, stat: str, symbol: str,
         period_s = parse_period_s(period)
     except QueryError as exc:
         return view.fail(400, str(exc), param=exc.param)
+    view.check_market(request, symbol, exchange)
     # replayed data (a namespaced exchange) follows the replay's simulated clock
     replayed = exchange is not None and bool(clock_of(exchange))
     try:
@@ -132,7 +135,7 @@ class LatestPrice(ApiView):
     """Newest trade price of ``symbol`` on any exchange."""
 
     async def get(self, request: Request, symbol: str) -> Response:
-        return await _latest(self, symbol, None)
+        return await _latest(self, request, symbol, None)
 
 
 class LatestPriceOnExchange(ApiView):
@@ -141,7 +144,7 @@ class LatestPriceOnExchange(ApiView):
     async def get(
         self, request: Request, exchange: str, symbol: str
     ) -> Response:
-        return await _latest(self, symbol, exchange)
+        return await _latest(self, request, symbol, exchange)
 
 
 class PriceStatOnExchange(ApiView):

@@ -24,7 +24,7 @@ from faust.web import Request, Response
 
 from core.errors import StorageUnavailable
 from core.timeutil import now_ms
-from views.auth import AccessDenied
+from views.auth import AccessDenied, Forbidden, Principal
 from views.base import CLIENT_ID_KEY, ApiView, Routes
 from views.stream_hub import Connection
 from views.stream_protocol import (
@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 #: largest client frame (bytes); a larger one closes the socket (1009)
 MAX_FRAME_BYTES = 16 * 1024
+#: close code: the worker or the client has too many sockets (RFC 6455 7.4.1 "try again")
+CLOSE_TRY_LATER = 1013
 #: close code: auth on and no valid ``auth`` first frame
 CLOSE_UNAUTHORIZED = 4001
 #: longest a single send may block before the client counts as slow (seconds)
@@ -68,9 +70,9 @@ class Stream(ApiView):
         await ws.prepare(raw)
         client = raw.get(CLIENT_ID_KEY) or f"addr:{raw.remote}"
         conn = Connection(ws, client, settings.stream.max_queued_frames, SEND_TIMEOUT_S,
-                          raw.transport)
+                          raw.transport, hub.batcher)
         if hub.full:
-            await conn.close(1013, "too many connections", "too_many_connections")
+            await conn.close(CLOSE_TRY_LATER, "too many connections", "too_many_connections")
             return ws  # type: ignore[return-value]
         need_auth = settings.auth.enabled and raw.get(CLIENT_ID_KEY) is None
         hub.add(conn)
@@ -83,11 +85,19 @@ class Stream(ApiView):
                                      "max_updates_per_s": s.max_updates_per_s,
                                      "max_symbols": s.max_symbols,
                                      "heartbeat_s": s.heartbeat_s}})
-            if need_auth and not await self._first_frame_auth(conn, raw):
+            principal = self.principal(raw)
+            if need_auth:
+                got = await self._first_frame_auth(conn, raw)
+                if got is None:
+                    return ws  # type: ignore[return-value]
+                principal = got
+            if not await hub.admit_client(conn):
+                await conn.close(CLOSE_TRY_LATER, "too many connections for this client",
+                                 "client_connections")
                 return ws  # type: ignore[return-value]
             async for msg in ws:
                 if msg.type == aiohttp.WSMsgType.TEXT:
-                    await self._handle(conn, msg.data)
+                    await self._handle(conn, msg.data, principal)
                 elif msg.type == aiohttp.WSMsgType.BINARY:
                     conn.control(error_frame("bad_request", "text frames only (JSON)"))
                 elif msg.type == aiohttp.WSMsgType.ERROR:
@@ -100,8 +110,9 @@ class Stream(ApiView):
                 await ws.close()
         return ws  # type: ignore[return-value]
 
-    async def _first_frame_auth(self, conn: Connection, raw: Any) -> bool:
-        """Wait for the ``auth`` frame; on anything else close the socket (4001)."""
+    async def _first_frame_auth(self, conn: Connection, raw: Any) -> Principal | None:
+        """Wait for the ``auth`` frame (its token needs the ``read`` scope); on anything
+        else close the socket (4001) and return None."""
         reason = "auth required: send {\"op\": \"auth\", \"token\": ...} first"
         try:
             msg = await conn.ws.receive(timeout=self.ctx.settings.stream.auth_timeout_s)
@@ -116,18 +127,20 @@ class Stream(ApiView):
                 reason = exc.message
             if isinstance(req, Auth):
                 try:
-                    conn.client_id = self.ctx.access_guard.admit(
+                    principal = await self.ctx.access_guard.acheck(
                         f"Bearer {req.token}", raw.remote, time.monotonic())
+                    conn.client_id = principal.client_id
                     conn.control({"type": "authenticated"})
-                    return True
+                    return principal
                 except AccessDenied as exc:
                     reason = exc.message
         await conn.ws.send_json(error_frame("unauthorized", reason))
         await conn.close(CLOSE_UNAUTHORIZED, "unauthorized", "unauthorized")
-        return False
+        return None
 
-    async def _handle(self, conn: Connection, text: str) -> None:
-        """One client frame; errors become error frames (the socket stays open)."""
+    async def _handle(self, conn: Connection, text: str, principal: Principal) -> None:
+        """One client frame; errors become error frames (the socket stays open). A
+        subscription outside ``principal``'s symbols/exchanges gets ``forbidden``."""
         s = self.ctx.settings.stream
         hub = self.ctx.stream_hub
         try:
@@ -148,6 +161,16 @@ class Stream(ApiView):
                 if len(conn.subs) >= s.max_subscriptions:
                     raise ProtocolError("limit", f"at most {s.max_subscriptions} "
                                                  "subscriptions per connection", req.sub_id)
+                try:
+                    if req.channel == "bars":
+                        principal.check_market(req.symbol, req.exchange)
+                    for item in req.items:
+                        principal.check_market(item.symbol, item.exchange)
+                except Forbidden as exc:
+                    raise ProtocolError("forbidden", exc.message, req.sub_id) from None
+                if not await hub.admit_subscription(conn, req.sub_id):
+                    raise ProtocolError("limit", f"at most {s.max_subscriptions_per_client} "
+                                                 "subscriptions per client", req.sub_id)
                 try:
                     await hub.subscribe(conn, req)
                 except StorageUnavailable as exc:

@@ -21,7 +21,13 @@ all its sockets.
   entries; beyond, or when one send blocks longer than 10 s (:data:`views.stream.SEND_TIMEOUT_S`,
   checked each second by the hub's watchdog), the
   socket is closed with code 4008 (``slow consumer``). Frames of a subscription are
-  numbered (``seq``) when they are sent, so the numbers have no gaps.
+  numbered (``seq``) when they are sent, so the numbers have no gaps. While a socket has
+  nothing pending, its frames of one loop turn skip the outbox and go out in one
+  transport write (:class:`WriteBatcher`).
+* **Throttle.** Rounds of 1/``max_updates_per_s`` s (:meth:`StreamHub.round_no`): a price
+  item or bar feed sends at most once per round, at once if it has not sent in the
+  current round, else at the next round's start (:meth:`StreamHub.next_round`), when
+  every held-back item leaves in the same loop turn.
 * **Snapshot then updates.** A feed (or price item) is registered before its snapshot is
   read, so a change published meanwhile is held; the snapshot is taken from the hub's
   state, and a subscription is sent a bar only when it differs from what it last got.
@@ -34,6 +40,7 @@ import asyncio
 import itertools
 import logging
 import time
+import uuid
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -60,12 +67,13 @@ from sql.pool import Database
 from stores.keys import stream_channel
 from stores.latest import LatestPriceStore
 from stores.live_bars import LiveBarStore
+from stores.rate_limit import SLOT_RENEW_S, StreamSlots
 from stores.replay_control import STATE_INTERVAL_S, read_state, status_body
 from stores.stream_channel import StreamChange, decode_change
 from views.stream_protocol import PriceItem, Subscribe, error_frame
 
 __all__ = ["CLOSE_SLOW", "BarFeed", "BarUpdate", "Connection", "Outbox", "StreamHub",
-           "Subscription", "close_stalled"]
+           "Subscription", "WriteBatcher", "close_stalled", "ws_text_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +85,8 @@ _FRAME_HEAD = {kind: b'{"type":"' + kind.encode() + b'","id":'
 #: most buckets a subscription remembers (what it was sent, which it was sent closed)
 _SUB_MEMORY = 64
 _RETRY_S = 1.0
+#: sockets written per event-loop callback when the batched frames are flushed
+_FLUSH_SLICE = 100
 
 
 @dataclass(frozen=True)
@@ -163,11 +173,6 @@ class Outbox:
         self._wake()
         return True
 
-    def fail(self) -> None:
-        """Mark the outbox overflowed (its reader then raises)."""
-        self.overflowed = True
-        self._wake()
-
     def discard(self, prefix: str) -> None:
         """Drop the pending items whose key is a tuple starting with ``prefix``."""
         for k in [k for k in self._items if isinstance(k, tuple) and k[0] == prefix]:
@@ -188,6 +193,51 @@ class Outbox:
         return key, self._items.pop(key)
 
 
+def ws_text_frame(payload: bytes) -> bytes:
+    """One unfragmented, unmasked WebSocket text frame carrying ``payload`` (a server's
+    frame: RFC 6455 section 5.2, FIN set, opcode 0x1, 7-, 16- or 64-bit length)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+
+
+class WriteBatcher:
+    """Gathers the frames that sockets get during one turn of the event loop and writes
+    each socket's frames with one transport write on the next turn.
+
+    One price or bar update goes to every socket that watches it, and the throttle lets
+    every item out at the same round boundary (:meth:`StreamHub.next_round`), so a socket
+    gets its prices and bars together: one write (one system call) for all of them
+    instead of one per frame. The flush writes :data:`_FLUSH_SLICE` sockets per callback,
+    so the agent sharing the loop runs in between.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[Connection, None] = {}  # insertion-ordered set
+        self._scheduled = False
+
+    def add(self, conn: Connection) -> None:
+        """Flush ``conn``'s batch on the next turn of the loop."""
+        self._pending[conn] = None
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write up to :data:`_FLUSH_SLICE` pending sockets; schedule the rest."""
+        self._scheduled = False
+        for _ in range(min(_FLUSH_SLICE, len(self._pending))):
+            conn = next(iter(self._pending))
+            del self._pending[conn]
+            conn.flush_batch()
+        if self._pending:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+
 class Connection:
     """One ``/stream`` socket: its subscriptions, its outbox and the task that writes it.
 
@@ -196,21 +246,27 @@ class Connection:
         client_id: the access guard's client id (for logs), or the peer address.
         max_queued: the outbox bound (``stream.max_queued_frames``).
         send_timeout_s: longest a single send may block.
-        transport: the socket's transport (``request.transport``); with it, a frame is
-            written at once when nothing is pending and the transport's buffer is empty
-            (no task wake-up per frame), otherwise through the outbox.
+        transport: the socket's transport (``request.transport``). With it (and
+            ``batcher``), while nothing is pending and the transport's buffer is empty, a
+            frame is framed here and written by ``batcher`` with the socket's other frames
+            of this loop turn (no task wake-up per frame); otherwise it goes through the
+            outbox and the writer task (aiohttp's writer, which waits for the socket).
+            The view's sockets never use per-message deflate, so frames are plain.
+        batcher: the hub's :class:`WriteBatcher`.
     """
 
     _ids = itertools.count(1)
 
     def __init__(self, ws: web.WebSocketResponse, client_id: str, max_queued: int,
-                 send_timeout_s: float, transport: asyncio.BaseTransport | None = None
-                 ) -> None:
+                 send_timeout_s: float, transport: asyncio.BaseTransport | None = None,
+                 batcher: WriteBatcher | None = None) -> None:
         self.ws = ws
         #: the socket's transport: a frame is written at once when its buffer is empty
         self.transport = cast(asyncio.WriteTransport | None, transport)
         self.client_id = client_id
         self.conn_id = next(self._ids)
+        #: unique across the cluster (the member of its client slots in Redis)
+        self.socket_uid = uuid.uuid4().hex
         self.subs: dict[str, Subscription] = {}
         self.outbox = Outbox(max_queued)
         self.send_timeout_s = send_timeout_s
@@ -225,11 +281,15 @@ class Connection:
         self.frame_counts: dict[str, int] = {}
         #: the writer waits for the outbox (then a frame may be written at once)
         self._writer_idle = False
+        self.batcher = batcher
+        #: framed frames (bytes) waiting for the batcher's write
+        self._batch: list[bytes] = []
 
     # -- queueing (called by the hub and the view; never blocks) -----------------------
 
     def control(self, frame: dict[str, Any]) -> None:
         """Queue a frame that belongs to no subscription (welcome, error, pong, ...)."""
+        self.flush_batch()  # frames already framed go first
         self.outbox.put(("", next(self._control)), ("control", None, frame))
 
     def push(self, sub: Subscription, kind: str, item: Hashable, payload: Any) -> None:
@@ -237,32 +297,37 @@ class Connection:
         ``replay``), coalesced per (subscription, kind, item)."""
         if self.subs.get(sub.sub_id) is not sub:
             return  # unsubscribed meanwhile
-        if self._writer_idle and not self.outbox and self._send_now(kind, sub, payload):
+        if self._batch or (self._writer_idle and not self.outbox and self._writable()):
+            data = self._frame(kind, sub, payload)
+            if data is not None:
+                if not self._batch:
+                    cast(WriteBatcher, self.batcher).add(self)
+                self._batch.append(ws_text_frame(data))
             return
         self.outbox.put((sub.sub_id, kind, item), (kind, sub, payload))
 
-    def _send_now(self, kind: str, sub: Subscription, payload: Any) -> bool:
-        """Write one frame at once, without waking the writer task, when the socket's
-        buffer is empty (the send then completes without waiting). Returns False when the
-        frame must go through the outbox instead."""
+    def _writable(self) -> bool:
+        """Whether a frame can skip the outbox: batching on, the socket open and its
+        transport's buffer empty (the client keeps up)."""
         transport = self.transport
-        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
-            return False
-        data = self._frame(kind, sub, payload)
-        if data is None:
-            return True
-        coro = self.ws.send_frame(data, aiohttp.WSMsgType.TEXT)
-        try:
-            coro.send(None)
-        except StopIteration:
-            self.frames_sent += 1
-            return True
-        except (ConnectionError, RuntimeError) as exc:
-            log.debug("stream: socket %d write failed: %s", self.conn_id, exc)
-            return True
-        coro.close()  # it had to wait for the transport: not expected with an empty buffer
-        self.outbox.fail()  # the writer closes the socket as a slow consumer
-        return True
+        return (self.batcher is not None and transport is not None and not self.ws.closed
+                and not transport.is_closing() and not transport.get_write_buffer_size())
+
+    def flush_batch(self) -> None:
+        """Write the batched frames with one transport write (called by the batcher, and
+        before anything goes through the outbox so that frames stay in order). Frames of
+        a socket that is closing meanwhile are dropped with it."""
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.ws.closed:
+            log.debug("stream: socket %d closed with %d frame(s) unsent", self.conn_id,
+                      len(batch))
+            return
+        transport.write(b"".join(batch))
+        self.frames_sent += len(batch)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -354,6 +419,15 @@ def close_stalled(connections: Iterable[Connection], now_s: float) -> list[async
             tasks.append(asyncio.ensure_future(
                 conn.close(CLOSE_SLOW, "slow consumer", "send_timeout")))
     return tasks
+
+
+def _fan_out(subs: dict[Subscription, Connection], kind: str, item: Hashable,
+             payload: Any) -> None:
+    """Push one update to every snapshotted subscription of ``subs`` (the writes happen
+    on the next loop turn, batched per socket by :class:`WriteBatcher`)."""
+    for sub, conn in list(subs.items()):
+        if sub.snapshotted:
+            conn.push(sub, kind, item, payload)
 
 
 def _remember(s: set[int], bucket_ms: int) -> None:
@@ -532,15 +606,20 @@ class BarFeed:
 
     async def run(self) -> None:
         """The feed's loop: load, then compute dirty buckets and push what changed, at most
-        ``max_updates_per_s`` times a second; storage failures are retried every second
-        (logged once per outage)."""
+        once per throttle round (:meth:`StreamHub.next_round`): at once when the feed has
+        not pushed in the current round, else at the next round's start; storage failures
+        are retried every second (logged once per outage)."""
         hub = self.hub
         failing = False
+        pushed_round = -1
         while True:
-            try:
-                await asyncio.wait_for(self.wake.wait(), hub.idle_s)
-            except TimeoutError:  # idle: open buckets whose minutes all closed close now
-                self.dirty.update(b for b, u in self.bars.items() if not u.closed)
+            if not self.wake.is_set():  # (no task hop when a change is already waiting)
+                try:
+                    await asyncio.wait_for(self.wake.wait(), hub.idle_s)
+                except TimeoutError:  # idle: open buckets whose minutes all closed close now
+                    self.dirty.update(b for b, u in self.bars.items() if not u.closed)
+            if hub.round_no() == pushed_round:
+                await hub.next_round()
             self.wake.clear()
             try:
                 if self.reload:
@@ -557,13 +636,11 @@ class BarFeed:
                 for bar in bars:
                     upd = self._store(bar)
                     if upd is not None:
-                        for sub, conn in list(self.subs.items()):
-                            if sub.snapshotted:
-                                conn.push(sub, "bar", upd.bucket_ms, upd)
+                        _fan_out(self.subs, "bar", upd.bucket_ms, upd)
+                        pushed_round = hub.round_no()
                 self._prune()
                 hub.prune_live(self.symbol)
                 failing = False
-                await asyncio.sleep(hub.min_interval_s)
             except (StorageUnavailable, RedisError, OSError) as exc:
                 if not failing:
                     log.warning("stream: bars of %s/%s/%s unavailable (%s); retrying",
@@ -601,6 +678,8 @@ class StreamHub(Service):
         self.horizon_ms = max(live_window_ms(self.grace_ms),
                               settings.window.correction_horizon_ms + self.grace_ms)
         self.min_interval_s = 1.0 / self.stream.max_updates_per_s
+        #: frames written to each socket in one loop turn go out in one write
+        self.batcher = WriteBatcher()
         #: a series without live bars this long (s) closes its buckets whose minutes all
         #: closed, like the window's idle close (the event clock of a replay stops at its end)
         self.idle_s = settings.window.idle_timeout_s + 1.0
@@ -613,7 +692,8 @@ class StreamHub(Service):
         self._price_subs: dict[str, dict[Subscription, Connection]] = {}
         self._price_last: dict[str, dict[str, Any]] = {}
         self._price_dirty: set[str] = set()
-        self._price_sent_at: dict[str, float] = {}
+        #: price item key -> the throttle round it was last pushed in
+        self._price_round: dict[str, int] = {}
         self._replay_subs: dict[Subscription, Connection] = {}
         self._replay_last: bytes | None = None
         self._replay_key: Any = None
@@ -625,6 +705,15 @@ class StreamHub(Service):
         self._sub_counts: dict[str, int] = {}
         #: snapshot reads from Redis at a time (a burst of subscriptions queues here)
         self._snapshot_reads = asyncio.Semaphore(8)
+        #: per-client socket slots across the cluster (``stream.max_connections_per_client``;
+        #: set by the composition root), and the ones this worker holds
+        self.slots: StreamSlots | None = None
+        self._slotted: dict[Connection, tuple[str, str]] = {}
+        self._slots_down = False
+        #: per-client subscription slots (``stream.max_subscriptions_per_client``), and
+        #: the ones this worker holds, by (socket, subscription id)
+        self.sub_slots: StreamSlots | None = None
+        self._sub_slotted: dict[tuple[Connection, str], tuple[str, str]] = {}
 
     # -- sockets -------------------------------------------------------------------------
 
@@ -639,11 +728,92 @@ class StreamHub(Service):
         STREAM_CONNECTIONS.set(len(self.connections))
 
     def remove(self, conn: Connection) -> None:
-        """Forget a socket and all its subscriptions."""
+        """Forget a socket and all its subscriptions (and free its client slot)."""
         for sub_id in list(conn.subs):
             self.unsubscribe(conn, sub_id)
         self.connections.discard(conn)
         STREAM_CONNECTIONS.set(len(self.connections))
+        held = self._slotted.pop(conn, None)
+        if held is not None and self.slots is not None:
+            self._release_soon(self.slots, *held)
+
+    async def admit_client(self, conn: Connection) -> bool:
+        """Whether ``conn``'s client may open one more socket
+        (``stream.max_connections_per_client``): a slot in Redis shared by the cluster, or
+        while Redis fails, this worker's own sockets of the client. ``conn`` is already
+        registered (:meth:`add`)."""
+        limit = self.stream.max_connections_per_client
+        if limit <= 0:
+            return True
+        if self.slots is not None:
+            slot = uuid.uuid4().hex
+            ok = await self._take_slot(self.slots, conn, slot)
+            if ok:
+                self._slotted[conn] = (conn.client_id, slot)
+            if ok is not None:
+                return ok
+        mine = sum(1 for c in self.connections if c is not conn and c.client_id == conn.client_id)
+        return mine < limit
+
+    async def admit_subscription(self, conn: Connection, sub_id: str) -> bool:
+        """Whether ``conn``'s client may hold one more subscription
+        (``stream.max_subscriptions_per_client``): a slot in Redis shared by the cluster,
+        or while Redis fails, this worker's own subscriptions of the client. The slot is
+        kept until :meth:`unsubscribe`."""
+        limit = self.stream.max_subscriptions_per_client
+        if limit <= 0:
+            return True
+        if self.sub_slots is not None:
+            slot = f"{conn.socket_uid}/{sub_id}"
+            ok = await self._take_slot(self.sub_slots, conn, slot)
+            if ok:
+                self._sub_slotted[(conn, sub_id)] = (conn.client_id, slot)
+            if ok is not None:
+                return ok
+        mine = sum(len(c.subs) for c in self.connections if c.client_id == conn.client_id)
+        return mine < limit
+
+    async def _take_slot(self, slots: StreamSlots, conn: Connection, slot: str) -> bool | None:
+        """Take ``slot`` for ``conn``'s client in ``slots``: whether it was granted (False
+        also when ``conn`` closed meanwhile, the slot then given back), None when Redis
+        failed (the caller counts this worker's own; logged once per outage)."""
+        try:
+            ok = await slots.acquire(conn.client_id, slot)
+        except (RedisError, OSError) as exc:
+            if not self._slots_down:
+                self._slots_down = True
+                log.warning("stream: client slots unavailable (%s); counted per worker "
+                            "until Redis returns", type(exc).__name__)
+            return None
+        self._slots_down = False
+        if ok and conn not in self.connections:
+            await self._release(conn.client_id, slot, slots)
+            return False
+        return ok
+
+    def _release_soon(self, slots: StreamSlots, client_id: str, slot: str) -> None:
+        task = asyncio.ensure_future(self._release(client_id, slot, slots))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _release(self, client_id: str, slot: str,
+                       slots: StreamSlots | None = None) -> None:
+        try:
+            await cast(StreamSlots, slots or self.slots).release(client_id, slot)
+        except (RedisError, OSError) as exc:  # it expires by itself (SLOT_TTL_S)
+            log.info("stream: client slot not released (%s); it expires", type(exc).__name__)
+
+    @Service.timer(SLOT_RENEW_S)
+    async def _renew_slots(self) -> None:
+        """Renew the client slots this worker holds (a dead worker's expire)."""
+        for slots, held in ((self.slots, list(self._slotted.values())),
+                            (self.sub_slots, list(self._sub_slotted.values()))):
+            if slots is None or not held:
+                continue
+            try:
+                await slots.renew(held)
+            except (RedisError, OSError) as exc:
+                log.warning("stream: client slots not renewed (%s)", type(exc).__name__)
 
     async def subscribe(self, conn: Connection, req: Subscribe) -> Subscription:
         """Add a subscription and queue its snapshot (for prices and the replay, read from
@@ -672,6 +842,9 @@ class StreamHub(Service):
         """End a subscription (its pending frames are dropped). Returns whether it
         existed."""
         sub = conn.subs.pop(sub_id, None)
+        held = self._sub_slotted.pop((conn, sub_id), None)
+        if held is not None and self.sub_slots is not None:
+            self._release_soon(self.sub_slots, *held)
         if sub is None:
             return False
         conn.outbox.discard(sub_id)
@@ -687,7 +860,7 @@ class StreamHub(Service):
                 if not subs:
                     del self._price_subs[item.key]
                     self._price_last.pop(item.key, None)
-                    self._price_sent_at.pop(item.key, None)
+                    self._price_round.pop(item.key, None)
                     self._price_dirty.discard(item.key)
         self._replay_subs.pop(sub, None)
         if not self._replay_subs:
@@ -790,12 +963,10 @@ class StreamHub(Service):
                                  "price": price, "ts_ms": ts_ms}
         return True
 
-    def _push_price(self, key: str, now: float) -> None:
-        self._price_sent_at[key] = now
-        data = orjson.dumps(self._price_last[key])
-        for sub, conn in list(self._price_subs.get(key, {}).items()):
-            if sub.snapshotted:
-                conn.push(sub, "price", key, data)
+    def _push_price(self, key: str, round_no: int) -> None:
+        self._price_round[key] = round_no
+        _fan_out(self._price_subs.get(key, {}), "price", key,
+                 orjson.dumps(self._price_last[key]))
 
     # -- replay --------------------------------------------------------------------------
 
@@ -825,16 +996,29 @@ class StreamHub(Service):
                         feed.on_live_bar(bar)
         if not self._price_subs:
             return
-        now = time.monotonic()
+        round_no = self.round_no()
         for exchange, symbol, price, ts_ms in change.prices:
             for key in (f"{exchange}:{symbol}", symbol):
                 if key in self._price_subs and self._set_price(key, symbol, exchange, price,
                                                                ts_ms):
-                    if now - self._price_sent_at.get(key, 0.0) >= self.min_interval_s:
+                    if self._price_round.get(key) != round_no:
                         self._price_dirty.discard(key)
-                        self._push_price(key, now)
+                        self._push_price(key, round_no)
                     else:
                         self._price_dirty.add(key)
+
+    def round_no(self) -> int:
+        """The current throttle round: the loop clock in units of 1/``max_updates_per_s``
+        s. Each price item and bar feed sends at most one update per round."""
+        return int(asyncio.get_running_loop().time() // self.min_interval_s)
+
+    async def next_round(self) -> None:
+        """Sleep until the next round starts. Every waiter wakes in the same loop turn, so
+        a socket's held-back prices and bars leave in one write (:class:`WriteBatcher`)."""
+        t = asyncio.get_running_loop().time()
+        # + 2 ms: uvloop keeps timers and its clock in whole milliseconds, so a timer may
+        # fire up to a millisecond early, and round_no() must read the new round by then
+        await asyncio.sleep((self.round_no() + 1) * self.min_interval_s - t + 0.002)
 
     def _resnapshot(self) -> None:
         """After the channel was lost: every feed reloads and re-sends its snapshot; price
@@ -901,18 +1085,16 @@ class StreamHub(Service):
 
     @Service.task
     async def _price_throttle(self) -> None:
-        """Push prices held back by the throttle once their interval passed."""
+        """At the start of each throttle round, push the prices held back in the last."""
         while not self.should_stop:
-            await self.sleep(min(0.02, self.min_interval_s))
+            await self.next_round()
             if not self._price_dirty:
                 continue
-            now = time.monotonic()
-            due = [k for k in self._price_dirty
-                   if now - self._price_sent_at.get(k, 0.0) >= self.min_interval_s]
+            round_no = self.round_no()
+            due, self._price_dirty = self._price_dirty, set()
             for key in due:
-                self._price_dirty.discard(key)
                 if key in self._price_last:
-                    self._push_price(key, now)
+                    self._push_price(key, round_no)
 
     @Service.task
     async def _replay_poll(self) -> None:

@@ -31,7 +31,7 @@ class ProtocolError(MarketflowError):
 
     Attributes:
         code: ``bad_json``, ``bad_request``, ``duplicate_id``, ``unknown_id``, ``limit``,
-            ``unauthorized`` or ``unavailable``.
+            ``unauthorized``, ``forbidden`` or ``unavailable``.
         message: for humans; never holds a token.
         sub_id: the subscription the frame named, when it named a valid one.
     """

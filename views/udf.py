@@ -61,7 +61,6 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
-from functools import cached_property
 from typing import Any
 
 import asyncpg
@@ -75,7 +74,6 @@ from query.series import (
     INTERVALS_MS,
     MAX_BARS,
     HistoryBars,
-    SeriesBuilder,
     bucket_range_ms,
     canonical_pair,
 )
@@ -326,11 +324,6 @@ def _unknown(exchange: str | None, symbol: str) -> str:
 
 
 class _UdfView(ApiView):
-    @cached_property
-    def series(self) -> SeriesBuilder:
-        """The series builder over :attr:`ctx`."""
-        return series_builder(self.ctx)
-
     def udf_error(self, status: int, message: str) -> Response:
         """A UDF error response ``{"s": "error", "errmsg": message}``."""
         return self.json({"s": "error", "errmsg": message}, status=status)
@@ -345,8 +338,7 @@ class UdfConfig(_UdfView):
 
     async def get(self, request: Request) -> Response:
         try:
-            pool = await self.ctx.database.pool()
-            async with pool.acquire() as conn:
+            async with self.ctx.database.request() as conn:
                 pairs = await bars_sql.pairs(conn, None, "", _CONFIG_PAIRS_LIMIT)
         except _DB_ERRORS as exc:
             return self.db_down(exc)
@@ -373,13 +365,14 @@ class UdfSymbols(_UdfView):
             exchange, symbol = parse_ticker(ticker)
         except QueryError as exc:
             return self.udf_error(400, str(exc))
+        self.check_market(request, symbol, exchange)
         try:
-            pool = await self.ctx.database.pool()
-            async with pool.acquire() as conn:
+            async with self.ctx.database.request() as conn:
                 info = await _symbol_info(conn, ticker, symbol, exchange)
                 if info is None:
                     found = await canonical_pair(conn, exchange, symbol)
                     if found is not None and found != (exchange, symbol):
+                        self.check_market(request, found[1], found[0])
                         info = await _symbol_info(conn, ticker, found[1], found[0])
         except _DB_ERRORS as exc:
             return self.db_down(exc)
@@ -410,17 +403,17 @@ class UdfSearch(_UdfView):
         if kind not in ("", _TYPE):
             return self.json([])
         try:
-            pool = await self.ctx.database.pool()
-            async with pool.acquire() as conn:
+            async with self.ctx.database.request() as conn:
                 rows = await bars_sql.pairs(conn, exchange, query, min(limit, SEARCH_LIMIT_MAX))
         except _DB_ERRORS as exc:
             return self.db_down(exc)
+        principal = self.principal(request)
         return self.json([
             {"symbol": r["symbol"], "full_name": _full_name(r["exchange"], r["symbol"]),
              "description": _description(r["exchange"], r["symbol"]),
              "exchange": r["exchange"], "ticker": _full_name(r["exchange"], r["symbol"]),
              "type": _TYPE}
-            for r in rows])
+            for r in rows if principal.allows(r["symbol"], r["exchange"])])
 
 
 class UdfHistory(_UdfView):
@@ -432,17 +425,20 @@ class UdfHistory(_UdfView):
             h = parse_history_query(dict(request.query))
         except QueryError as exc:
             return self.udf_error(400, str(exc))
+        self.check_market(request, h.symbol, h.exchange)
         now = await self.clock_ms(h.symbol, h.exchange, now_ms())
         iv = h.interval_ms
+        # per request: it records a Redis fallback; on-demand history needs ``admin``
+        series = series_builder(self.ctx, self.principal(request).may("admin"))
         try:
-            pool = await self.ctx.database.pool()
-            async with pool.acquire() as conn:
-                body = history_body(await self.series.history(
+            async with self.ctx.database.request() as conn:
+                body = history_body(await series.history(
                     conn, h.symbol, h.exchange, iv, h.from_s, h.to_s, h.countback, now), iv)
                 if body is None:
                     found = await canonical_pair(conn, h.exchange, h.symbol)
                     if found is not None and found != (h.exchange, h.symbol):
-                        body = history_body(await self.series.history(
+                        self.check_market(request, found[1], found[0])
+                        body = history_body(await series.history(
                             conn, found[1], found[0], iv, h.from_s, h.to_s, h.countback,
                             now), iv)
         except _DB_ERRORS as exc:
@@ -451,6 +447,8 @@ class UdfHistory(_UdfView):
             return self.udf_error(503, str(exc))
         if body is None:
             return self.udf_error(404, _unknown(h.exchange, h.symbol))
+        if series.degraded:  # Redis down: stored bars and this worker's own open minutes
+            body["degraded"] = True
         return self.json(body)
 
 

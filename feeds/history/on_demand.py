@@ -50,6 +50,7 @@ from redis.exceptions import RedisError, WatchError
 from core.admin import create_topic, delete_topics
 from core.config import Settings
 from core.errors import HistoryError
+from core.kafka_security import client_security
 from core.state import StateHolder
 from core.timeutil import now_ms
 from feeds.history.rest import make_history_client
@@ -288,7 +289,8 @@ class HistoryWriter(Service):
             bootstrap_servers=self.settings.broker.bootstrap_servers,
             group_id=f"{self.settings.app.id}-history-writer", enable_auto_commit=False,
             auto_offset_reset="earliest", metadata_max_age_ms=1000,
-            session_timeout_ms=6000, heartbeat_interval_ms=2000)
+            session_timeout_ms=6000, heartbeat_interval_ms=2000,
+            **client_security(self.settings.broker))
         await self._consumer.start()
         self._consumer.subscribe(
             pattern=f"^{re.escape(self.settings.history.topic_prefix)}\\..+")

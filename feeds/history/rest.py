@@ -392,8 +392,9 @@ class HistoryClient:
         """
         url = self.base_url.rstrip("/") + self.path
         headers = {"Accept": "application/json"}
-        if self.settings.api_key:
-            headers["Authorization"] = f"Apikey {self.settings.api_key}"
+        key = self.settings.api_key.get_secret_value()
+        if key:
+            headers["Authorization"] = f"Apikey {key}"
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
         made = 0
         for attempt in range(self.settings.max_retries + 1):

@@ -1,10 +1,17 @@
 """Fan-in of every feed's output to the ``ticks`` topic (:class:`TickPublisher`).
 
-:class:`TickPublisher` batches the feeds' ticks per ``exchange:symbol`` for at most
-``feeds.publish_interval_ms`` and sends one JSON-array message per key (Faust's per-event
-cost caps an agent at ~11k events/s). Its buffer is bounded: when the broker is slow,
-``publish`` waits for the sends, which stops the feeds reading, so TCP/websocket
-back-pressure reaches the exchanges and memory stays bounded.
+:class:`TickPublisher` batches the feeds' ticks per ``exchange:symbol`` and sends one
+JSON-array message per key (Faust's per-event cost caps an agent at ~11k events/s). Its
+buffer is bounded: when the broker is slow, ``publish`` waits for the sends, which stops
+the feeds reading, so TCP/websocket back-pressure reaches the exchanges and memory stays
+bounded.
+
+When to flush is adaptive (:func:`next_flush_s`, run by
+:meth:`feeds.live.manager.IngestManager`): a tick that finds the publisher idle goes out at
+once; under load each flush is followed by a pause that keeps the message rate under
+``feeds.max_messages_per_s`` (at most ``feeds.publish_interval_ms``), and the ticks that
+arrive meanwhile form the next batch. Quiet feeds get no batching delay, busy ones get
+messages of many ticks.
 """
 
 from __future__ import annotations
@@ -16,17 +23,35 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import orjson
+from aiokafka.errors import KafkaError
 
+from core.errors import MarketflowError, PublishError
 from core.metrics import DEAD_LETTERED
 from core.models import Tick, dead_letter_message, tick_to_json
 from core.timeutil import now_ms
 
-__all__ = ["Send", "TickPublisher"]
+__all__ = ["Send", "TickPublisher", "next_flush_s"]
 
 log = logging.getLogger(__name__)
 
 #: ``async (key, value) -> future``: produce one record
 Send = Callable[[bytes | None, bytes], Awaitable[Any]]
+
+
+def next_flush_s(flush_started_s: float, messages: int, max_messages_per_s: float,
+                 max_interval_s: float) -> float:
+    """Earliest time of the next flush (same clock as ``flush_started_s``, seconds).
+
+    Args:
+        flush_started_s: when the last flush started.
+        messages: messages that flush sent (0: nothing, the next tick goes out at once).
+        max_messages_per_s: the message rate to stay under (``feeds.max_messages_per_s``).
+        max_interval_s: the longest pause (``feeds.publish_interval_ms``).
+
+    Returns:
+        float: ``flush_started_s + min(messages / max_messages_per_s, max_interval_s)``.
+    """
+    return flush_started_s + min(messages / max_messages_per_s, max_interval_s)
 
 
 class TickPublisher:
@@ -54,6 +79,9 @@ class TickPublisher:
         self._buf: dict[str, list[Tick]] = {}
         self._n = 0
         self._lock = asyncio.Lock()
+        self._has_ticks = asyncio.Event()
+        #: messages the last flush handed to the producer
+        self.last_messages = 0
 
     @property
     def pending(self) -> int:
@@ -66,8 +94,16 @@ class TickPublisher:
         for t in ticks:
             buf.setdefault(f"{t.exchange}:{t.symbol}", []).append(t)
         self._n += len(ticks)
+        if self._n:
+            self._has_ticks.set()
         if self._n >= self.max_pending:
             await self.flush()
+
+    async def wait_for_ticks(self) -> None:
+        """Return once ticks are buffered (at once when some are)."""
+        if not self._n:
+            self._has_ticks.clear()
+            await self._has_ticks.wait()
 
     async def dead_letter(self, payload: Any, reason: str, detail: str,
                           key: str | None = None) -> None:
@@ -98,15 +134,56 @@ class TickPublisher:
     async def flush(self) -> int:
         """Send everything buffered and wait for the broker's acks.
 
+        A message whose send fails or is not acked stays buffered (ahead of ticks that
+        arrived meanwhile, so each key keeps its order) and goes out with the next flush;
+        messages acked before the failure are not sent again.
+
         Returns:
             int: ticks sent.
+
+        Raises:
+            PublishError: some messages were not acked (their ticks are buffered again).
         """
         async with self._lock:
             if not self._buf:
+                self.last_messages = 0
                 return 0
-            buf, n = self._buf, self._n
+            buf = self._buf
             self._buf, self._n = {}, 0
-            futs = [await self.send_tick(key, orjson.dumps([tick_to_json(t) for t in ticks]))
-                    for key, ticks in self._messages(buf)]
-            await asyncio.gather(*futs)
-            return n
+            msgs = list(self._messages(buf))
+            self.last_messages = len(msgs)
+            futs: list[Any] = []
+            error: BaseException | None = None
+            try:
+                for key, ticks in msgs:
+                    futs.append(await self.send_tick(
+                        key, orjson.dumps([tick_to_json(t) for t in ticks])))
+            except (KafkaError, OSError, TimeoutError, MarketflowError) as exc:
+                # the rest is buffered again below, and reported
+                error = exc
+            except BaseException:  # cancelled: nothing confirmed is lost either
+                self._restore(msgs[len(futs):])
+                raise
+            try:
+                results = await asyncio.gather(*futs, return_exceptions=True)
+            except BaseException:
+                self._restore(msgs)  # cancelled while waiting: resend (at least once)
+                raise
+            failed = [m for m, r in zip(msgs[:len(futs)], results, strict=True)
+                      if isinstance(r, BaseException)]
+            failed += msgs[len(futs):]
+            if not failed:
+                return sum(len(t) for _, t in msgs)
+            self._restore(failed)
+            first = error or next(r for r in results if isinstance(r, BaseException))
+            raise PublishError(
+                f"{len(failed)} of {len(msgs)} ticks messages not acked "
+                f"({type(first).__name__}: {first}); kept for the next flush") from first
+
+    def _restore(self, msgs: list[tuple[bytes, list[Tick]]]) -> None:
+        """Put unsent messages' ticks back in front of each key's buffer."""
+        buf = self._buf
+        for key, ticks in reversed(msgs):
+            k = key.decode()
+            buf[k] = ticks + buf.get(k, [])
+            self._n += len(ticks)

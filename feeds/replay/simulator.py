@@ -55,6 +55,7 @@ from redis.exceptions import RedisError
 from core.admin import ensure_topics
 from core.config import Settings
 from core.errors import ReplayError
+from core.kafka_security import client_security
 from core.models import Tick, tick_to_json
 from feeds.replay.controller import ReplayController
 from feeds.replay.sources import (
@@ -362,6 +363,7 @@ async def replay_source(
         max_request_size=8 << 20,
         acks="all",
         enable_idempotence=True,  # a retried batch is written once (broker outages)
+        **client_security(settings.broker),
     )
     stats = ReplayStats()
     prefix = settings.redis.key_prefix
@@ -372,7 +374,8 @@ async def replay_source(
     t_start = time.monotonic()
     try:
         if control:
-            client = aioredis.Redis.from_url(settings.redis.url, decode_responses=True)
+            client = aioredis.Redis.from_url(settings.redis.url.get_secret_value(),
+                                             decode_responses=True)
             try:
                 other = await read_state(client, prefix)
                 if other is not None and other.get("state") in ("running", "paused"):

@@ -225,7 +225,7 @@ async def load_bar_source(settings: Settings, exchange: str, symbol: str, from_m
         raise ReplayError("--to must be after --from")
     if namespace and exchange.startswith(f"{namespace}."):
         raise ReplayError(f"{exchange} is already in the {namespace!r} namespace")
-    conn = await asyncpg.connect(settings.database.dsn)
+    conn = await asyncpg.connect(settings.database.dsn.get_secret_value())
     bars: list[_Bar] = []
     try:
         lo = from_ms

@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from core.config import Settings, load_settings
+from core.kafka_security import client_security
 from tests.support import harness
 from tests.support.harness import REPO, Isolation
 from tests.support.harness import free_port as _free_port
@@ -102,7 +103,8 @@ class Stack:
     async def produce_raw(self, items: list[tuple[bytes | None, bytes]],
                           topic: str | None = None) -> None:
         """Send ``(key, value)`` records to ``topic`` (default: the ticks topic)."""
-        prod = AIOKafkaProducer(bootstrap_servers=self.settings.broker.bootstrap_servers)
+        prod = AIOKafkaProducer(bootstrap_servers=self.settings.broker.bootstrap_servers,
+                                **client_security(self.settings.broker))
         await prod.start()
         try:
             for key, value in items:
@@ -113,7 +115,8 @@ class Stack:
 
     async def partitions(self, topic: str) -> list[TopicPartition]:
         """The partitions of ``topic`` as the broker describes them (none if it is absent)."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.broker.bootstrap_servers)
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.broker.bootstrap_servers,
+                                    **client_security(self.settings.broker))
         await admin.start()
         try:
             meta = await admin.describe_topics([topic])
@@ -123,12 +126,17 @@ class Stack:
                 for t in meta if t["topic"] == topic and not t["error_code"]
                 for p in sorted(t["partitions"], key=lambda p: p["partition"])]
 
-    async def read_topic(self, topic: str, idle_s: float = 2.0) -> list[tuple[bytes, bytes]]:
+    async def read_topic(self, topic: str, idle_s: float = 2.0,
+                         committed: bool = False) -> list[tuple[bytes, bytes]]:
         """Every message in ``topic`` produced before this call: a partition is done once
-        it returns a record stamped after the call, or nothing for ``idle_s``."""
+        it returns a record stamped after the call, or nothing for ``idle_s``. With
+        ``committed``, only records of committed transactions (``read_committed``)."""
         start_ms = int(time.time() * 1000)
         cons = AIOKafkaConsumer(bootstrap_servers=self.settings.broker.bootstrap_servers,
-                                enable_auto_commit=False, auto_offset_reset="earliest")
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                isolation_level="read_committed" if committed
+                                else "read_uncommitted",
+                                **client_security(self.settings.broker))
         await cons.start()
         try:
             tps = await self.partitions(topic)
@@ -180,11 +188,14 @@ class Stack:
         raise AssertionError(f"bars missing after {timeout}s: {sorted(starts - set(got))}")
 
     def redis(self) -> aioredis.Redis:
-        return aioredis.Redis.from_url(self.settings.redis.url, decode_responses=True)
+        return aioredis.Redis.from_url(self.settings.redis.url.get_secret_value(),
+                                       decode_responses=True)
 
-    async def http(self, path: str, port: int | None = None) -> tuple[int, Any]:
+    async def http(self, path: str, port: int | None = None,
+                   token: str | None = None) -> tuple[int, Any]:
         url = f"http://127.0.0.1:{port or self.settings.web.port}{path}"
-        async with aiohttp.ClientSession() as s, s.get(url) as r:
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        async with aiohttp.ClientSession() as s, s.get(url, headers=headers) as r:
             body = await r.read()
             try:
                 return r.status, orjson.loads(body)
@@ -239,6 +250,16 @@ class Worker(harness.Worker):
     async def wait_ready(self, timeout: float = 60) -> None:
         await self.until_ready(timeout)
 
+    async def wait_exit(self, timeout: float = 60) -> int | None:
+        """Wait for a worker expected to stop by itself (a configuration error); its
+        exit code, None if it still runs after ``timeout`` s."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        self.ended_on_purpose = True
+        return self.proc.returncode
+
     def stop(self, timeout: float = 30) -> int:
         """SIGTERM (SIGKILL after ``timeout`` s); the exit code."""
         assert self.proc is not None
@@ -254,9 +275,13 @@ class PrivateKafka:
     Args:
         tmp: state directory (log dirs, pid files, logs).
         nodes: 1 (single KRaft node) or 3 (a cluster: replication 3, min ISR 2).
+        sasl_password: with a password (single node only), ``MF_KAFKA_SASL=1``: a
+            SASL_SSL listener on :attr:`sasl_port` (user ``marketflow`` with this
+            password) and an SSL listener requiring client certificates on
+            :attr:`ssl_port`, certificates of a CA in ``tmp/tls``.
     """
 
-    def __init__(self, tmp: Path, nodes: int = 1) -> None:
+    def __init__(self, tmp: Path, nodes: int = 1, sasl_password: str | None = None) -> None:
         self.tmp = tmp
         self.nodes = nodes
         self.port = _free_port_run(nodes)
@@ -264,6 +289,14 @@ class PrivateKafka:
                     "MF_CONTROLLER_PORT": str(_free_port_run(nodes)),
                     "MF_KAFKA_NODES": str(nodes), "MF_KAFKA_HEAP": "512m",
                     "MF_CACHE_DIR": os.environ.get("MF_CACHE_DIR", str(REPO / "var" / "cache"))}
+        self.sasl_port = self.ssl_port = 0
+        if sasl_password is not None:
+            self.sasl_port = _free_port_run(2)
+            self.ssl_port = self.sasl_port + 1
+            self.env.update(MF_KAFKA_SASL="1", MF_KAFKA_SASL_PASSWORD=sasl_password,
+                            MF_KAFKA_SASL_PORT=str(self.sasl_port),
+                            MF_KAFKA_SSL_PORT=str(self.ssl_port))
+        self.tls_dir = tmp / "tls"
 
     @property
     def url(self) -> str:
@@ -335,8 +368,9 @@ async def kafka_cluster(tmp_path: Path) -> AsyncIterator[PrivateKafka]:
 
 def _check_services() -> None:
     s = load_settings()
+    redis_url = s.redis.url.get_secret_value()
     for name, host, port in [("broker", *s.broker.bootstrap_servers[0].rsplit(":", 1)),
-                             ("redis", "127.0.0.1", s.redis.url.rsplit(":", 1)[1].split("/")[0]),
+                             ("redis", "127.0.0.1", redis_url.rsplit(":", 1)[1].split("/")[0]),
                              ("postgres", "127.0.0.1", BASE_DSN.rsplit(":", 1)[1].split("/")[0])]:
         try:
             socket.create_connection((host, int(port)), timeout=2).close()
@@ -384,7 +418,7 @@ async def stack(services: None, tmp_path: Path) -> AsyncIterator[Stack]:
         for e in st.emus:
             await e.stop()
         # the Redis of st.settings: a test may have pointed the stack at another one
-        await iso.cleanup(st.settings.redis.url)
+        await iso.cleanup(st.settings.redis.url.get_secret_value())
 
 
 async def until(pred: Any, timeout: float, what: str, step: float = 0.25) -> Any:

@@ -7,6 +7,7 @@ are protected; the other views answer as before until they are migrated.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import Any
 
@@ -131,11 +132,28 @@ async def test_rate_limit_429_with_retry_after(stack: Stack) -> None:
     w = stack.worker(MARKETFLOW_AUTH__ENABLED="true",
                      MARKETFLOW_AUTH__API_KEYS=orjson.dumps([KEY]).decode(),
                      MARKETFLOW_AUTH__RATE_LIMIT_PER_S="2",
-                     MARKETFLOW_AUTH__RATE_LIMIT_BURST="2").start()
+                     MARKETFLOW_AUTH__RATE_LIMIT_BURST="2",
+                     # the bucket of this process (the shared one: test_cluster_limits.py;
+                     # a Redis call slower than the request timeout falls back to this one)
+                     MARKETFLOW_AUTH__RATE_LIMIT_SHARED="false").start()
     await w.wait_ready()
-    results = await asyncio.gather(
-        *(request(stack, "GET", "/openapi.json", token=KEY) for _ in range(3)))
-    assert sorted(r[0] for r in results) == [200, 200, 429]
+    # bursts of 8 concurrent requests: the token bucket (2 tokens, 2 per second) lets
+    # through the first 2 and at most 2 more per second the burst took (measured, so a
+    # slow machine only widens the bound), refusing the others with 429
+    results: list[tuple[int, dict[str, str], Any]] = []
+    for attempt in range(3):  # a burst that took > 3 s may see no 429: send another
+        t0 = time.monotonic()
+        results = await asyncio.gather(
+            *(request(stack, "GET", "/openapi.json", token=KEY) for _ in range(8)))
+        took = time.monotonic() - t0
+        statuses = [r[0] for r in results]
+        assert set(statuses) <= {200, 429}, statuses
+        passed = statuses.count(200)
+        assert passed <= 2 + math.floor(2 * took), (statuses, took)
+        if attempt == 0:
+            assert passed >= 2, statuses  # the full bucket's 2 tokens
+        if 429 in statuses:
+            break
     _, headers, body = next(r for r in results if r[0] == 429)
     retry_after = int(headers["Retry-After"])
     assert retry_after >= 1
@@ -150,11 +168,104 @@ async def test_rate_limit_429_with_retry_after(stack: Stack) -> None:
 async def test_invalid_auth_settings_stop_the_worker(stack: Stack) -> None:
     w = stack.worker(MARKETFLOW_AUTH__ENABLED="true",
                      MARKETFLOW_AUTH__JWT_HS256_SECRET="short-secret-value").start()
-    assert w.proc is not None
-    deadline = time.monotonic() + 60
-    while w.proc.poll() is None and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    w.ended_on_purpose = True
-    assert w.proc.returncode == 2, w.tail()
+    assert await w.wait_exit() == 2, w.tail()
     log = w.log_path.read_text(errors="replace")
     assert "auth.jwt_hs256_secret" in log and "short-secret-value" not in log
+
+
+READER = "it-reader-0123456789abcdef"
+OPERATOR = "it-operator-0123456789abcdef"
+
+
+async def _ws_frames(ws: aiohttp.ClientWebSocketResponse, n: int) -> list[dict[str, Any]]:
+    return [orjson.loads((await ws.receive(timeout=10)).data) for _ in range(n)]
+
+
+async def test_scopes_restrictions_and_security_headers(stack: Stack) -> None:
+    """Scopes (docs/security.md#scopes): a read-only key reads but gets 403 naming the
+    ``control`` scope on replay control; a JWT's ``scope`` claim grants ``control``;
+    restrictions give 403 on other symbols or exchanges, over HTTP and as ``forbidden``
+    error frames on the stream (the socket stays usable); every response carries the
+    security headers."""
+    keys = [KEY, {"key": READER, "name": "reader", "symbols": ["BTCUSDT"]},
+            {"key": OPERATOR, "name": "operator", "scopes": ["read", "control"],
+             "exchanges": ["binance"]}]
+    w = stack.worker(MARKETFLOW_AUTH__ENABLED="true",
+                     MARKETFLOW_AUTH__API_KEYS=orjson.dumps(keys).decode(),
+                     MARKETFLOW_AUTH__JWT_HS256_SECRET=SECRET).start()
+    await w.wait_ready()
+    now = int(time.time())
+
+    def token(scope: str) -> str:
+        return jwt.encode({"sub": "it-jwt", "exp": now + 300, "scope": scope}, SECRET,
+                          algorithm="HS256")
+
+    assert (await request(stack, "GET", "/mode", token=READER))[0] == 200
+    for who in (READER, token("read")):
+        status, headers, body = await request(stack, "POST", "/replay/pause", token=who)
+        assert status == 403, body
+        assert body["error"]["message"] == "this credential lacks the 'control' scope"
+        assert 'error="insufficient_scope", scope="control"' in headers["WWW-Authenticate"]
+    for who in (OPERATOR, KEY, token("read control")):  # allowed: no replay runs, so 409
+        status, _, body = await request(stack, "POST", "/replay/pause", token=who)
+        assert status not in (401, 403), body
+    status, _, body = await request(stack, "GET", "/mode", token=token("control"))
+    assert status == 403 and "'read'" in body["error"]["message"]
+
+    # restrictions: the reader only BTCUSDT, the operator only binance
+    for path in ("/prices/latest/ETHUSDT", "/ohlcv?symbol=ETHUSDT",
+                 "/udf/history?symbol=ETHUSDT&resolution=1&from=1&to=2"):
+        status, _, body = await request(stack, "GET", path, token=READER)
+        assert status == 403 and "'ETHUSDT'" in body["error"]["message"], (path, body)
+    status, _, body = await request(stack, "GET", "/prices/latest/BTCUSDT", token=READER)
+    assert status == 404, body  # allowed; no price seen yet
+    status, _, body = await request(stack, "GET", "/prices/latest/BTCUSDT", token=OPERATOR)
+    assert status == 403 and "name one" in body["error"]["message"], body
+    status, _, body = await request(stack, "GET", "/prices/latest/kraken/BTCUSDT",
+                                    token=OPERATOR)
+    assert status == 403 and "'kraken'" in body["error"]["message"], body
+    assert (await request(stack, "GET", "/prices/latest/binance/BTCUSDT",
+                          token=OPERATOR))[0] == 404
+
+    # the stream: forbidden subscriptions are error frames, the socket stays usable
+    async with aiohttp.ClientSession() as s:
+        ws = await s.ws_connect(f"ws://127.0.0.1:{stack.settings.web.port}/stream",
+                                headers={"Authorization": f"Bearer {READER}"})
+        (welcome,) = await _ws_frames(ws, 1)
+        assert welcome["type"] == "welcome" and welcome["auth_required"] is False
+        await ws.send_str(orjson.dumps({"op": "subscribe", "id": "e", "channel": "bars",
+                                        "symbol": "ETHUSDT", "interval": "1m"}).decode())
+        (err,) = await _ws_frames(ws, 1)
+        assert (err["type"], err["code"], err["id"]) == ("error", "forbidden", "e"), err
+        await ws.send_str(orjson.dumps({"op": "subscribe", "id": "p", "channel": "prices",
+                                        "symbols": ["BTCUSDT", "ETHUSDT"]}).decode())
+        (err,) = await _ws_frames(ws, 1)
+        assert err["code"] == "forbidden" and "'ETHUSDT'" in err["message"], err
+        await ws.send_str(orjson.dumps({"op": "subscribe", "id": "b", "channel": "bars",
+                                        "symbol": "BTCUSDT", "interval": "1m"}).decode())
+        (snap,) = await _ws_frames(ws, 1)
+        assert (snap["type"], snap["id"]) == ("snapshot", "b"), snap
+        await ws.close()
+        # first-frame auth needs the read scope too
+        ws = await s.ws_connect(f"ws://127.0.0.1:{stack.settings.web.port}/stream")
+        await _ws_frames(ws, 1)
+        await ws.send_str(orjson.dumps({"op": "auth", "token": token("control")}).decode())
+        (err,) = await _ws_frames(ws, 1)
+        assert err["code"] == "unauthorized" and "'read'" in err["message"], err
+        closing = await ws.receive(timeout=10)
+        assert closing.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 4001
+
+    # security headers on JSON, errors and the chart page
+    for path, who in (("/mode", READER), ("/ohlcv?symbol=ETHUSDT", READER),
+                      ("/health", None)):
+        _, headers, _ = await request(stack, "GET", path, token=who)
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert headers["Content-Security-Policy"].startswith("default-src 'none'"), path
+        assert headers["X-Frame-Options"] == "DENY"
+    _, headers, _ = await request(stack, "GET", "/")
+    csp = headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp and "*" not in csp
+    assert "Access-Control-Allow-Origin" not in headers  # CORS off
+    log = w.log_path.read_text(errors="replace")
+    assert READER not in log and OPERATOR not in log and SECRET not in log

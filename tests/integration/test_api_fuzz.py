@@ -12,6 +12,7 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
 import pytest
 import requests
 import schemathesis
@@ -28,6 +29,7 @@ from tests.integration.conftest import SAMPLE, Stack
 
 pytestmark = pytest.mark.integration
 
+KEY = "fuzz-key-0123456789abcdef"
 TRADES = SAMPLE / "trades" / "binance_spot_btcusdt_2020-09-27_trades.csv"
 MAX_EXAMPLES = 30
 #: a third, positive pass per operation with these parameters fixed to the replayed data
@@ -72,11 +74,15 @@ def _fuzz_operation(operation: Any, mode: GenerationMode, fixed: dict[str, Any],
     run()
 
 
-def _fuzz_all(schema: Any, base_url: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """((operation label, status) of every request sent, failure reports)."""
+def _fuzz_all(schema: Any, base_url: str, token: str | None = None
+              ) -> tuple[list[tuple[str, int]], list[str]]:
+    """((operation label, status) of every request sent, failure reports); with
+    ``token``, every request carries it as a bearer token."""
     calls: list[tuple[str, int]] = []
     failures: list[str] = []
     with requests.Session() as session:
+        if token:
+            session.headers["Authorization"] = f"Bearer {token}"
         for result in schema.get_all_operations():
             operation = result.ok()
             passes: list[tuple[GenerationMode, dict[str, Any]]] = [
@@ -102,30 +108,47 @@ def _has_parameters(operation: Any) -> bool:
     return bool(operation.definition.raw.get("parameters"))
 
 
-async def _wait_for_data(stack: Stack, timeout: float = 60) -> None:
+async def _wait_for_data(stack: Stack, token: str | None, timeout: float = 60) -> None:
     """Until the replayed trades show as a latest price and as stored 1-minute bars."""
     paths = ["/prices/latest/binance/BTCUSDT",
              "/ohlcv?symbol=BTCUSDT&start=2020-09-27T14:00:00Z&end=2020-09-27T15:00:00Z"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        (s1, _), (s2, bars) = [await stack.http(p) for p in paths]
+        (s1, _), (s2, bars) = [await stack.http(p, token=token) for p in paths]
         if s1 == 200 and s2 == 200 and any(b["closed"] for b in bars["bars"]):
             return
         await asyncio.sleep(0.5)
     raise AssertionError("the replayed trades never showed up as a price and bars")
 
 
-async def test_every_operation_conforms_to_the_openapi_document(stack: Stack) -> None:
-    w = stack.worker().start()
+@pytest.mark.parametrize("auth", [False, True], ids=["auth_off", "auth_on"])
+async def test_every_operation_conforms_to_the_openapi_document(stack: Stack,
+                                                                auth: bool) -> None:
+    """Generated requests for every documented operation conform to the document; with
+    auth on (a key with every scope, docs/security.md) too, and then the same operations
+    without a token answer the documented 401."""
+    token = KEY if auth else None
+    env = ({"MARKETFLOW_AUTH__ENABLED": "true",
+            "MARKETFLOW_AUTH__API_KEYS": orjson.dumps([KEY]).decode()} if auth else {})
+    w = stack.worker(**env).start()
     await w.wait_ready()
     await stack.replay_cli("--namespace", "", str(TRADES))
-    await _wait_for_data(stack)
+    await _wait_for_data(stack, token)
     # from_dict, not from_url: from_url leaves out the document's own operation
-    status, document = await stack.http("/openapi.json")
+    status, document = await stack.http("/openapi.json", token=token)
     assert status == 200, document
     schema = schemathesis.openapi.from_dict(document)
+    if auth:  # no token: every protected operation is a 401, public ones answer
+        for path, ops in document["paths"].items():
+            for method, op in ops.items():
+                if method != "get" or "{" in path:
+                    continue
+                got, _ = await stack.http(path)
+                # /stream takes its token in the first frame: a plain GET is a 426
+                want = 200 if op.get("security") == [] else 426 if path == "/stream" else 401
+                assert got == want, (path, got)
     t = time.monotonic()
-    calls, failures = await asyncio.to_thread(_fuzz_all, schema, stack.base_url)
+    calls, failures = await asyncio.to_thread(_fuzz_all, schema, stack.base_url, token)
     took = time.monotonic() - t
     print(f"fuzzing: {len(calls)} requests in {took:.1f}s")
     assert not failures, "\n\n".join(failures)
@@ -139,5 +162,7 @@ async def test_every_operation_conforms_to_the_openapi_document(stack: Stack) ->
     ok = {label for label, status in calls if status == 200}
     assert ok - needs_replay == documented - needs_replay - {"GET /stream"}
     assert {status for label, status in calls if label == "GET /stream"} == {426}
-    assert {status for label, status in calls if label in needs_replay} <= {200, 400, 404, 409}
+    # (with auth on, negative cases may replace the bearer token: 401)
+    assert {status for label, status in calls if label in needs_replay} <= {
+        200, 400, 404, 409} | ({401} if auth else set())
     w.assert_alive()

@@ -4,16 +4,20 @@ one row per bar with the exchange's values."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import orjson
 import pytest
 
+from core.config import DEFAULT_PAIRS
+from tables.window import apply_tick
 from tests.integration.conftest import (
     SAMPLE,
     Stack,
     assert_bars_equal_klines,
     complete_minutes,
     load_klines,
+    until,
 )
 
 pytestmark = pytest.mark.integration
@@ -33,7 +37,12 @@ async def _row_counts(stack: Stack) -> list[tuple[str, str, int, int]]:
     return [(r["exchange"], r["symbol"], r["m"], r["n"]) for r in rows]
 
 
-async def test_replaying_twice_leaves_one_row_per_bar(stack: Stack) -> None:
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+async def test_replaying_twice_leaves_one_row_per_bar(stack: Stack, guarantee: str) -> None:
+    """The second replay of a file is late: every tick is dead-lettered (under
+    ``exactly_once`` inside the transaction of the tick's message, read back with
+    ``read_committed``), and every bar stays one row with the exchange's values."""
+    stack.env["MARKETFLOW_APP__PROCESSING_GUARANTEE"] = guarantee
     klines = load_klines(KLINES)
     minutes, rows = complete_minutes(USDM, klines)
     all_minutes = {int(r["ts_ms"]) // 60_000 * 60_000 for r in rows}
@@ -45,7 +54,8 @@ async def test_replaying_twice_leaves_one_row_per_bar(stack: Stack) -> None:
     # the second pass is entirely late: every tick is dead-lettered with reason "late"
     deadline = asyncio.get_running_loop().time() + 60
     while True:
-        dead = await stack.read_topic(stack.settings.topics.dead_letter, idle_s=1.0)
+        dead = await stack.read_topic(stack.settings.topics.dead_letter, idle_s=1.0,
+                                      committed=True)
         if len(dead) >= len(rows) or asyncio.get_running_loop().time() > deadline:
             break
     assert len(dead) == len(rows)
@@ -53,6 +63,7 @@ async def test_replaying_twice_leaves_one_row_per_bar(stack: Stack) -> None:
     counts = await _row_counts(stack)
     assert {n for *_, n in counts} == {1}
     assert {m for _, _, m, _ in counts} == all_minutes
+    w.assert_alive()
     bars = await stack.bars("binance-usdm", "BTCUSDT")
     assert_bars_equal_klines(bars, klines, minutes)
     assert sum(b["trade_count"] for b in bars.values()) == len(rows)
@@ -89,3 +100,53 @@ async def test_sigkill_mid_replay_gives_identical_bars(stack: Stack, guarantee: 
     assert sum(b["trade_count"] for b in bars.values()) == len(rows)
     dead = await stack.read_topic(stack.settings.topics.dead_letter, idle_s=1.0)
     assert dead == []  # nothing was late or lost
+
+
+async def test_live_ingest_and_idle_close_with_exactly_once(stack: Stack) -> None:
+    """With ``exactly_once``, ticks the worker's own ingest publishes and its idle checks
+    are written outside transactions (docs/broker.md#processing-guarantees): a
+    ``read_committed`` agent sees them at once, so live prices reach Redis, and once the
+    feed goes quiet every open minute closes by idleness and is stored, equal to the bar
+    recomputed from the ticks on the topic."""
+    stack.env["MARKETFLOW_APP__PROCESSING_GUARANTEE"] = "exactly_once"
+    emus = await stack.emulators(1, "--rate", "10")
+    w = stack.worker().start()
+    await w.wait_ready()
+    assert (await stack.post("/mode/live"))[0] == 200
+    r = stack.redis()
+    keys = [f"{stack.name}:latest:exchange1:{p}" for p in DEFAULT_PAIRS]
+
+    async def all_prices() -> bool:
+        return all(await asyncio.gather(*(r.exists(k) for k in keys)))
+
+    await until(all_prices, 30, "5 latest prices in Redis")
+    await r.aclose()
+    await emus[0].stop()  # the feed goes quiet: only the idle close can end its minutes
+
+    async def expected_bars() -> dict[str, dict[str, Any]]:
+        ticks = [t for _, v in await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0)
+                 for t in (orjson.loads(v) if v.startswith(b"[") else [orjson.loads(v)])
+                 if "control" not in t]
+        per_key: dict[str, dict[str, Any]] = {}
+        for t in ticks:
+            apply_tick(per_key.setdefault(t["symbol"], {}), t["price"], t["qty"], t["ts_ms"], 0)
+        return per_key
+
+    # twice: the second read, taken once the bars are stored, also has any tick that was
+    # still in the publisher's buffer during the first. The last minute closes once it is
+    # over (up to 60 s after the feed stopped), plus the grace and the idle timeout.
+    for _ in range(2):
+        per_key = await expected_bars()
+        assert set(per_key) == set(DEFAULT_PAIRS)
+        stored = {symbol: await stack.wait_for_bars(
+                      "exchange1", symbol, {bar["b"] for bar in expected.values()},
+                      timeout=120)
+                  for symbol, expected in per_key.items()}
+    for symbol, expected in per_key.items():
+        assert set(stored[symbol]) == {bar["b"] for bar in expected.values()}
+        for bar in expected.values():
+            row = stored[symbol][bar["b"]]
+            assert (row["open"], row["high"], row["low"], row["close"], row["trade_count"]) \
+                == (bar["o"], bar["h"], bar["l"], bar["c"], bar["n"]), (symbol, row)
+    assert await stack.read_topic(stack.settings.topics.dead_letter, idle_s=1.0) == []
+    assert w.stop() == 0, w.tail()

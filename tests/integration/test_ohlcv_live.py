@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from typing import Any
 
 import orjson
 import pytest
 
-from tests.integration.conftest import Stack
+from tests.integration.conftest import Stack, until
 
 pytestmark = pytest.mark.integration
 
@@ -45,13 +46,28 @@ async def test_live_bucket_joins_stored_bars(stack: Stack) -> None:
 
     # freeze ingest (live mode with no exchange configured) and compare views with the ticks
     assert (await stack.post("/mode/live"))[0] == 200
-    await asyncio.sleep(3)
-    _, one_min = await stack.http(q)
-    _, hour = await stack.http(q.replace("interval=1m", "interval=1h"))
-    ticks = [t for _, v in await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0)
-             for t in (orjson.loads(v) if v.startswith(b"[") else [orjson.loads(v)])
-             if "control" not in t
-             and t["exchange"] == "exchange1" and t["symbol"] == "BTCUSDT"]
+
+    async def generator_stopped() -> bool:
+        _status, body = await stack.http("/mode")
+        return body["mode"] == "live" and (body.get("ingest") or {}).get("mode") == "live"
+
+    await until(generator_stopped, 15, "ingest switched to live (the generator stopped)")
+
+    async def views_caught_up() -> tuple[list[dict[str, Any]], Any, Any] | None:
+        """The ticks topic and both views once the views count every tick of the topic
+        (the worker may still be applying the generator's last ticks)."""
+        ticks = [t for _, v in await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0)
+                 for t in (orjson.loads(v) if v.startswith(b"[") else [orjson.loads(v)])
+                 if "control" not in t
+                 and t["exchange"] == "exchange1" and t["symbol"] == "BTCUSDT"]
+        _, one_min = await stack.http(q)
+        _, hour = await stack.http(q.replace("interval=1m", "interval=1h"))
+        counts = {sum(b["trade_count"] for b in one_min["bars"]),
+                  sum(b["trade_count"] for b in hour["bars"])}
+        return (ticks, one_min, hour) if counts == {len(ticks)} else None
+
+    ticks, one_min, hour = await until(views_caught_up, 30,
+                                       "the views counting every tick of the topic")
     assert sum(b["trade_count"] for b in one_min["bars"]) == len(ticks)
     assert sum(b["trade_count"] for b in hour["bars"]) == len(ticks)
     assert max(b["high"] for b in hour["bars"]) == max(t["price"] for t in ticks)

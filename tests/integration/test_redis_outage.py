@@ -118,7 +118,7 @@ def _assert_same_bar(got: Any, want: dict[str, Any], where: str) -> None:
 async def test_redis_outage_during_ingest(private_redis: PrivateRedis, stack: Stack) -> None:
     stack.env["MARKETFLOW_REDIS__URL"] = private_redis.url
     stack.settings = _settings_with(stack.env)
-    assert stack.settings.redis.url == private_redis.url
+    assert stack.settings.redis.url.get_secret_value() == private_redis.url
     try:
         await _scenario(stack, private_redis)
     finally:

@@ -96,6 +96,31 @@ async def udf_time_s(stack: Stack) -> int:
     return int(body)
 
 
+async def status_written_after(stack: Stack, updated_ms: int, timeout: float = 10
+                               ) -> dict[str, Any]:
+    """The first replay state written (``updated_ms``, the replay's wall clock) at or after
+    ``updated_ms``: a state the replay computed that late, not one read again."""
+    async def check() -> dict[str, Any] | None:
+        s = await status(stack)
+        return s if s is not None and s["updated_ms"] >= updated_ms else None
+    return dict(await until(check, timeout, f"a replay state written after {updated_ms}"))
+
+
+async def settled_status(stack: Stack, first: dict[str, Any], timeout: float = 20
+                         ) -> dict[str, Any]:
+    """A paused replay's state once its ``published`` count stood still over 1 s of
+    consecutive states (the flush in flight at the pause has gone out); AssertionError
+    when it still grows after ``timeout`` s (publishing did not stop)."""
+    deadline = time.monotonic() + timeout
+    prev = first
+    while True:
+        cur = await status_written_after(stack, prev["updated_ms"] + 1_000)
+        if cur["published"] == prev["published"]:
+            return cur
+        assert time.monotonic() < deadline, f"still publishing while paused: {prev} {cur}"
+        prev = cur
+
+
 async def _klines_rebuilt(stack: Stack, ns: str) -> None:
     for trades, klines_file, exchange in ((SPOT, SPOT_KLINES, "binance"),
                                           (USDM, USDM_KLINES, "binance-usdm")):
@@ -147,24 +172,35 @@ async def test_http_control_and_simulated_clock(stack: Stack) -> None:
         s = await wait_state(stack, "running")
         assert s["namespace"] == "replay" and s["total"] == 21313 and s["speed"] == 10
         assert s["source"]["files"][0].endswith(USDM)
-        # running at x10: the clock moves ~10 s per second, /udf/time follows it
+        # running at x10: the clock moves ~10 s per wall second. Measured between two
+        # states the replay wrote >= 3 s apart (its own updated_ms, so a slow test or HTTP
+        # round trip does not count): 10 x that elapsed time, give or take 15 s of clock
+        # (1.5 s of a flush being due but not yet acknowledged at either state); x1 or
+        # x20 would be off by more than that.
         await until(lambda: _clock_past(stack, USDM_FIRST_MS + 2_000), 10, "clock moves")
-        c0 = (await status(stack) or {})["clock_ms"]
-        await asyncio.sleep(1.0)
-        s1 = await status(stack) or {}
-        assert 4_000 <= s1["clock_ms"] - c0 <= 20_000, (c0, s1)
-        assert abs(await udf_time_s(stack) - s1["clock_ms"] // 1000) <= 3
-        assert abs(time.time() - s1["clock_ms"] / 1000) > 86_400  # not the wall clock
+        s0 = await status(stack) or {}
+        s1 = await status_written_after(stack, s0["updated_ms"] + 3_000)
+        elapsed_ms = s1["updated_ms"] - s0["updated_ms"]
+        moved_ms = s1["clock_ms"] - s0["clock_ms"]
+        assert abs(moved_ms - 10 * elapsed_ms) <= 15_000, (elapsed_ms, moved_ms, s0, s1)
+        # /udf/time follows the simulated clock: read between two states, it lies between
+        # their clocks (the clock only moves forward while running), whatever the delays
+        before = await status(stack) or {}
+        udf_s = await udf_time_s(stack)
+        after = await status(stack) or {}
+        assert before["clock_ms"] // 1000 <= udf_s <= after["clock_ms"] // 1000, (
+            before, udf_s, after)
+        assert abs(time.time() - after["clock_ms"] / 1000) > 86_400  # not the wall clock
 
         code, body = await stack.post("/replay/pause")
         assert code == 200 and body["state"] == "paused" and body["applied"], body
         assert (await stack.post("/replay/pause"))[0] == 409
-        await asyncio.sleep(0.5)
-        p0 = (await status(stack) or {})["clock_ms"]
-        published = (await status(stack) or {})["published"]
-        await asyncio.sleep(1.0)
-        p1 = await status(stack) or {}
-        assert p1["clock_ms"] == p0 and p1["published"] == published  # the clock stopped
+        # publishing stops after the flush in flight (at most --batch-max 1000 ticks) and
+        # the clock stands still where the pause froze it
+        p1 = await settled_status(stack, body)
+        p0 = body["clock_ms"]
+        assert p1["state"] == "paused" and p1["clock_ms"] == p0, (body, p1)
+        assert 0 <= p1["published"] - body["published"] <= 1000, (body, p1)
         assert await udf_time_s(stack) == p0 // 1000
         # price statistics on the replayed exchange follow the replay clock
         code, st = await stack.http("/prices/highest/replay.binance-usdm/BTCUSDT?period=30s")
@@ -178,8 +214,8 @@ async def test_http_control_and_simulated_clock(stack: Stack) -> None:
         assert (await stack.post("/replay/seek?to=yesterday"))[0] == 400
         assert (await stack.post("/replay/speed?x=-3"))[0] == 400
         assert (await stack.post("/replay/rewind"))[0] == 400
-        await asyncio.sleep(0.5)
-        assert (await status(stack) or {})["clock_ms"] == target
+        later = await status_written_after(stack, body["updated_ms"] + 500)
+        assert later["clock_ms"] == target, later
         code, body = await stack.post("/replay/resume")
         assert code == 200 and body["state"] == "running", body
         assert (await stack.post("/replay/resume"))[0] == 409
@@ -202,8 +238,12 @@ async def test_http_control_and_simulated_clock(stack: Stack) -> None:
         s3 = await status(stack) or {}
         assert s3["state"] == "stopped" and not s3["active"]
         assert (await stack.post("/replay/pause"))[0] == 409
-        # a stopped replay no longer drives /udf/time
-        assert abs(await udf_time_s(stack) - time.time()) <= 3
+        # a stopped replay no longer drives /udf/time: the wall clock, read between two
+        # wall-clock readings of ours (same host clock, whole seconds)
+        wall_before = int(time.time())
+        udf_s = await udf_time_s(stack)
+        wall_after = int(time.time())
+        assert wall_before <= udf_s <= wall_after, (wall_before, udf_s, wall_after)
     finally:
         rp.kill()
 

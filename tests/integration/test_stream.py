@@ -8,6 +8,7 @@ import asyncio
 import base64
 import os
 import socket
+import time
 from typing import Any
 
 import aiohttp
@@ -46,6 +47,8 @@ class Client:
         self.session = session
         self.ws = ws
         self.frames: list[dict[str, Any]] = []
+        #: when each frame arrived (monotonic s), parallel to ``frames``
+        self.recv_s: list[float] = []
         self._task = asyncio.ensure_future(self._read())
         self.close_code: int | None = None
 
@@ -59,6 +62,7 @@ class Client:
         async for msg in self.ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
                 self.frames.append(orjson.loads(msg.data))
+                self.recv_s.append(time.monotonic())
         self.close_code = self.ws.close_code
 
     async def send(self, obj: Any) -> None:
@@ -122,6 +126,18 @@ def assert_same_bars(streamed: dict[int, dict[str, Any]], ohlcv: list[dict[str, 
                 assert got[k] == pytest.approx(v, rel=1e-12), (b, k, got[k], v)
             else:
                 assert got[k] == v, (b, k, got[k], v)
+
+
+def assert_throttled(c: Client, sub_id: str, item: Any, per_s: float) -> int:
+    """Frames of one item of ``sub_id`` (``item(frame)`` names it, None: not counted) number
+    at most one per throttle round (1/``per_s`` s) over the time they spanned; 1 s of
+    slack covers delivery jitter at both ends. Returns how many frames the item had."""
+    times = [t for f, t in zip(c.frames, c.recv_s, strict=True)
+             if f.get("id") == sub_id and f["type"] != "snapshot" and item(f)]
+    assert times, f"no frame of {sub_id}"
+    span_s = times[-1] - times[0]
+    assert len(times) <= (span_s + 1.0) * per_s + 1, (len(times), span_s, per_s)
+    return len(times)
 
 
 async def replay_0808(stack: Stack) -> None:
@@ -203,6 +219,13 @@ async def test_snapshot_then_updates_equal_ohlcv_and_klines(stack: Stack) -> Non
         assert p["ts_ms"] >= last.get(p["item"], p)["ts_ms"], (last[p["item"]], p)
         last[p["item"]] = p
     assert set(last) == {"BTCUSDT", f"{EXCHANGE}:BTCUSDT"}
+    # throttled: each price item and the 1m series at most once per round, though every
+    # tick (tens per round at x40) changed them
+    per_s = stack.settings.stream.max_updates_per_s
+    for key in last:
+        assert assert_throttled(early, "p", lambda f, k=key: f["price"]["item"] == k,
+                                per_s) > 5
+    assert assert_throttled(early, "m1", lambda f: not f["bar"]["closed"], per_s) > 5
     assert last[f"{EXCHANGE}:BTCUSDT"]["ts_ms"] == max(int(r["ts_ms"]) for r in rows)
     assert not early.errors() and not late.errors()
     await early.close()

@@ -19,7 +19,7 @@ async def test_skipped_messages_are_read_back_in_offset_order(stack: Stack) -> N
     await stack.produce_raw([(b"k", f"m{i}".encode()) for i in range(10)], topic=topic)
     tps = await stack.partitions(topic)
     p = next(tp.partition for tp in tps)
-    fetcher = SkippedMessages(stack.settings.broker.bootstrap_servers, topic)
+    fetcher = SkippedMessages(stack.settings.broker, topic)
     try:
         got = await fetcher.fetch(p, 3, 7)
         assert [(e.message.offset, e.key, e.value) for e in got] == [

@@ -117,7 +117,8 @@ async def chromium(executable: Path = CHROMIUM) -> AsyncIterator[Browser]:
 
 @asynccontextmanager
 async def watched_page(browser: Browser, origin: str,
-                       viewport: tuple[int, int] = (1280, 720)) -> AsyncIterator[WatchedPage]:
+                       viewport: tuple[int, int] = (1280, 720),
+                       ignore_https_errors: bool = False) -> AsyncIterator[WatchedPage]:
     """A page in a fresh context that records errors and blocks other origins.
 
     Args:
@@ -125,11 +126,14 @@ async def watched_page(browser: Browser, origin: str,
         origin: the server's ``http://host:port``; every other origin is aborted and
             recorded in :attr:`WatchedPage.foreign_requests`.
         viewport: width and height in CSS pixels.
+        ignore_https_errors: accept a certificate the browser does not trust (a test's
+            self-signed one).
 
     Yields:
         The watched page; its context is closed on exit.
     """
-    context = await browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
+    context = await browser.new_context(viewport={"width": viewport[0], "height": viewport[1]},
+                                        ignore_https_errors=ignore_https_errors)
     try:
         page = await context.new_page()
         wp = WatchedPage(page, origin.rstrip("/"))

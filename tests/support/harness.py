@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 from urllib.parse import urlparse, urlunparse
 
 import aiohttp
@@ -187,13 +187,15 @@ async def delete_redis_keys(url: str, prefix: str, batch_size: int = 1000) -> in
     return deleted
 
 
-async def delete_topics(bootstrap_servers: str | Sequence[str], prefix: str) -> str:
+async def delete_topics(bootstrap_servers: str | Sequence[str], prefix: str,
+                        security: Mapping[str, Any] | None = None) -> str:
     """Delete every topic whose name starts with ``prefix`` (the run's topics and Faust's
     changelog / assignor topics).
 
     Args:
         bootstrap_servers: the broker(s), ``host:port``.
         prefix: the run's topic prefix.
+        security: aiokafka security keywords (``core.kafka_security.client_security``).
 
     Returns:
         What was done: ``"no topics"`` or ``"deleted <n> topics"``.
@@ -204,7 +206,7 @@ async def delete_topics(bootstrap_servers: str | Sequence[str], prefix: str) -> 
     """
     servers = bootstrap_servers if isinstance(bootstrap_servers, str) else list(
         bootstrap_servers)
-    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers, **(security or {}))
     await admin.start()
     try:
         names = sorted(t for t in await admin.list_topics() if t.startswith(prefix))
@@ -313,7 +315,8 @@ class Isolation:
 
     async def cleanup(self, redis_url: str,
                       bootstrap_servers: str | Sequence[str] | None = None,
-                      report: Callable[[str], object] | None = None) -> None:
+                      report: Callable[[str], object] | None = None,
+                      security: Mapping[str, Any] | None = None) -> None:
         """Remove what the run left on the services; every step is tried.
 
         Drops the database (if :meth:`create_database` succeeded), deletes the Redis keys
@@ -326,6 +329,7 @@ class Isolation:
                 are kept.
             report: called with one line per step (what was done, or why it failed);
                 then failures are only reported. ``None``: failures are raised.
+            security: aiokafka security keywords for the topic deletion.
 
         Raises:
             Exception: with ``report=None``, the failure of a step (an ``ExceptionGroup``
@@ -353,7 +357,7 @@ class Isolation:
             note(f"redis cleanup failed: {exc}")
         if bootstrap_servers is not None:
             try:
-                note(f"broker: {await delete_topics(bootstrap_servers, self.name)}")
+                note(f"broker: {await delete_topics(bootstrap_servers, self.name, security)}")
             except Exception as exc:  # noqa: BLE001
                 errors.append(exc)
                 note(f"broker: topic deletion failed ({type(exc).__name__}: {exc})")

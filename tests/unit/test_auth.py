@@ -41,8 +41,14 @@ def _settings(**kw: Any) -> AuthSection:
     return AuthSection(**{**base, **kw})
 
 
-def _jwt(claims: dict[str, Any], key: str = SECRET, alg: str = "HS256") -> str:
-    return jwt.encode(claims, key, algorithm=alg)
+def _jwt(claims: dict[str, Any], key: Any = SECRET, alg: str = "HS256",
+         headers: dict[str, Any] | None = None) -> str:
+    """A JWT of ``claims``, with an ``exp`` 5 minutes ahead unless ``claims`` sets one
+    (``"exp": None``: no ``exp`` claim)."""
+    claims = {"exp": int(time.time()) + 300, **claims}
+    if claims["exp"] is None:
+        del claims["exp"]
+    return jwt.encode(claims, key, algorithm=alg, headers=headers)
 
 
 def _unauthorized(header: str | None, settings: AuthSection | None = None) -> Unauthorized:
@@ -101,14 +107,14 @@ def test_valid_jwt_keyed_by_subject() -> None:
 
 def test_jwt_refused_when_expired_not_yet_valid_or_badly_signed() -> None:
     now = int(time.time())
-    assert _unauthorized("Bearer " + _jwt({"sub": "a", "exp": now - 10})).message \
+    assert _unauthorized("Bearer " + _jwt({"sub": "a", "exp": now - 120})).message \
         == "token expired"
     assert _unauthorized("Bearer " + _jwt({"sub": "a", "nbf": now + 600})).message \
         == "token not yet valid"
     assert _unauthorized("Bearer " + _jwt({"sub": "a"}, key="x" * 32)).message \
         == "invalid token"
     # an expired token with a bad signature is only "invalid": claims are not revealed
-    assert _unauthorized("Bearer " + _jwt({"sub": "a", "exp": now - 10}, key="x" * 32)
+    assert _unauthorized("Bearer " + _jwt({"sub": "a", "exp": now - 120}, key="x" * 32)
                          ).message == "invalid token"
     good = _jwt({"sub": "a"})
     head, _, sig = good.split(".")
@@ -137,7 +143,7 @@ def test_jwt_ignored_without_secret() -> None:
 def test_settings_validation_and_secrets_hidden() -> None:
     s = _settings()
     assert KEY not in repr(s) and SECRET not in repr(s)
-    with pytest.raises(ValueError, match="needs api_keys or jwt_hs256_secret"):
+    with pytest.raises(ValueError, match="needs api_keys, jwt_hs256_secret"):
         AuthSection(enabled=True)
     with pytest.raises(ValueError, match="16 visible"):
         AuthSection(api_keys=["short"])

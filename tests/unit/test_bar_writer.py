@@ -99,3 +99,41 @@ async def test_postgres_error_is_retried() -> None:
     w.upsert = flaky
     await w.add({"n": 7}, 7, stream)  # type: ignore[arg-type]
     assert calls == 2 and stream.acked == [7] and written == [{"n": 7}]
+
+
+async def test_flusher_writes_at_once_when_idle_and_batches_within_the_gap() -> None:
+    """The service's own flusher: a bar that finds the writer idle is written at once
+    (the 600 s backstop plays no part); bars arriving within ``min_flush_gap_s`` of that
+    flush wait for the gap and are written together, in one upsert."""
+    calls: list[list[int]] = []
+    written: list[dict[str, Any]] = []
+
+    async def upsert(conn: object, bars: list[dict[str, Any]]) -> int:
+        calls.append([b["n"] for b in bars])
+        written.extend(bars)
+        return len(bars)
+
+    w = BarWriter(FakeDb(), batch_size=100, flush_interval_s=600,  # type: ignore[arg-type]
+                  retry_max_s=0.05, upsert=upsert, min_flush_gap_s=2.0)
+    stream = FakeStream(written)
+    loop = asyncio.get_running_loop()
+    await w.start()
+    try:
+        t0 = loop.time()
+        await w.add({"n": 1}, 1, stream)  # type: ignore[arg-type]
+        while not calls:
+            assert loop.time() - t0 < 5, "an idle writer did not write at once"
+            await asyncio.sleep(0.01)
+        t1 = loop.time()
+        await w.add({"n": 2}, 2, stream)  # type: ignore[arg-type]
+        await w.add({"n": 3}, 3, stream)  # type: ignore[arg-type]
+        await asyncio.sleep(0.5)
+        assert calls == [[1]]  # held for the gap
+        while len(calls) < 2:
+            assert loop.time() - t1 < 15
+            await asyncio.sleep(0.05)
+        assert calls == [[1], [2, 3]]
+        assert loop.time() - t0 >= 1.9  # the gap was kept (a sleep cannot end early)
+        assert stream.acked == [1, 2, 3]
+    finally:
+        await w.stop()

@@ -8,12 +8,18 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.errors import KafkaTimeoutError
+from prometheus_client import REGISTRY
 
-from core.errors import InvalidTick
+from core.config import load_settings
+from core.errors import InvalidTick, PublishError
+from core.state import StateHolder
 from feeds.live.base import Backoff, normalise_ts_ms
 from feeds.live.generator import SyntheticTicks
+from feeds.live.manager import IngestManager
 from feeds.live.marketflow_tcp import parse_line
-from feeds.live.publisher import TickPublisher
+from feeds.live.publisher import TickPublisher, next_flush_s
+from feeds.live.supervisor import Supervisor
 
 PAIRS = {"BTCUSDT", "ETHUSDT"}
 NOW = 1_744_631_432_487
@@ -138,3 +144,146 @@ async def test_publisher_backlog_goes_out_in_event_time_order() -> None:
         mine = [(t["exchange"], t["symbol"], t["ts_ms"]) for k, b in msgs if k == key for t in b]
         assert mine == [(t.exchange, t.symbol, t.ts_ms) for t in ticks
                         if f"{t.exchange}:{t.symbol}".encode() == key]
+
+
+def restarts_of(feed: str) -> float:
+    return REGISTRY.get_sample_value("marketflow_feed_restarts_total", {"feed": feed}) or 0.0
+
+
+async def test_supervisor_restarts_a_crashed_task_with_backoff() -> None:
+    """Two crashes, then a clean run: restarted twice, after growing delays, each crash
+    counted and visible in the state; the supervisor ends when the task returns."""
+    runs: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def start() -> None:
+        runs.append(loop.time())
+        if len(runs) <= 2:
+            raise RuntimeError(f"parser bug {len(runs)}")
+
+    st = StateHolder("sup-test", "marketflow_tcp")
+    before = restarts_of("sup-test")
+    sup = Supervisor("sup-test", start, Backoff(0.05, 1.0, jitter=0.0), st)
+    await asyncio.wait_for(sup.run(), 10)
+    assert len(runs) == 3 and sup.restarts == 2 and st.restarts == 2
+    assert runs[1] - runs[0] >= 0.05 and runs[2] - runs[1] >= 0.1  # doubling backoff
+    assert restarts_of("sup-test") - before == 2
+    assert st.state == "crashed" and "RuntimeError: parser bug 2" in (st.last_error or "")
+    assert st.as_dict()["restarts"] == 2
+
+
+async def test_supervisor_passes_cancellation_through() -> None:
+    started = asyncio.Event()
+
+    async def start() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    sup = Supervisor("sup-cancel", start, Backoff(0.01, 0.01))
+    task = asyncio.ensure_future(sup.run())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sup.restarts == 0
+
+
+async def test_publisher_keeps_what_the_broker_did_not_ack() -> None:
+    """A flush whose send for one key fails raises PublishError and keeps exactly that
+    key's ticks, ahead of ticks that arrive meanwhile; acked messages are not resent; the
+    next flush sends the rest in order."""
+    sent: list[tuple[bytes | None, bytes]] = []
+    fail_keys = {b"e1:ETHUSDT"}
+
+    async def send(key: bytes | None, value: bytes) -> Any:
+        fut = asyncio.get_running_loop().create_future()
+        if key in fail_keys:
+            fut.set_exception(KafkaTimeoutError())
+        else:
+            sent.append((key, value))
+            fut.set_result(None)
+        return fut
+
+    pub = TickPublisher(send, send, max_pending=10**6)
+    g = SyntheticTicks(["e1"], ["BTCUSDT", "ETHUSDT"], seed=5)
+    first = [g.next(NOW + i) for i in range(40)]
+    await pub.publish(first)
+    with pytest.raises(PublishError, match="1 of 2 ticks messages not acked"):
+        await pub.flush()
+    eth = [t for t in first if t.symbol == "ETHUSDT"]
+    assert pub.pending == len(eth) and {k for k, _ in sent} == {b"e1:BTCUSDT"}
+    later = [g.next(NOW + 100 + i) for i in range(10)]
+    await pub.publish(later)
+    fail_keys.clear()
+    sent.clear()
+    assert await pub.flush() == len(eth) + len(later)
+    got: dict[bytes | None, list[Any]] = {}
+    for k, v in sent:  # a key's backlog may be cut into several messages (max_span_ms)
+        got.setdefault(k, []).extend(orjson.loads(v))
+    eth_sent = [(t["ts_ms"], t["price"]) for t in got[b"e1:ETHUSDT"]]
+    assert eth_sent == [(t.ts_ms, t.price) for t in eth + later if t.symbol == "ETHUSDT"]
+    assert len(got[b"e1:BTCUSDT"]) == sum(t.symbol == "BTCUSDT" for t in later)
+    assert pub.pending == 0
+
+
+def test_next_flush_pause_follows_the_message_rate() -> None:
+    assert next_flush_s(10.0, 0, 2000, 0.05) == 10.0             # idle: at once
+    assert next_flush_s(10.0, 30, 2000, 0.05) == pytest.approx(10.015)
+    assert next_flush_s(10.0, 500, 2000, 0.05) == pytest.approx(10.05)  # capped
+
+
+async def test_flusher_sends_at_once_when_idle_and_batches_under_load() -> None:
+    """A tick that finds the publisher idle goes out at once (long before the 10 s
+    interval); ticks published during the pause after a flush wait for it and go out
+    together in the next flush."""
+    loop = asyncio.get_running_loop()
+    flushes: list[list[bytes]] = []
+    current: list[bytes] = []
+
+    async def send(key: bytes | None, value: bytes) -> Any:
+        current.append(value)
+        fut = loop.create_future()
+        fut.set_result(None)
+        return fut
+
+    pub = TickPublisher(send, send)
+    real_flush = pub.flush
+
+    async def flush() -> int:
+        n = await real_flush()
+        if current:
+            flushes.append(list(current))
+            current.clear()
+        return n
+
+    pub.flush = flush  # type: ignore[method-assign]
+    # one message per 2 s at most: the pause after a 1-message flush is 2 s
+    settings = load_settings(feeds={"publish_interval_ms": 10_000, "max_messages_per_s": 0.5})
+    manager = IngestManager(settings, pub, None, is_leader=lambda: True)
+    task = asyncio.ensure_future(manager._flush_forever())
+    g = SyntheticTicks(["e1"], ["BTCUSDT", "ETHUSDT"], seed=5)
+    try:
+        t0 = loop.time()
+        await pub.publish([g.next(NOW)])
+        while not flushes:
+            assert loop.time() - t0 < 5, "an idle publisher did not send at once"
+            await asyncio.sleep(0.01)
+        assert len(flushes[0]) == 1
+        t1 = loop.time()
+        for i in range(1, 4):
+            await pub.publish([g.next(NOW + i)])
+        await asyncio.sleep(0.5)
+        assert len(flushes) == 1  # the pause (2 s) holds them
+        while len(flushes) < 2:
+            assert loop.time() - t1 < 15
+            await asyncio.sleep(0.05)
+        assert loop.time() - t1 >= 1.9  # the pause was kept (it cannot end early)
+        # the three ticks went out together, one message per key
+        batch = [orjson.loads(v) for v in flushes[1]]
+        assert sum(len(m) for m in batch) == 3
+        assert len(batch) == len({m[0]["symbol"] for m in batch})
+        assert pub.pending == 0
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

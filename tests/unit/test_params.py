@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -121,3 +122,21 @@ def test_heartbeat_must_fit_the_session(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("MARKETFLOW_BROKER__HEARTBEAT_INTERVAL_S", "3")
     with pytest.raises(ConfigError, match="heartbeat_interval_s"):
         load_settings()
+
+
+async def test_worker_consumer_gets_the_fetch_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Faust builds its Kafka consumer with fetch.max.wait.ms fixed at 1500; the worker's
+    consumer gets ``broker.fetch_max_wait_ms`` instead (a fetch parked for a quiet
+    partition delays the others by that long: docs/architecture.md)."""
+    from app.factory import create_app
+
+    monkeypatch.setenv("MARKETFLOW_BROKER__FETCH_MAX_WAIT_MS", "123")
+    app = create_app(load_settings())
+    consumer = cast(Any, app.consumer)._thread._create_worker_consumer(app.transport)
+    try:
+        assert consumer._fetch_max_wait_ms == 123
+    finally:
+        await consumer.stop()
+    assert load_settings().broker.fetch_max_wait_ms == 123
+    monkeypatch.delenv("MARKETFLOW_BROKER__FETCH_MAX_WAIT_MS")
+    assert load_settings().broker.fetch_max_wait_ms < 1500

@@ -126,19 +126,18 @@ class _Redis:
 
 
 class _Pool:
+    """Stands in for :class:`sql.pool.Database` (``request()``: a connection, or OSError
+    when the database is down)."""
+
     def __init__(self, conn: asyncpg.Connection | None) -> None:
         self.conn = conn
 
-    async def pool(self) -> _Pool:
-        if self.conn is None:
-            raise OSError("database down")
-        return self
-
-    def acquire(self) -> _Pool:
+    def request(self) -> _Pool:
         return self
 
     async def __aenter__(self) -> asyncpg.Connection:
-        assert self.conn is not None
+        if self.conn is None:
+            raise OSError("database down")
         return self.conn
 
     async def __aexit__(self, *exc: object) -> None:
@@ -194,7 +193,7 @@ async def test_period_stats_redis_minutes_and_fallback(db: asyncpg.Connection) -
     assert (quiet.known, quiet.highest, quiet.count) == (True, None, 0)
     unknown = await _queries(db, _Latest()).period_stats("NOPE", None, 86_400, NOW_MS)
     assert unknown.known is False
-    with pytest.raises(StorageUnavailable, match=r"^storage unavailable: OSError$"):
+    with pytest.raises(StorageUnavailable, match=r"^database unavailable: OSError$"):
         await _queries(None, _Latest()).period_stats("BTCUSDT", None, 86_400, NOW_MS)
     with pytest.raises(StorageUnavailable, match=r"^redis and database unavailable: OSError$"):
         await _queries(None, _Latest(fail=True)).period_stats("BTCUSDT", None, 60, NOW_MS)

@@ -20,7 +20,6 @@ import orjson
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from core.errors import StorageUnavailable
 from core.models import (
     BAR_ALIASES,
     BAR_FIELDS,
@@ -213,10 +212,7 @@ class _Pool:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self.conn = conn
 
-    async def pool(self) -> _Pool:
-        return self
-
-    def acquire(self) -> _Acquired:
+    def request(self) -> _Acquired:
         return _Acquired(self.conn)
 
 
@@ -294,9 +290,10 @@ async def db() -> AsyncIterator[asyncpg.Connection]:
         yield conn
 
 
-def _builder(conn: asyncpg.Connection, live: _LiveBars, cache: _Cache) -> SeriesBuilder:
+def _builder(conn: asyncpg.Connection, live: _LiveBars, cache: _Cache,
+             local_live: Any = None) -> SeriesBuilder:
     return SeriesBuilder(cast(Any, _Pool(conn)), cast(Any, live), cast(Any, cache),
-                         grace_ms=5_000, max_future_ms=300_000)
+                         grace_ms=5_000, max_future_ms=300_000, local_live=local_live)
 
 
 async def test_ohlcv_joins_sealed_stored_and_live_minutes(db: asyncpg.Connection) -> None:
@@ -338,12 +335,29 @@ async def test_ohlcv_unknown_symbol_and_redis_down(db: asyncpg.Connection) -> No
     builder = _builder(db, _LiveBars([]), _Cache())
     series = await builder.ohlcv("NOPE", None, T0, T0 + 40 * MIN, "1m", "none", NOW)
     assert (series.bars_json, series.known) == (b"[]", False)
-    down = _builder(db, _LiveBars([], fail=True), _Cache())
-    with pytest.raises(StorageUnavailable, match="redis unavailable: ConnectionError"):
-        await down.ohlcv(SYM, None, T0, T0 + 40 * MIN, "1m", "none", NOW)
+    # Redis down: stored bars, plus the open minutes the worker's own window state holds
+    # (here ex1's minute 30 only: ex2's partition is another worker's), flagged degraded
+    _, live_bars = _series_data()
+    asked: list[tuple[str, str | None, int, int]] = []
+
+    def local_live(symbol: str, exchange: str | None, lo: int, hi: int) -> list[Any]:
+        asked.append((symbol, exchange, lo, hi))
+        return [b for b in live_bars if b["exchange"] == "ex1" and not b["closed"]
+                and lo <= b["bucket_start_ms"] < hi]
+
+    down = _builder(db, _LiveBars([], fail=True), _Cache(), local_live)
+    series = await down.ohlcv(SYM, "ex1", T0, T0 + 40 * MIN, "1m", "none", NOW)
+    bars = orjson.loads(series.bars_json)
+    assert down.degraded and asked and asked[0][:2] == (SYM, "ex1")
+    assert [b["close"] for b in bars] == [100.0 + m for m in range(28)] + [330.0]
+    assert [b["closed"] for b in bars] == [True] * 28 + [False]
+    no_state = _builder(db, _LiveBars([], fail=True), _Cache())
+    series = await no_state.ohlcv(SYM, "ex1", T0, T0 + 40 * MIN, "1m", "none", NOW)
+    assert no_state.degraded and len(orjson.loads(series.bars_json)) == 28
     # a range that ends before the live window never reads Redis
-    sealed = await down.ohlcv(SYM, None, T0, T0 + 20 * MIN, "1m", "none", NOW)
-    assert len(orjson.loads(sealed.bars_json)) == 20
+    sealed_only = _builder(db, _LiveBars([], fail=True), _Cache())
+    sealed = await sealed_only.ohlcv(SYM, None, T0, T0 + 20 * MIN, "1m", "none", NOW)
+    assert len(orjson.loads(sealed.bars_json)) == 20 and not sealed_only.degraded
 
 
 async def test_udf_history_countback_and_no_data(db: asyncpg.Connection) -> None:
@@ -407,6 +421,8 @@ async def test_ohlcv_asks_for_missing_history(db: asyncpg.Connection) -> None:
     assert od.asked == [("ex1", "NOPE", T0, T0 + 25 * MIN)]
     assert series.known is False and series.history is not None
     assert series.history["state"] == "error"
-    with pytest.raises(StorageUnavailable, match="storage unavailable: ConnectionError"):
-        await builder(_OnDemand(None, fail=True)).ohlcv(SYM, "ex2", T0 - HOUR, T0 + 40 * MIN,
-                                                        "1m", "none", NOW)
+    # Redis down: no on-demand fetch, the stored bars come back, flagged degraded
+    down = builder(_OnDemand(None, fail=True))
+    series = await down.ohlcv(SYM, "ex2", T0 - HOUR, T0 + 40 * MIN, "1m", "none", NOW)
+    assert down.degraded and series.history is None and series.known
+    assert len(orjson.loads(series.bars_json)) == 17

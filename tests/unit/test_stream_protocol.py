@@ -16,7 +16,9 @@ from views.stream_hub import (
     Connection,
     Outbox,
     Subscription,
+    WriteBatcher,
     close_stalled,
+    ws_text_frame,
 )
 from views.stream_protocol import (
     Auth,
@@ -183,10 +185,11 @@ async def test_a_client_that_does_not_read_is_closed_and_stays_bounded() -> None
 
 
 class FakeTransport:
-    """What the direct write checks: closing, and bytes still buffered."""
+    """What the batched write checks (closing, bytes still buffered) and what it wrote."""
 
     def __init__(self) -> None:
         self.buffered = 0
+        self.writes: list[bytes] = []
 
     def is_closing(self) -> bool:
         return False
@@ -194,20 +197,57 @@ class FakeTransport:
     def get_write_buffer_size(self) -> int:
         return self.buffered
 
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
 
-async def test_frames_are_written_at_once_when_nothing_is_pending() -> None:
+
+def ws_frames(data: bytes) -> list[dict[str, Any]]:
+    """Decode unmasked WebSocket text frames (RFC 6455 section 5.2) into JSON objects."""
+    out, i = [], 0
+    while i < len(data):
+        assert data[i] == 0x81  # FIN, text
+        n, i = data[i + 1], i + 2
+        assert n & 0x80 == 0  # a server does not mask
+        if n == 126:
+            n, i = int.from_bytes(data[i:i + 2], "big"), i + 2
+        elif n == 127:
+            n, i = int.from_bytes(data[i:i + 8], "big"), i + 8
+        out.append(orjson.loads(data[i:i + n]))
+        i += n
+    return out
+
+
+@pytest.mark.parametrize("n", [0, 125, 126, 65535, 65536, 70000])
+def test_ws_text_frame_lengths(n: int) -> None:
+    payload = orjson.dumps("x" * n)
+    assert ws_frames(ws_text_frame(payload)) == ["x" * n]
+
+
+async def test_frames_of_one_loop_turn_go_out_in_one_write() -> None:
     ws = FakeWs()
     transport = FakeTransport()
-    conn = Connection(ws, "t", 100, 5.0, transport)  # type: ignore[arg-type]
-    s = sub_of(conn, "c")
+    conn = Connection(ws, "t", 100, 5.0, transport, WriteBatcher())  # type: ignore[arg-type]
+    s, p = sub_of(conn, "c"), sub_of(conn, "p")
     writer = conn.writer_task = asyncio.ensure_future(conn.writer())
     await asyncio.sleep(0)  # the writer waits for the outbox
     conn.push(s, "bar", 0, bar(0, False, 1.0))
-    assert [f["seq"] for f in ws.sent] == [1] and len(conn.outbox) == 0  # no await needed
+    conn.push(p, "bar", 0, bar(0, False, 7.0))
+    assert transport.writes == []  # written on the next loop turn
+    await asyncio.sleep(0)
+    assert len(transport.writes) == 1 and ws.sent == []  # one write, not the writer task
+    assert [(f["id"], f["seq"], f["bar"]["close"]) for f in ws_frames(transport.writes[0])] \
+        == [("c", 1, 1.0), ("p", 1, 7.0)]
+    conn.push(s, "bar", 0, bar(0, False, 1.5))
+    conn.control({"type": "pong"})  # a control frame: the batch is written before it
+    assert [f["seq"] for f in ws_frames(transport.writes[1])] == [2]
+    await asyncio.sleep(0.05)
+    assert ws.sent == [{"type": "pong"}]
     transport.buffered = 10  # the socket is behind: frames queue (and coalesce) instead
     conn.push(s, "bar", 0, bar(0, False, 2.0))
     conn.push(s, "bar", 0, bar(0, False, 3.0))
-    assert len(ws.sent) == 1 and len(conn.outbox) == 1
+    assert len(conn.outbox) == 1
     await asyncio.sleep(0.05)  # the writer sends the newest state
-    assert [(f["seq"], f["bar"]["close"]) for f in ws.sent] == [(1, 1.0), (2, 3.0)]
+    assert [(f.get("seq"), f.get("bar", {}).get("close")) for f in ws.sent] \
+        == [(None, None), (3, 3.0)]
+    assert len(transport.writes) == 2
     writer.cancel()

@@ -157,10 +157,14 @@ async function fetchOhlcv(startMs, endMs) {
 /** Load the series from scratch: history ending at "now", then the live subscription. */
 async function loadSeries() {
   const generation = ++loadGeneration;
-  state.loading = true;
-  state.exhausted = false;
   if (barsSub) barsSub.close();
   barsSub = null;
+  if (!state.symbol) { // nothing stored yet: no pair to pick, nothing to ask for
+    setProblem('history', 'No bars stored yet: reload once data flows.');
+    return;
+  }
+  state.loading = true;
+  state.exhausted = false;
   subscribePrices();
   try {
     const iv = INTERVAL_MS[state.interval];
