@@ -26,20 +26,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from dataclasses import dataclass
 from typing import Any, cast
 
 import faust
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import KafkaError
 from faust.exceptions import ConsumerNotStarted
-from faust.types import TP, EventT, StreamT, TableT
+from faust.types import EventT, StreamT, TableT
 
-from core.config import BrokerSection, Settings
+from agents.skipped import (
+    STALL_CHECK_INTERVAL_S,
+    FetchedEvent,
+    OffsetGuard,
+    SkippedMessages,
+)
+from core.config import Settings
 from core.errors import InvalidTick
-from core.kafka_security import client_security
 from core.metrics import (
     BARS_CLOSED,
     CONSUMER_LAG,
@@ -48,7 +50,6 @@ from core.metrics import (
     DUPLICATE_TICKS,
     DUPLICATE_TRADES,
     LATE_TICKS,
-    SKIPPED_RECOVERED,
     TICKS_APPLIED,
     TICKS_IN,
     WATERMARK_MS,
@@ -69,7 +70,7 @@ from stores.buffer import RedisWriteBuffer
 from tables.aggregator import BatchResult, WindowAggregator
 from tables.window import finalize_bar
 
-__all__ = ["LAG_INTERVAL_S", "BarAggregation", "SkippedMessages"]
+__all__ = ["LAG_INTERVAL_S", "BarAggregation"]
 
 log = logging.getLogger(__name__)
 
@@ -78,93 +79,7 @@ LAG_INTERVAL_S = 5.0
 _STALL_LOG_INTERVAL_MS = 10_000
 
 
-@dataclass(frozen=True)
-class _Message:
-    topic: str
-    partition: int
-    offset: int
-
-
-@dataclass(frozen=True)
-class _FetchedEvent:
-    """A ``ticks`` record read by :class:`SkippedMessages`, shaped like the part of a Faust
-    event :func:`handle_event` uses."""
-
-    key: bytes | None
-    value: bytes
-    message: _Message
-
-
-class SkippedMessages:
-    """Reads back ``ticks`` messages the agent's stream never delivered.
-
-    Seen here (a worker starting while the replay published): four consecutive messages of
-    a partition never reached the agent and their ticks were missing from the bars, with
-    no seek back to re-deliver them. The likely path (not reproduced on purpose): Faust's
-    stream silently skips a message that reaches it while its flow control is suspended
-    (``faust/streams.py``: "Skipping message ... flow_control.is_active"). The
-    agent therefore checks that the offsets it receives on a partition are consecutive;
-    on a jump it reads the missing offsets itself with this plain consumer
-    (``read_committed``: transaction markers, which also leave offset gaps, have no
-    record) and handles them before the message after the gap. They were never tracked by
-    Faust, so their offsets are then marked as a consumer gap (Faust's ``_add_gap``, the
-    mechanism it uses for offsets without records) to let commits move past them.
-
-    Raises (from :meth:`fetch`):
-        aiokafka.errors.KafkaError: the broker failed; the agent crashes rather than lose
-            the messages.
-    """
-
-    TIMEOUT_S = 30.0
-
-    def __init__(self, broker: BrokerSection, topic: str) -> None:
-        self.broker = broker
-        self.topic = topic
-        self._consumer: AIOKafkaConsumer | None = None
-
-    async def fetch(self, partition: int, start: int, end: int) -> list[_FetchedEvent]:
-        """Records of ``partition`` with ``start <= offset < end``, in offset order."""
-        if self._consumer is None:
-            self._consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.broker.bootstrap_servers, enable_auto_commit=False,
-                isolation_level="read_committed", auto_offset_reset="earliest",
-                **client_security(self.broker))
-            await self._consumer.start()
-        cons = self._consumer
-        tp = TopicPartition(self.topic, partition)
-        cons.assign([tp])
-        cons.seek(tp, start)
-        out: list[_FetchedEvent] = []
-        deadline = time.monotonic() + self.TIMEOUT_S
-        while await cons.position(tp) < end:
-            if time.monotonic() > deadline:
-                raise KafkaTimeoutError(
-                    f"{self.topic}[{partition}] offsets {start}..{end - 1} not readable "
-                    f"within {self.TIMEOUT_S:g} s")
-            got = await cons.getmany(tp, timeout_ms=1000, max_records=end - start)
-            out += [_FetchedEvent(r.key, r.value, _Message(self.topic, partition, r.offset))
-                    for r in got.get(tp, ()) if r.offset < end]
-        return out
-
-    async def close(self) -> None:
-        """Stop the consumer (idempotent)."""
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
-
-
-@dataclass(frozen=True)
-class _Gap:
-    """Offsets ``first..last`` of a ``ticks`` partition handled outside the stream."""
-
-    partition: int
-    first: int
-    last: int
-
-
-_AckItem = tuple["EventT | _Gap | None", list[Any]]
-
-
+_AckItem = tuple["EventT | FetchedEvent", list[Any]]
 
 
 class BarAggregation:
@@ -199,19 +114,21 @@ class BarAggregation:
             correction_horizon_ms=w.correction_horizon_ms,
         )
         self.skipped = SkippedMessages(settings.broker, settings.topics.ticks)
-        #: partition -> offset of the last ``ticks`` message handled in this assignment
-        self._last_offset: dict[int, int] = {}
+        self.guard = OffsetGuard(app, self.skipped, settings.app.id, agent="bars")
+        self._ack_queue: asyncio.Queue[_AckItem] | None = None
         #: partition -> when a stalled idle check was last logged (one line per interval)
         self._stall_logged_ms: dict[int, int] = {}
         self._lag_labelled: set[tuple[str, str]] = set()
 
     def register(self) -> None:
-        """Register the agent (name ``agents.bars.aggregate_ticks``), the idle-check and
-        consumer-lag timers, the partition hooks and the read-back consumer's shutdown."""
+        """Register the agent (name ``agents.bars.aggregate_ticks``), the idle-check,
+        consumer-lag and skipped-tail (:meth:`stall_check`) timers, the partition hooks and
+        the read-back consumer's shutdown."""
         app = self.app
         app.agent(self.topics.ticks, name="agents.bars.aggregate_ticks")(self.aggregate_ticks)
         app.timer(interval=self.settings.window.idle_check_interval_s)(self.idle_check)
         app.timer(interval=LAG_INTERVAL_S)(self.consumer_lag)
+        app.timer(interval=STALL_CHECK_INTERVAL_S)(self.stall_check)
         app.on_partitions_revoked.connect(self._on_partitions_changed)
         app.on_partitions_assigned.connect(self._on_partitions_changed)
         cast(Any, app).before_stop(self.skipped.close)
@@ -219,7 +136,7 @@ class BarAggregation:
     def _on_partitions_changed(self, sender: Any, /, *args: Any, signal: Any,
                                **kwargs: Any) -> None:
         self.aggregator.reset()
-        self._last_offset.clear()
+        self.guard.reset()
 
     async def _dead_letter(self,
         key: bytes | None, payload: Any, reason: str, detail: str, event: EventT, wall_ms: int
@@ -322,26 +239,18 @@ class BarAggregation:
 
     async def _handle_gap(self, p: int, start: int, end: int,
                           queue: asyncio.Queue[_AckItem]) -> None:
-        """Handle the messages ``start..end-1`` of partition ``p`` the stream self.skipped."""
-        events = await self.skipped.fetch(p, start, end)
-        if events:
-            SKIPPED_RECOVERED.inc(len(events))
-            log.warning("partition %d: the stream self.skipped offsets %d..%d; %d message(s) read "
-                        "back and handled", p, start, end - 1, len(events),
-                        extra={"partition": p, "offset_from": start, "offset_to": end - 1})
-        for ev in events:
-            await queue.put((None, await self.handle_event(cast(EventT, ev))))
-        await queue.put((_Gap(p, start, end - 1), []))
+        """Handle the messages ``start..end-1`` of partition ``p`` the stream skipped."""
+        for ev in await self.guard.read_back(p, start, end):
+            await queue.put((ev, await self.handle_event(cast(EventT, ev))))
 
     async def _ack_in_order(self, stream: StreamT, queue: asyncio.Queue[_AckItem]) -> None:
         while True:
             event, futs = await queue.get()
             if futs:
                 await asyncio.gather(*futs)  # a failed changelog write raises: never acked
-            if isinstance(event, _Gap):  # read-back messages durable: commits may pass them
-                await cast(Any, self.app.consumer)._add_gap(
-                    TP(self.settings.topics.ticks, event.partition), event.first, event.last)
-            elif event is not None:  # None: a read-back message, not tracked by Faust
+            if isinstance(event, FetchedEvent):  # read back: not tracked by Faust
+                await self.guard.ack(event)
+            else:
                 await stream.ack(event)
 
     async def aggregate_ticks(self, stream: StreamT) -> None:
@@ -349,7 +258,8 @@ class BarAggregation:
 
         Acks are manual: :func:`_ack_in_order` acks each message once its changelog writes
         are durable, in arrival order (a bounded queue: back-pressure if the broker lags).
-        A jump in a partition's offsets is filled first (:class:`SkippedMessages`), with
+        A jump in a partition's offsets, or a first message of an assignment past the
+        offset the group starts at, is filled first (:class:`SkippedMessages`), with
         either processing guarantee: transaction markers (``ticks`` has none of the
         worker's own, see :meth:`idle_check`; a transactional producer upstream adds some)
         read back as no records, so they only cost the read.
@@ -358,18 +268,29 @@ class BarAggregation:
         queue: asyncio.Queue[_AckItem] = asyncio.Queue(maxsize=10_000)
         acker = asyncio.ensure_future(self._ack_in_order(manual, queue))
         try:
+            self._ack_queue = queue
             async for event in manual.events():
                 if acker.done():
                     acker.result()  # re-raise the changelog failure: crash, do not ack
-                p, off = event.message.partition, event.message.offset
-                last = self._last_offset.get(p)
-                if last is not None and off > last + 1:
-                    await self._handle_gap(p, last + 1, off, queue)
-                if last is None or off > last:
-                    self._last_offset[p] = off
-                await queue.put((event, await self.handle_event(event)))
+                async with self.guard.lock:
+                    p = event.message.partition
+                    missing = await self.guard.missing_before(p, event.message.offset)
+                    if missing is not None:
+                        await self._handle_gap(p, *missing, queue)
+                    await queue.put((event, await self.handle_event(event)))
         finally:
+            self._ack_queue = None
             acker.cancel()
+
+    async def stall_check(self) -> None:
+        """Handle ``ticks`` records the stream skipped with no message after them
+        (:meth:`agents.skipped.OffsetGuard.stalled_ranges`), while the agent waits."""
+        queue = self._ack_queue
+        if queue is None or self.guard.lock.locked():
+            return
+        async with self.guard.lock:
+            for p, start, end in await self.guard.stalled_ranges():
+                await self._handle_gap(p, start, end, queue)
 
     async def idle_check(self) -> None:
         """Write an idle-check control message into each ``ticks`` partition this worker owns

@@ -1,13 +1,14 @@
 """Closed bars -> TimescaleDB, in batches, idempotently.
 
 The agent reads the closed-bars topic with manual acks: a bar's offset becomes
-committable only after the batch holding it is upserted. A bar that finds the writer idle
-(no flush started within ``sink.min_flush_gap_s``) is written at once; bars that arrive
-while a batch is written, or within that gap, go out together in the next batch. A batch
-is also written when ``sink.batch_size`` bars are pending, and a backstop timer writes
-any bar pending for ``sink.flush_interval_s``. A failing database is retried with
-exponential backoff (capped at ``sink.retry_max_s``) while the agent waits, which pauses
-consumption (back-pressure).
+committable only after the batch holding it is upserted. Messages its Faust stream
+skipped are read back first (:mod:`agents.skipped`), as in the bar agent. A bar that
+finds the writer idle (no flush started within ``sink.min_flush_gap_s``) is written at
+once; bars that arrive while a batch is written, or within that gap, go out together in
+the next batch. A batch is also written when ``sink.batch_size`` bars are pending, and a
+backstop timer writes any bar pending for ``sink.flush_interval_s``. A failing database
+is retried with exponential backoff (capped at ``sink.retry_max_s``) while the agent
+waits, which pauses consumption (back-pressure).
 
 Memory bound: at most ``2 * sink.batch_size`` bars are held in memory -- one batch being
 written (or retried) plus one filling up; when the filling batch is full the agent waits
@@ -25,7 +26,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import asyncpg
 import faust
@@ -33,6 +34,12 @@ import orjson
 from faust.types import EventT, StreamT
 from mode import Service
 
+from agents.skipped import (
+    STALL_CHECK_INTERVAL_S,
+    FetchedEvent,
+    OffsetGuard,
+    SkippedMessages,
+)
 from core.config import Settings
 from core.metrics import (
     BARS_WRITTEN,
@@ -48,7 +55,7 @@ from sql.bars_1m import upsert_bars
 from sql.pool import Database
 from stores.ohlcv_cache import OhlcvCache
 
-__all__ = ["BarWriter", "register_sink"]
+__all__ = ["Acks", "BarWriter", "register_sink"]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +102,7 @@ class BarWriter(Service):
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.retry_max_s = retry_max_s
-        self._pending: list[tuple[dict[str, Any], EventT, StreamT]] = []
+        self._pending: list[tuple[dict[str, Any], Any, Acks]] = []
         self._inflight = 0
         self._oldest_s = 0.0
         self._lock = asyncio.Lock()
@@ -112,7 +119,7 @@ class BarWriter(Service):
         """Bars held in memory: pending plus the batch being written (<= 2 x batch_size)."""
         return len(self._pending) + self._inflight
 
-    async def add(self, bar: dict[str, Any], event: EventT, stream: StreamT) -> None:
+    async def add(self, bar: dict[str, Any], event: Any, stream: Acks) -> None:
         """Queue one bar (``stream`` acks ``event`` once it is written); when the batch
         is full, flush it and wait (back-pressure: while a write is retried, the caller
         waits here instead of queueing more bars)."""
@@ -165,7 +172,7 @@ class BarWriter(Service):
                 self._inflight = 0
                 PENDING_BARS.set(self.held)
 
-    async def _write(self, batch: list[tuple[dict[str, Any], EventT, StreamT]]) -> int:
+    async def _write(self, batch: list[tuple[dict[str, Any], Any, Acks]]) -> int:
         """Upsert ``batch`` (retrying with backoff until it succeeds), then ack its events."""
         delay = 0.2
         while True:
@@ -196,6 +203,27 @@ class BarWriter(Service):
         return n
 
 
+class Acks(Protocol):
+    """What acknowledges a bar's message once its row is committed (a Faust stream)."""
+
+    async def ack(self, event: Any) -> Any:
+        """Acknowledge ``event``."""
+
+
+class _Acks:
+    """Acks of the sink's stream: a Faust event through the stream, a read-back record
+    (:class:`agents.skipped.FetchedEvent`) through the :class:`agents.skipped.OffsetGuard`."""
+
+    def __init__(self, stream: StreamT, guard: OffsetGuard) -> None:
+        self.stream = stream
+        self.guard = guard
+
+    async def ack(self, event: Any) -> Any:
+        if isinstance(event, FetchedEvent):
+            return await self.guard.ack(event)
+        return await self.stream.ack(event)
+
+
 def _decode_bar(raw: Any) -> dict[str, Any] | None:
     try:
         bar = orjson.loads(raw)
@@ -209,8 +237,9 @@ def _decode_bar(raw: Any) -> dict[str, Any] | None:
 def register_sink(app: faust.App, settings: Settings, topics: Topics, database: Database,
                   ohlcv_cache: OhlcvCache) -> BarWriter:
     """Register the sink on ``app``: the closed-bars agent (``agents.sink.persist_bars``,
-    upserts every closed bar into ``bars_1m`` and acks only after the row is committed), the
-    flush timer (a quiet stream still gets its bars written; cache invalidations that did
+    upserts every closed bar into ``bars_1m`` and acks only after the row is committed;
+    bars its stream skipped are read back, :mod:`agents.skipped`), the skipped-tail check
+    timer, the flush timer (a quiet stream still gets its bars written; cache invalidations that did
     not reach Redis are retried), the writer service (which owns ``database``) and the
     shutdown flush (before Faust waits for acks and stops).
 
@@ -223,18 +252,43 @@ def register_sink(app: faust.App, settings: Settings, topics: Topics, database: 
                        stale_ms=stale_write_ms(settings.window.grace_ms),
                        min_flush_gap_s=sink.min_flush_gap_s)
 
+    skipped = SkippedMessages(settings.broker, settings.topics.bars)
+    guard = OffsetGuard(app, skipped, settings.app.id, agent="sink")
+    live: list[_Acks] = []  # the running agent's acks (one actor)
+
+    async def handle(event: EventT | FetchedEvent, acks: _Acks) -> None:
+        bar = _decode_bar(event.value)
+        if bar is None:
+            SINK_ERRORS.labels("bad_bar").inc()
+            log.error("skipping undecodable closed-bar message at %s[%s]@%s: %r",
+                      event.message.topic, event.message.partition, event.message.offset,
+                      event.value[:200] if event.value else event.value)
+            await acks.ack(event)
+            return
+        await writer.add(bar, event, acks)
+
     async def persist_bars(stream: StreamT) -> None:
-        manual = cast(faust.Stream, stream).noack()
-        async for event in manual.events():
-            bar = _decode_bar(event.value)
-            if bar is None:
-                SINK_ERRORS.labels("bad_bar").inc()
-                log.error("skipping undecodable closed-bar message at %s[%s]@%s: %r",
-                          event.message.topic, event.message.partition, event.message.offset,
-                          event.value[:200] if event.value else event.value)
-                await manual.ack(event)
-                continue
-            await writer.add(bar, event, manual)
+        acks = _Acks(cast(faust.Stream, stream).noack(), guard)
+        live[:] = [acks]
+        try:
+            async for event in acks.stream.events():
+                async with guard.lock:
+                    p = event.message.partition
+                    missing = await guard.missing_before(p, event.message.offset)
+                    if missing is not None:
+                        for fetched in await guard.read_back(p, *missing):
+                            await handle(fetched, acks)
+                    await handle(event, acks)
+        finally:
+            live.clear()
+
+    async def stall_check() -> None:
+        if not live or guard.lock.locked():
+            return
+        async with guard.lock:
+            for p, start, end in await guard.stalled_ranges():
+                for fetched in await guard.read_back(p, start, end):
+                    await handle(fetched, live[0])
 
     async def flush_bars() -> None:
         await writer.flush_if_due()
@@ -250,8 +304,15 @@ def register_sink(app: faust.App, settings: Settings, topics: Topics, database: 
         if n:
             log.info("flushed %d bars at shutdown", n, extra={"bars": n})
 
+    def reset_guard(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        guard.reset()
+
     app.agent(topics.bars, name="agents.sink.persist_bars")(persist_bars)
+    app.on_partitions_revoked.connect(reset_guard)
+    app.on_partitions_assigned.connect(reset_guard)
+    cast(Any, app).before_stop(skipped.close)
     app.timer(interval=max(0.05, sink.flush_interval_s / 4))(flush_bars)
+    app.timer(interval=STALL_CHECK_INTERVAL_S)(stall_check)
     cast(Any, app).before_stop(flush_bars_at_shutdown)
     app.service(writer)  # type: ignore[arg-type]
     return writer

@@ -127,8 +127,21 @@ class _ConsumerThread(faust_kafka.AIOKafkaConsumerThread):
 
 
 class _Consumer(faust_kafka.Consumer):
+    """Faust's aiokafka consumer with :class:`_ConsumerThread`, and the offset of the last
+    record of each partition handed to Faust's streams (:attr:`fetched_offsets`, read by
+    :class:`agents.skipped.OffsetGuard`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: topic partition -> offset of the last record converted for Faust's streams
+        self.fetched_offsets: dict[Any, int] = {}
+
     def _new_consumer_thread(self) -> faust_kafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def _to_message(self, tp: Any, record: Any) -> Any:
+        self.fetched_offsets[tp] = record.offset
+        return super()._to_message(tp, record)
 
 
 class _Transport(faust_kafka.Transport):

@@ -129,8 +129,10 @@ __all__ += ["SKIPPED_RECOVERED"]
 
 SKIPPED_RECOVERED = Counter(
     "marketflow_skipped_messages_recovered_total",
-    "ticks messages the Faust stream skipped (an offset jump) that the agent read back "
-    "and handled",
+    "Messages an agent's Faust stream skipped (an offset jump, or a first message of an "
+    "assignment past the group's start) that the agent read back and handled, by agent "
+    "(bars: ticks, sink: closed bars)",
+    ["agent"],
 )
 #: Bars held in memory by the sink (pending + being written); at most 2 x batch_size.
 PENDING_BARS = Gauge("marketflow_sink_pending_bars",

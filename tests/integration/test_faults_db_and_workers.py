@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaConsumer
 
 from tables.window import apply_tick, finalize_bar
 from tests.integration.conftest import BASE_DSN, SAMPLE, Stack, _free_port
+from tests.support.harness import REPO
 
 __all__: list[str] = []
 
@@ -226,6 +227,45 @@ async def test_sigkill_one_of_two_workers_other_takes_over(stack: Stack) -> None
     await assert_no_rewrites(stack)
     assert await stack.read_topic(stack.settings.topics.dead_letter, idle_s=1.0) == []
     w2.assert_alive()
+
+
+async def test_records_skipped_after_each_assignment_are_read_back(stack: Stack) -> None:
+    """Faust's streams skip the first 3 records of every ``ticks`` and closed-bars partition
+    after each assignment (injected: ``tests/support/skip_first/sitecustomize.py``) while a
+    second worker joins mid-replay and leaves again: both agents read the skipped records
+    back, and every bar is stored once, equal to the clean computation."""
+    want = clean_bars(FILES)
+    topics = (stack.settings.topics.ticks, stack.settings.topics.bars)
+    inject = {"PYTHONPATH": str(REPO / "tests" / "support" / "skip_first"),
+              "MF_TEST_SKIP_FIRST": "3", "MF_TEST_SKIP_TOPICS": ",".join(topics)}
+    recovered = '{agent="%s"}'
+    w1 = stack.worker(**inject).start()
+    await w1.wait_ready()
+    replay = asyncio.create_task(stack.replay_cli(
+        *replay_args("--speed", "30", "--batch-span-ms", "200")))
+    await asyncio.sleep(4)
+    w2_port = _free_port()
+    w2 = stack.worker(MARKETFLOW_WEB__PORT=str(w2_port), **inject).start()
+    await w2.wait_ready()  # ready: the rebalance that gave w2 its partitions is done
+    await asyncio.sleep(3)
+    recovered_w2 = await metric(stack, w2_port, "marketflow_skipped_messages_recovered_total",
+                                recovered % "bars")
+    assert not replay.done()  # both rebalances fall inside the replay
+    assert w2.stop() == 0
+    await replay
+    rows = await wait_all_bars(stack, want, timeout_s=60)
+    assert_exactly_once_and_clean(rows, want)
+    skips = [(m[1], int(m[2]), int(m[3])) for w in (w1, w2) for m in re.finditer(
+        r"injected skip (\S+)\[(\d+)\]@(\d+)", w.log_path.read_text())]
+    # skips after a rebalance, mid-stream, on both topics
+    assert {t for t, _, off in skips if off > 0} == set(topics), skips
+    port = stack.settings.web.port
+    recovered_w1 = {agent: await metric(stack, port, "marketflow_skipped_messages_recovered_total",
+                                        recovered % agent) for agent in ("bars", "sink")}
+    assert recovered_w2 > 0 and min(recovered_w1.values()) > 0, (recovered_w1, recovered_w2)
+    await assert_no_rewrites(stack)
+    assert await stack.read_topic(stack.settings.topics.dead_letter, idle_s=1.0) == []
+    w1.assert_alive()
 
 
 async def test_sigterm_under_load_flushes_commits_and_restart_continues(stack: Stack) -> None:

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 
 async def test_skipped_messages_are_read_back_in_offset_order(stack: Stack) -> None:
-    from agents.bars import SkippedMessages
+    from agents.skipped import SkippedMessages
 
     topic = stack.settings.topics.ticks
     admin_topics = await stack.partitions(topic)
