@@ -58,8 +58,12 @@ def register_commands(app: faust.App, settings: Settings) -> None:
         option("--bars", is_flag=True, default=False,
                help="replay stored 1-minute bars (--exchange, --symbol, --from, --to) instead "
                     "of trade files"),
-        option("--exchange", type=str, default=None, help="exchange of the stored bars (--bars)"),
-        option("--symbol", type=str, default=None, help="symbol of the stored bars (--bars)"),
+        option("--exchange", type=str, default=None,
+               help="exchange of the stored bars (--bars), or of trade files that carry "
+                    "none (Binance dumps; default binance)"),
+        option("--symbol", type=str, default=None,
+               help="symbol of the stored bars (--bars), or of trade files that carry none "
+                    "(Binance dumps; default: the file name up to its first -)"),
         option("--from", "from_", type=str, default=None,
                help="first bar (--bars): ISO-8601 (UTC when naive) or epoch ms"),
         option("--to", type=str, default=None,
@@ -71,7 +75,8 @@ def register_commands(app: faust.App, settings: Settings) -> None:
                      repeat: bool, batch_max: int, batch_span_ms: int, namespace: str | None,
                      bars: bool, exchange: str | None, symbol: str | None, from_: str | None,
                      to: str | None, progress_s: float) -> None:
-        """Market replay simulator: trades CSV files (docs/formats.md#trades-csv) or stored
+        """Market replay simulator: trade files (marketflow CSV, Binance trade dumps zipped
+        or not, tardis.dev trades CSV, Parquet: docs/formats.md#trade-files) or stored
         1-minute bars (``--bars``) into the ticks topic; controllable over HTTP
         (``/replay/...``) and by signals (SIGUSR1 pause, SIGUSR2 resume) while it runs.
 
@@ -97,7 +102,7 @@ def register_commands(app: faust.App, settings: Settings) -> None:
             else:
                 if not files:
                     raise ReplayError("give trade files, or --bars")
-                source = FileSource(files, ns)
+                source = FileSource(files, ns, exchange=exchange, symbol=symbol)
             stats = await replay_source(
                 settings, source, speed=speed, rebase_now=rebase_now, loop=repeat,
                 batch_max=batch_max, batch_span_ms=batch_span_ms, namespace=ns,

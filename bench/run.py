@@ -43,9 +43,9 @@ from core.admin import ensure_topics  # noqa: E402
 from core.config import Settings  # noqa: E402
 from core.kafka_security import client_security  # noqa: E402
 from core.models import Tick, parse_tick, tick_to_json  # noqa: E402
-from feeds.replay.csv_trades import read_trades  # noqa: E402
 from feeds.replay.simulator import batch_ticks  # noqa: E402
 from feeds.replay.sources import merge_by_time  # noqa: E402
+from feeds.replay.trade_files import read_trades  # noqa: E402
 from tables.aggregator import WindowAggregator  # noqa: E402
 from tables.window import finalize_bar  # noqa: E402
 

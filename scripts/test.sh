@@ -13,7 +13,7 @@ echo "== ruff"; ruff check .
 echo "== mypy"; mypy
 echo "== pytest"
 set +e
-pytest -q -p no:cacheprovider "$@"
+pytest -q -p no:cacheprovider --durations=25 "$@"
 rc=$?
 set -e
 if [[ $rc -eq 5 ]]; then

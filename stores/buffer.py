@@ -319,7 +319,8 @@ class RedisWriteBuffer(Service):
         REDIS_WRITER_UP.set(1)
         while not self.should_stop:
             try:
-                await asyncio.wait_for(self._wake.wait(), _PROBE_INTERVAL_S)
+                async with asyncio.timeout(_PROBE_INTERVAL_S):  # (wait_for can drop a cancel)
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()

@@ -615,7 +615,8 @@ class BarFeed:
         while True:
             if not self.wake.is_set():  # (no task hop when a change is already waiting)
                 try:
-                    await asyncio.wait_for(self.wake.wait(), hub.idle_s)
+                    async with asyncio.timeout(hub.idle_s):  # (wait_for can drop a cancel)
+                        await self.wake.wait()
                 except TimeoutError:  # idle: open buckets whose minutes all closed close now
                     self.dirty.update(b for b, u in self.bars.items() if not u.closed)
             if hub.round_no() == pushed_round:

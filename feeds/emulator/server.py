@@ -16,7 +16,7 @@ Sources of lines:
   evenly; prices are rounded by magnitude (>= 1000: 2 decimals, >= 1: 3, else 6) like the
   provided exchange programs;
 * **trades files** (``--trades``): recorded trades in the trades-CSV format
-  (:func:`feeds.replay.csv_trades.read_trades`), merged by trade time, paced at real speed times
+  (:func:`feeds.replay.trade_files.read_trades`), merged by trade time, paced at real speed times
   ``--speed``, re-stamped with the emission wall clock; the files loop forever (each pass
   starts :data:`PASS_GAP_S` trade-time seconds after the previous one ended).
 
@@ -64,7 +64,7 @@ from core.errors import MarketflowError
 from core.models import Tick
 from core.timeutil import now_ms
 from feeds.live.generator import START_PRICES
-from feeds.replay.csv_trades import read_trades
+from feeds.replay.trade_files import read_trades
 
 __all__ = [
     "BAD_KINDS",
@@ -371,7 +371,7 @@ def trades_schedule(
         paths: trades-CSV files (each in trade-time order).
         speed: pacing factor (> 0): 2 = twice as fast as the trades happened.
         passes: number of passes over the files (``None``: forever).
-        reader: file -> ticks (default :func:`feeds.replay.csv_trades.read_trades`).
+        reader: file -> ticks (default :func:`feeds.replay.trade_files.read_trades`).
 
     Yields:
         (offset_s, symbol, price): a trade at ``ts_ms`` is due
@@ -379,7 +379,7 @@ def trades_schedule(
         each pass starts ``PASS_GAP_S / speed`` after the previous pass's last trade.
 
     Raises:
-        feeds.replay.csv_trades.ReplayError: unreadable or malformed file.
+        feeds.replay.trade_files.ReplayError: unreadable or malformed file.
         ValueError: ``speed <= 0``, no paths, or the files hold no trades.
     """
     if speed <= 0:
@@ -442,7 +442,7 @@ class EmulatorConfig:
         """The emission schedule this configuration describes (trades or random walk).
 
         Raises:
-            feeds.replay.csv_trades.ReplayError: a trades file is unreadable or lacks columns.
+            feeds.replay.trade_files.ReplayError: a trades file is unreadable or lacks columns.
             ValueError: invalid rate/pairs, or the trades files hold no trades.
         """
         if self.trades:

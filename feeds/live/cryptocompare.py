@@ -421,9 +421,10 @@ class CryptoCompareFeed:
         """One connection: dial, subscribe, read until it ends. Returns why it ended."""
         self._conn_error = None
         try:
-            ws = await asyncio.wait_for(
-                session.ws_connect(self.connect_url, autoping=True, timeout=_WS_TIMEOUT),
-                self.connect_timeout_s)
+            # asyncio.timeout, not wait_for (3.11's drops a cancel arriving as it completes)
+            async with asyncio.timeout(self.connect_timeout_s):
+                ws = await session.ws_connect(self.connect_url, autoping=True,
+                                              timeout=_WS_TIMEOUT)
         except TimeoutError:
             return f"connect timed out after {self.connect_timeout_s:g} s"
         except aiohttp.WSServerHandshakeError as exc:

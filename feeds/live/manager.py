@@ -41,6 +41,25 @@ __all__ = ["IngestManager"]
 
 log = logging.getLogger(__name__)
 
+async def _cancel_all(tasks: list[asyncio.Task[None]], recancel_s: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait until all have ended, cancelling again every
+    ``recancel_s`` those still running: a task can drop a cancellation (Python 3.11's
+    ``asyncio.wait_for`` returns its awaitable's result when both arrive together), and a
+    mode switch must not wait forever for it. Results (the CancelledErrors asked for;
+    crashes were logged when they happened) are discarded."""
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=recancel_s)
+        if pending:
+            log.warning("ingest: %d feed task(s) still running after a cancel; cancelling "
+                        "again", len(pending))
+    for t in tasks:
+        if not t.cancelled():
+            t.exception()  # retrieved: no "exception was never retrieved" warning
+
+
 class IngestManager(Service):
     """Starts and stops the feeds of the requested mode on the leader worker only.
 
@@ -110,10 +129,7 @@ class IngestManager(Service):
         """Stop the running feeds (flushing what they produced), start ``mode``'s."""
         if mode == self.running_mode:
             return
-        for t in self._feed_tasks:
-            t.cancel()
-        # results are the CancelledErrors we asked for (crashes were logged when they happened)
-        await asyncio.gather(*self._feed_tasks, return_exceptions=True)
+        await _cancel_all(self._feed_tasks)
         self._feed_tasks = []
         await self.publisher.flush()
         log.info("ingest: %s -> %s", self.running_mode, mode,

@@ -1,7 +1,7 @@
 """Market replay simulator: recorded trades or stored 1-minute bars into the ``ticks``
 topic, in event-time order, paced, controllable while it runs.
 
-**Sources.** Trade files (:func:`feeds.replay.csv_trades.read_trades`) are merged by ``ts_ms``
+**Sources.** Trade files (:func:`feeds.replay.trade_files.read_trades`) are merged by ``ts_ms``
 (ties keep file order, then row order); stored bars (:func:`load_bar_source`) become
 deterministic ticks (:mod:`feeds.replay.bar_ticks`) that rebuild the same bars.
 
@@ -42,6 +42,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ from stores.replay_control import (
 )
 
 __all__ = [
+    "MAX_FLUSHES_IN_FLIGHT",
     "ReplayStats",
     "batch_ticks",
     "format_replay_progress",
@@ -81,6 +83,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: flushes awaiting broker acks at once in a full-speed replay (paced replays: 1)
+MAX_FLUSHES_IN_FLIGHT = 8
 
 _NS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
@@ -172,7 +177,14 @@ def format_replay_progress(state: dict[str, Any]) -> str:
 
 
 class _Publisher:
-    """Publishes flushes (separated for the run loop's readability)."""
+    """Publishes flushes (separated for the run loop's readability).
+
+    At full speed (``ctl.speed == 0``) up to :data:`MAX_FLUSHES_IN_FLIGHT` flushes wait for
+    their broker acks at once; paced replays wait for each flush's acks before the next.
+    Order is kept either way (one producer, idempotent: the broker keeps each partition's
+    order across in-flight requests). A flush counts as published (``position``,
+    ``published``, ``last_src_ms``) once acked; :meth:`drain` waits for them all.
+    """
 
     def __init__(self, producer: AIOKafkaProducer, topic: str, ctl: ReplayController,
                  stats: ReplayStats) -> None:
@@ -180,6 +192,7 @@ class _Publisher:
         self.topic = topic
         self.ctl = ctl
         self.stats = stats
+        self._in_flight: deque[tuple[asyncio.Future[Any], int, int]] = deque()
 
     async def publish(self, flush: list[tuple[str, list[Tick]]]) -> None:
         ctl = self.ctl
@@ -195,11 +208,25 @@ class _Publisher:
             futs.append(await self.producer.send(self.topic, value=value, key=key.encode()))
             self.stats.messages += 1
             n += len(batch)
-        await asyncio.gather(*futs)
+        self._in_flight.append((asyncio.gather(*futs), n, last_src))
+        limit = MAX_FLUSHES_IN_FLIGHT if ctl.speed == 0 else 1
+        while len(self._in_flight) >= limit:
+            await self._settle_oldest()
+
+    async def drain(self) -> None:
+        """Wait for the acks of every flush sent."""
+        while self._in_flight:
+            await self._settle_oldest()
+
+    async def _settle_oldest(self) -> None:
+        fut, n, last_src = self._in_flight[0]
+        await fut
+        self._in_flight.popleft()
+        ctl = self.ctl
         self.stats.ticks += n
         ctl.published += n
         ctl.position += n
-        ctl.last_src_ms = last_src
+        ctl.last_src_ms = max(ctl.last_src_ms, last_src)
 
 
 async def _run_passes(ctl: ReplayController, pub: _Publisher, loop: bool,
@@ -217,15 +244,20 @@ async def _run_passes(ctl: ReplayController, pub: _Publisher, loop: bool,
                 if ctl.stop_requested or ctl.seek_to is not None:
                     break
                 if ctl.state == "paused":
+                    await pub.drain()  # paused: everything before is published
                     ctl.wake.clear()
                     await ctl.wake.wait()
                     continue
                 wait_s = ctl.due_in_s(ctl.next_src_ms)
                 if wait_s <= 0:
                     break
+                await pub.drain()
                 ctl.wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ctl.wake.wait(), wait_s)
+                    async with asyncio.timeout(wait_s):  # (wait_for can drop a cancel)
+                        await ctl.wake.wait()
+            if ctl.stop_requested or ctl.seek_to is not None:
+                await pub.drain()
             if ctl.stop_requested:
                 return
             if ctl.seek_to is not None:
@@ -233,6 +265,7 @@ async def _run_passes(ctl: ReplayController, pub: _Publisher, loop: bool,
                 ctl.seek_to = None
                 break
             await pub.publish(flush)
+        await pub.drain()
         ctl.next_src_ms = None
         if restart is not None:
             from_ms = restart

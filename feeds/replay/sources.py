@@ -5,10 +5,7 @@ are published.
 
 from __future__ import annotations
 
-import csv
 import heapq
-import io
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +16,7 @@ from core.errors import ReplayError
 from core.models import Tick
 from core.timeutil import MINUTE_MS
 from feeds.replay.bar_ticks import bar_tick_count, bar_to_ticks
-from feeds.replay.csv_trades import read_trades
+from feeds.replay.trade_files import read_trades, scan
 from sql.bars_1m import fetch_bars
 
 __all__ = ["BarSource", "FileSource", "TickSource", "load_bar_source", "merge_by_time",
@@ -58,43 +55,22 @@ class TickSource(Protocol):
         ...
 
 
-def _count_rows(path: Path) -> int:
-    n = 0
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            n += chunk.count(b"\n")
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        if size:
-            fh.seek(size - 1)
-            if fh.read(1) != b"\n":
-                n += 1
-    return max(n - 1, 0)  # header
-
-
-def _last_ts_ms(path: Path) -> int:
-    """``ts_ms`` of the file's last row (read from the end)."""
-    with path.open("rb") as fh:
-        header = fh.readline().decode("utf-8")
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        fh.seek(max(0, size - 65_536))
-        tail = fh.read().decode("utf-8", errors="replace").strip().splitlines()
-    rows = list(csv.DictReader(io.StringIO(header + tail[-1] + "\n")))
-    try:
-        return int(rows[0]["ts_ms"])
-    except (IndexError, KeyError, TypeError, ValueError) as exc:
-        raise ReplayError(f"{path}: cannot read the last row's ts_ms ({exc})") from exc
-
-
 class FileSource:
-    """Trades CSV files merged by ``ts_ms``, exchanges renamed into ``namespace``.
+    """Trade files (any format of :mod:`feeds.replay.trade_files`) merged by ``ts_ms``,
+    exchanges renamed into ``namespace``.
+
+    Args:
+        files: the trade files.
+        namespace: exchange prefix (``""``: the files' own names).
+        exchange, symbol: for files that carry none (Binance dumps), see
+            :func:`feeds.replay.trade_files.read_columns`.
 
     Raises:
         ReplayError: no files, a missing/empty/malformed file.
     """
 
-    def __init__(self, files: Sequence[str | Path], namespace: str = "") -> None:
+    def __init__(self, files: Sequence[str | Path], namespace: str = "", *,
+                 exchange: str | None = None, symbol: str | None = None) -> None:
         if not files:
             raise ReplayError("no input files")
         self.files = [Path(f) for f in files]
@@ -102,19 +78,17 @@ class FileSource:
             if not f.is_file():
                 raise ReplayError(f"{f}: no such file")
         self.namespace = namespace
-        firsts = []
-        for f in self.files:
-            first = next(read_trades(f), None)
-            if first is None:
-                raise ReplayError(f"{f}: no trades")
-            firsts.append(first.ts_ms)
-        self.first_ts_ms = min(firsts)
-        self.last_ts_ms = max(max(_last_ts_ms(f) for f in self.files), self.first_ts_ms)
-        self.total = sum(_count_rows(f) for f in self.files)
+        self.exchange = exchange
+        self.symbol = symbol
+        scans = [scan(f, exchange=exchange, symbol=symbol) for f in self.files]
+        self.first_ts_ms = min(s.first_ts_ms for s in scans)
+        self.last_ts_ms = max(max(s.last_ts_ms for s in scans), self.first_ts_ms)
+        self.total = sum(s.rows for s in scans)
         self.description: dict[str, Any] = {"files": [str(f) for f in self.files]}
 
     def _stream(self) -> Iterator[Tick]:
-        merged = merge_by_time([read_trades(f) for f in self.files])
+        merged = merge_by_time([read_trades(f, exchange=self.exchange, symbol=self.symbol)
+                                for f in self.files])
         if not self.namespace:
             return merged
         ns = self.namespace

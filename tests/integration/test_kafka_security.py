@@ -39,9 +39,10 @@ WRONG = "it-wrong-password-987654321"
 OTHER_CA = "/etc/ssl/certs/ca-certificates.crt"
 
 
-@pytest.fixture
-async def sasl_kafka(tmp_path: Path) -> AsyncIterator[PrivateKafka]:
-    k = PrivateKafka(tmp_path / "kafka", sasl_password=PASSWORD)
+@pytest.fixture(scope="module")
+async def sasl_kafka(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PrivateKafka]:
+    """One private SASL_SSL/SSL broker for the module's tests (each uses its own topics)."""
+    k = PrivateKafka(tmp_path_factory.mktemp("kafka-sasl"), sasl_password=PASSWORD)
     out = await k.up()
     assert f"SASL_SSL on 127.0.0.1:{k.sasl_port}" in out, out
     assert PASSWORD not in out

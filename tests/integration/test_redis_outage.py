@@ -23,7 +23,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from feeds.replay.csv_trades import read_trades
+from feeds.replay.trade_files import read_trades
 from sql.bars_1m import upsert_bars
 from tables.aggregator import WindowAggregator
 from tests.integration.conftest import SAMPLE, Stack, _settings_with

@@ -433,4 +433,4 @@ async def test_subprocess_bad_trades_file_fails_fast(tmp_path: Path) -> None:
     out, err = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 1
     assert out == b""
-    assert b"missing column" in err
+    assert b"not a trades file" in err
