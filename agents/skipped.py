@@ -78,6 +78,8 @@ class SkippedMessages:
     """
 
     TIMEOUT_S = 30.0
+    #: bound of :meth:`start_offset`, seconds
+    START_TIMEOUT_S = 10.0
 
     def __init__(self, broker: BrokerSection, topic: str) -> None:
         self.broker = broker
@@ -100,28 +102,30 @@ class SkippedMessages:
         assigned: the group's committed offset (the next offset to read, as Faust commits
         it), or the partition's log start when the group has committed none or retention
         deleted the committed one (the worker resets to ``earliest``,
-        ``app/faust_app.py``). Retried for ``TIMEOUT_S`` while the group coordinator is
-        not available.
+        ``app/faust_app.py``). Retriable broker errors are retried, for
+        ``START_TIMEOUT_S`` in all.
 
         Raises:
-            aiokafka.errors.KafkaError: the broker still failed after ``TIMEOUT_S``.
+            aiokafka.errors.KafkaError: the broker refused the request.
+            TimeoutError: no answer within ``START_TIMEOUT_S`` (the broker is down).
         """
         tp = TopicPartition(self.topic, partition)
-        if self._admin is None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.broker.bootstrap_servers,
-                                        **client_security(self.broker))
-            await admin.start()
-            self._admin = admin
-        deadline = time.monotonic() + self.TIMEOUT_S
-        while True:
-            try:
-                got = await self._admin.list_consumer_group_offsets(group_id, partitions=[tp])
-                break
-            except KafkaError as exc:
-                if not getattr(exc, "retriable", False) or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.5)
-        log_start = (await (await self._plain_consumer()).beginning_offsets([tp]))[tp]
+        async with asyncio.timeout(self.START_TIMEOUT_S):  # the broker may be down
+            if self._admin is None:
+                admin = AIOKafkaAdminClient(bootstrap_servers=self.broker.bootstrap_servers,
+                                            **client_security(self.broker))
+                await admin.start()
+                self._admin = admin
+            while True:
+                try:
+                    got = await self._admin.list_consumer_group_offsets(group_id,
+                                                                        partitions=[tp])
+                    break
+                except KafkaError as exc:
+                    if not getattr(exc, "retriable", False):
+                        raise
+                    await asyncio.sleep(0.5)
+            log_start = (await (await self._plain_consumer()).beginning_offsets([tp]))[tp]
         meta = got.get(tp)
         return max(meta.offset if meta is not None else -1, log_start)
 
@@ -201,8 +205,7 @@ class OffsetGuard:
         (the lock was free), and handle what it returns as read-back ranges. Nothing is
         reported while the app rebalances or its flow control is suspended.
 
-        Raises:
-            aiokafka.errors.KafkaError: the broker failed to give a start offset.
+        A partition whose start offset the broker does not give is left for the next call.
         """
         app = self.app
         if app.rebalancing or not app.flow_control.is_active():
@@ -217,7 +220,10 @@ class OffsetGuard:
                 continue  # nothing fetched in this assignment
             last = self._last_offset.get(p)
             if last is None:
-                last = await self.skipped.start_offset(p, self.group_id) - 1
+                start = await self._start(p)
+                if start is None:
+                    continue  # asked again at the next check
+                last = start - 1
             if fetched <= last:
                 continue
             missing = (last + 1, fetched + 1)
@@ -234,14 +240,28 @@ class OffsetGuard:
         event at ``offset``, or None. For the first event of an assignment, ``start`` is
         :meth:`SkippedMessages.start_offset`.
 
-        Raises:
-            aiokafka.errors.KafkaError: the broker failed to give the start offset.
+        A start offset the broker does not give within
+        :attr:`SkippedMessages.START_TIMEOUT_S` is logged and the event taken as the start.
         """
         last = self._last_offset.get(partition)
         if last is None:
-            last = await self.skipped.start_offset(partition, self.group_id) - 1
+            start = await self._start(partition)
+            last = offset - 1 if start is None else start - 1
         self._last_offset[partition] = max(offset, last)
         return (last + 1, offset) if offset > last + 1 else None
+
+    async def _start(self, partition: int) -> int | None:
+        """:meth:`SkippedMessages.start_offset`, or None (logged) when the broker does not
+        give it: the agent goes on without checking this assignment's first message rather
+        than stall while the broker is away."""
+        try:
+            return await self.skipped.start_offset(partition, self.group_id)
+        except (KafkaError, TimeoutError, OSError) as exc:
+            log.warning("%s agent: start offset of %s[%d] unavailable (%s: %s); its first "
+                        "message of this assignment is not checked", self.agent,
+                        self.skipped.topic, partition, type(exc).__name__, exc,
+                        extra={"partition": partition})
+            return None
 
     async def read_back(self, partition: int, start: int, end: int) -> list[FetchedEvent]:
         """The records of ``partition`` in ``[start, end)``, counted and logged as

@@ -319,8 +319,7 @@ class RedisWriteBuffer(Service):
         REDIS_WRITER_UP.set(1)
         while not self.should_stop:
             try:
-                async with asyncio.timeout(_PROBE_INTERVAL_S):  # (wait_for can drop a cancel)
-                    await self._wake.wait()
+                await asyncio.wait_for(self._wake.wait(), _PROBE_INTERVAL_S)
             except TimeoutError:
                 pass
             self._wake.clear()

@@ -153,10 +153,9 @@ class MarketflowExchangeFeed:
             self.state.set_state("stopped")
 
     async def _session(self) -> None:
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a cancellation that
-        # arrives as its awaitable completes, and a cancelled feed would then run on
-        async with asyncio.timeout(5.0):
-            reader, writer = await asyncio.open_connection(self.host, self.port)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(self.host, self.port),
+            timeout=5.0)
         self.state.set_state("connected")
         log.info("feed %s connected to %s:%d", self.name, self.host, self.port,
                  extra={"exchange": self.name})
@@ -164,8 +163,7 @@ class MarketflowExchangeFeed:
         skipping = False  # inside an oversized line: drop bytes up to its newline
         try:
             while True:
-                async with asyncio.timeout(self.idle_timeout_s):
-                    chunk = await reader.read(READ_BYTES)
+                chunk = await asyncio.wait_for(reader.read(READ_BYTES), self.idle_timeout_s)
                 if not chunk:
                     return  # EOF
                 buf += chunk
@@ -181,8 +179,7 @@ class MarketflowExchangeFeed:
         finally:
             writer.close()
             try:  # bounded: a stuck peer must not hold up a reconnect or the shutdown
-                async with asyncio.timeout(_CLOSE_TIMEOUT_S):
-                    await writer.wait_closed()
+                await asyncio.wait_for(writer.wait_closed(), _CLOSE_TIMEOUT_S)
             except (OSError, TimeoutError) as exc:
                 log.debug("feed %s: close: %r", self.name, exc)
 
