@@ -24,8 +24,8 @@ from decimal import Decimal
 
 from core.errors import InvalidTick
 
-__all__ = ["DEFAULT_SCALE", "MAX_SCALE", "VWAP_PLACES", "exact_places", "format_scaled",
-           "rescale", "scaled", "to_decimal", "vwap_string"]
+__all__ = ["DEFAULT_SCALE", "FAST_LIMIT", "MAX_SCALE", "VWAP_PLACES", "exact_places",
+           "format_scaled", "scaled", "to_scaled", "vwap_string"]
 
 #: Decimal places every bar starts with (Binance, Kraken and Coinbase quote sizes and
 #: prices with at most 8).
@@ -38,7 +38,7 @@ VWAP_PLACES = 16
 #: ``n / 10**e`` identifies ``n`` uniquely (see :func:`scaled`).
 FAST_LIMIT = 2**50
 
-_POW10 = [10**i for i in range(2 * MAX_SCALE + VWAP_PLACES + 1)]
+_POW10 = [10**i for i in range(max(MAX_SCALE, VWAP_PLACES) + 1)]
 _FPOW10 = [float(10**i) for i in range(MAX_SCALE + 1)]
 
 
@@ -57,10 +57,11 @@ def scaled(x: float, e: int) -> int | None:
         ``x``; below :data:`FAST_LIMIT` no other ``e``-place decimal does.
     """
     s = _FPOW10[e]
-    n = round(x * s)
-    if n < FAST_LIMIT and n / s == x:
-        return n
-    return None
+    xs = x * s
+    if not xs < FAST_LIMIT:  # also inf, for a huge x
+        return None
+    n = round(xs)
+    return n if n / s == x else None
 
 
 def exact_places(x: float) -> tuple[int, int]:
@@ -74,16 +75,11 @@ def exact_places(x: float) -> tuple[int, int]:
     assert isinstance(exp, int)  # finite: callers validated x
     n = int("".join(map(str, digits)) or "0")
     if exp >= 0:
-        return n * _POW10[exp], 0
+        return n * 10**exp, 0
     if -exp > MAX_SCALE:
         raise InvalidTick("bad_decimal",
                           f"{x!r} has {-exp} decimal places (at most {MAX_SCALE})")
     return n, -exp
-
-
-def rescale(n: int, e_from: int, e_to: int) -> int:
-    """``n`` at scale ``e_from`` re-expressed at the larger scale ``e_to`` (exact)."""
-    return n * _POW10[e_to - e_from]
 
 
 def to_scaled(x: float, e: int) -> tuple[int, int]:
@@ -129,8 +125,3 @@ def vwap_string(quote_n: int, volume_n: int, e: int) -> str | None:
     num = quote_n * _POW10[VWAP_PLACES]
     den = volume_n * _POW10[e]
     return format_scaled((2 * num + den) // (2 * den), VWAP_PLACES)
-
-
-def to_decimal(s: str | None) -> Decimal | None:
-    """A served decimal string as :class:`decimal.Decimal` (None stays None)."""
-    return None if s is None else Decimal(s)
