@@ -68,7 +68,7 @@ from core.topics import Topics
 from query.price_stats import per_second
 from stores.buffer import RedisWriteBuffer
 from tables.aggregator import BatchResult, WindowAggregator
-from tables.window import finalize_bar
+from tables.window import encode_state, finalize_bar
 
 __all__ = ["LAG_INTERVAL_S", "BarAggregation"]
 
@@ -216,6 +216,9 @@ class BarAggregation:
                 pending.append(await self._dead_letter(
                     t.key.encode(), tick_to_json(t), "late", self.aggregator.late_detail(t),
                     event, wall_ms))
+            for t, err in res.invalid:
+                pending.append(await self._dead_letter(
+                    t.key.encode(), tick_to_json(t), err.reason, err.detail, event, wall_ms))
             if res.latest:
                 self.redis_writes.update(res.latest)
                 self.redis_writes.update_seconds(per_second(res.applied_ticks), msg.offset)
@@ -233,7 +236,7 @@ class BarAggregation:
         if pending:
             await asyncio.gather(*pending)  # broker acks before the state moves on
         # Snapshot now (bytes): the dicts keep changing while the producer buffer drains.
-        return [self.table.send_changelog(msg.partition, key, orjson.dumps(self.store[key]),
+        return [self.table.send_changelog(msg.partition, key, encode_state(self.store[key]),
                                             value_serializer="raw")
                 for key in res.dirty]
 

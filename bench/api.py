@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def iso(ms: int) -> str:
 
 
 BAR_COLUMNS = ["exchange", "symbol", "bucket_start", "open", "high", "low", "close", "volume",
-               "trade_count", "avg_price", "vwap", "open_ts_ms", "close_ts_ms"]
+               "trade_count", "avg_price", "vwap", "open_ts_ms", "close_ts_ms", "quote_volume"]
 START_PRICE = {"BTCUSDT": 60_000.0, "ETHUSDT": 2_600.0, "SOLUSDT": 150.0, "TONUSDT": 6.5,
                "DOGEUSDT": 0.11}
 
@@ -71,11 +72,13 @@ def synthetic_bars(exchange: str, symbol: str, lo_ms: int, hi_ms: int, rng: rand
         h = max(o, c) * (1 + abs(rng.gauss(0, 0.0002)))
         low = min(o, c) * (1 - abs(rng.gauss(0, 0.0002)))
         n = rng.randint(20, 400)
-        vol = n * rng.uniform(0.001, 0.05) * 60_000 / START_PRICE.get(symbol, 100.0)
+        vol = Decimal(repr(round(n * rng.uniform(0.001, 0.05) * 60_000
+                                 / START_PRICE.get(symbol, 100.0), 8)))
         avg = (o + c + h + low) / 4
+        vwap = Decimal(repr(round(avg * (1 + rng.gauss(0, 0.00005)), 4)))
         yield (exchange, symbol, datetime.fromtimestamp(b / 1000, UTC), o, h, low, c, vol, n,
-               avg, avg * (1 + rng.gauss(0, 0.00005)), b + rng.randint(0, 2_000),
-               b + MINUTE - rng.randint(1, 2_000))
+               avg, vwap, b + rng.randint(0, 2_000), b + MINUTE - rng.randint(1, 2_000),
+               vol * vwap)
         p = c
 
 

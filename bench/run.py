@@ -176,7 +176,9 @@ class PySpy:
 
 BAR_SQL = """
 SELECT exchange, symbol, (extract(epoch FROM bucket_start) * 1000)::bigint AS b,
-       open, high, low, close, volume, trade_count, open_ts_ms, close_ts_ms,
+       open, high, low, close, trim_scale(volume)::text AS volume,
+       trim_scale(quote_volume)::text AS quote_volume, trim_scale(vwap)::text AS vwap,
+       trade_count, open_ts_ms, close_ts_ms,
        (extract(epoch FROM inserted_at) * 1000)::float8 AS ins_ms
 FROM bars_1m WHERE bucket_start >= to_timestamp($1 / 1000.0)
   AND bucket_start < to_timestamp($2 / 1000.0)
@@ -202,10 +204,8 @@ def compare(expected: dict[tuple, dict], rows: list[asyncpg.Record]) -> list[str
         bad.append(f"unexpected in DB: {k}")
     for k in sorted(set(expected) & set(got)):
         e, r = expected[k], got[k]
-        diffs = [f for f in ("open", "high", "low", "close", "trade_count", "open_ts_ms",
-                             "close_ts_ms") if e[f] != r[f]]
-        if not math.isclose(e["volume"], r["volume"], rel_tol=1e-9, abs_tol=1e-12):
-            diffs.append("volume")
+        diffs = [f for f in ("open", "high", "low", "close", "volume", "quote_volume", "vwap",
+                             "trade_count", "open_ts_ms", "close_ts_ms") if e[f] != r[f]]
         if diffs:
             bad.append(f"{k}: " + ", ".join(f"{f} exp {e[f]!r} got {r[f]!r}" for f in diffs))
     return bad
@@ -705,8 +705,8 @@ async def run(args: argparse.Namespace) -> int:
         bad = compare(expected, rows)
         fig["correct"] = f"OK ({len(rows)} bars)" if not bad else f"{len(bad)} mismatches"
         say(f"  {'OK' if not bad else 'MISMATCH'}: {len(rows)} bars in DB, {len(expected)} "
-            f"expected, {len(bad)} mismatches (OHLC, trade_count, open/close ts exact; volume "
-            f"rel 1e-9)")
+            f"expected, {len(bad)} mismatches (all exact: OHLC, volume, quote volume, "
+            f"VWAP, trade_count, open/close ts)")
         for line in bad[:10]:
             say(f"    {line}")
 

@@ -24,8 +24,9 @@ from decimal import Decimal
 
 from core.errors import InvalidTick
 
-__all__ = ["DEFAULT_SCALE", "FAST_LIMIT", "MAX_SCALE", "VWAP_PLACES", "exact_places",
-           "format_scaled", "scaled", "to_scaled", "vwap_string"]
+__all__ = ["DEFAULT_SCALE", "FAST_LIMIT", "MAX_SCALE", "VWAP_PLACES", "decimal_string",
+           "exact_places", "format_scaled", "ratio_string", "scaled", "to_scaled",
+           "vwap_string"]
 
 #: Decimal places every bar starts with (Binance, Kraken and Coinbase quote sizes and
 #: prices with at most 8).
@@ -108,6 +109,17 @@ def format_scaled(n: int, e: int) -> str:
     return f"{sign}{whole}.{frac}" if frac else f"{sign}{whole}"
 
 
+def ratio_string(num_n: int, num_e: int, den_n: int, den_e: int) -> str | None:
+    """``(num_n / 10**num_e) / (den_n / 10**den_e)`` rounded half-up to
+    :data:`VWAP_PLACES` places, as :func:`format_scaled` writes it; None when the
+    denominator is <= 0. Both values >= 0; exact (integer arithmetic)."""
+    if den_n <= 0:
+        return None
+    num = num_n * 10 ** (VWAP_PLACES + den_e)
+    den = den_n * 10**num_e
+    return format_scaled((2 * num + den) // (2 * den), VWAP_PLACES)
+
+
 def vwap_string(quote_n: int, volume_n: int, e: int) -> str | None:
     """VWAP of a bar from its exact sums, None when the volume is 0.
 
@@ -120,8 +132,14 @@ def vwap_string(quote_n: int, volume_n: int, e: int) -> str | None:
         ``quote / volume`` rounded half-up to :data:`VWAP_PLACES` places, as
         :func:`format_scaled` writes it (``sql/bars_1m.py`` rounds rollups the same way).
     """
-    if volume_n <= 0:
-        return None
-    num = quote_n * _POW10[VWAP_PLACES]
-    den = volume_n * _POW10[e]
-    return format_scaled((2 * num + den) // (2 * den), VWAP_PLACES)
+    return ratio_string(quote_n, 2 * e, volume_n, e)
+
+
+def decimal_string(x: float) -> str:
+    """The decimal ``x`` was parsed from (its ``repr``), as :func:`format_scaled` writes
+    it (``12.5`` -> ``"12.5"``, ``1e-07`` -> ``"0.0000001"``).
+
+    Raises:
+        InvalidTick: ``bad_decimal``, more than :data:`MAX_SCALE` places.
+    """
+    return format_scaled(*exact_places(x))

@@ -41,6 +41,7 @@ __all__ = [
     "BAR_VALUES",
     "CLOSED_BAR_FIELDS",
     "CONTROL_IDLE_CHECK",
+    "DECIMAL_FIELDS",
     "MAX_MESSAGE_BYTES",
     "MIN_TS_MS",
     "SOURCES",
@@ -271,11 +272,20 @@ def dead_letter_message(
 
 #: The OHLCV values of a bar, in response order: a 1-minute bar (``bars_1m`` columns, live
 #: bars in Redis) or a rolled-up bucket (:func:`sql.bars_1m.fetch_rollup` record fields).
-#: ``open``..``close`` quote currency per base unit, ``volume`` base units, ``trade_count``
-#: trades, ``avg_price`` mean trade price, ``vwap`` volume-weighted average price (null
-#: without quantities).
-BAR_VALUES: tuple[str, ...] = ("open", "high", "low", "close", "volume", "trade_count",
-                               "avg_price", "vwap")
+#: ``open``..``close`` quote currency per base unit (JSON numbers), ``volume`` base units,
+#: ``quote_volume`` sum of price * qty (quote units), ``trade_count`` trades, ``avg_price``
+#: mean trade price (number), ``vwap`` volume-weighted average price (null without
+#: quantities). ``volume``, ``quote_volume`` and ``vwap`` are exact decimal strings
+#: (:data:`DECIMAL_FIELDS`).
+BAR_VALUES: tuple[str, ...] = ("open", "high", "low", "close", "volume", "quote_volume",
+                               "trade_count", "avg_price", "vwap")
+#: Bar fields served as exact decimal strings in plain notation without trailing zeros
+#: (``"0.04201"``, ``"0"``; :func:`core.decimals.format_scaled`, PostgreSQL's
+#: ``trim_scale(x)::text``), the same in ``/ohlcv``, ``/udf/history``, the closed-bars
+#: topic and ``/stream``: a JSON number would be rounded to a double by most readers.
+#: ``quote_volume`` is null for a fetched bar whose source gives no quote volume, ``vwap``
+#: when the bar has no quote volume or a volume of 0.
+DECIMAL_FIELDS: tuple[str, ...] = ("volume", "quote_volume", "vwap")
 #: Fields that repeat a value under another name: ``min_price`` is ``low``, ``max_price``
 #: is ``high``.
 BAR_ALIASES: dict[str, str] = {"min_price": "low", "max_price": "high"}
@@ -290,8 +300,8 @@ BAR_FIELDS: tuple[str, ...] = ("exchange", "symbol", "bucket_start_ms", "time", 
 #: re-emitted corrected bar adds ``"correction": true``, a live bar in Redis ``"closed"``.
 CLOSED_BAR_FIELDS: tuple[str, ...] = (
     "exchange", "symbol", "bucket_start_ms", "bucket_end_ms", "open", "high", "low", "close",
-    "volume", "trade_count", "avg_price", "min_price", "max_price", "vwap", "open_ts_ms",
-    "close_ts_ms")
+    "volume", "quote_volume", "trade_count", "avg_price", "min_price", "max_price", "vwap",
+    "open_ts_ms", "close_ts_ms")
 
 
 def iso_ms(ms: int) -> str:
@@ -334,8 +344,9 @@ def ohlcv_bar(exchange: str | None, symbol: str, bucket_start_ms: int,
 
 
 def closed_bar(exchange: str, symbol: str, bucket_start_ms: int, bucket_end_ms: int, *,
-               open: float, high: float, low: float, close: float, volume: float,
-               trade_count: int, avg_price: float, vwap: float | None, open_ts_ms: int,
+               open: float, high: float, low: float, close: float, volume: str,
+               quote_volume: str | None, trade_count: int, avg_price: float,
+               vwap: str | None, open_ts_ms: int,
                close_ts_ms: int) -> dict[str, Any]:
     """One closed-bars topic message (:data:`CLOSED_BAR_FIELDS`, in that order).
 
@@ -348,10 +359,14 @@ def closed_bar(exchange: str, symbol: str, bucket_start_ms: int, bucket_end_ms: 
         high: highest trade price.
         low: lowest trade price.
         close: last trade price by event time.
-        volume: sum of quantities, base units.
+        volume: sum of quantities, base units, an exact decimal string
+            (:data:`DECIMAL_FIELDS`).
+        quote_volume: sum of price * quantity, quote units, exact decimal string (None
+            when a fetched bar's source gives none).
         trade_count: number of trades.
         avg_price: mean trade price.
-        vwap: volume-weighted average price, None when no trade carried a quantity.
+        vwap: ``quote_volume / volume`` rounded half-up to 16 places
+            (:func:`core.decimals.vwap_string`), None when no trade carried a quantity.
         open_ts_ms: event time of the open trade, UTC epoch ms.
         close_ts_ms: event time of the close trade, UTC epoch ms.
 
@@ -361,6 +376,7 @@ def closed_bar(exchange: str, symbol: str, bucket_start_ms: int, bucket_end_ms: 
     """
     return {"exchange": exchange, "symbol": symbol, "bucket_start_ms": bucket_start_ms,
             "bucket_end_ms": bucket_end_ms, "open": open, "high": high, "low": low,
-            "close": close, "volume": volume, "trade_count": trade_count,
+            "close": close, "volume": volume, "quote_volume": quote_volume,
+            "trade_count": trade_count,
             "avg_price": avg_price, "min_price": low, "max_price": high, "vwap": vwap,
             "open_ts_ms": open_ts_ms, "close_ts_ms": close_ts_ms}

@@ -134,8 +134,9 @@ def fill_previous(bars: list[Bar], interval_ms: int, end_ms: int) -> list[Bar]:
 def _flat(prev: Bar, start_ms: int) -> Bar:
     c = prev["close"]
     return ohlcv_bar(prev["exchange"], prev["symbol"], start_ms,
-                     {"open": c, "high": c, "low": c, "close": c, "volume": 0.0,
-                      "trade_count": 0, "avg_price": None, "vwap": None},
+                     {"open": c, "high": c, "low": c, "close": c, "volume": "0",
+                      "quote_volume": "0", "trade_count": 0, "avg_price": None,
+                      "vwap": None},
                      prev["closed"])
 
 

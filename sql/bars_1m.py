@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -17,34 +18,38 @@ __all__ = ["BAR_JSON_SQL", "CONSOLIDATE_SQL", "fetch_bars", "fetch_rollup", "fet
 
 _UPSERT = """
 INSERT INTO bars_1m (exchange, symbol, bucket_start, open, high, low, close, volume,
-                     trade_count, avg_price, vwap, open_ts_ms, close_ts_ms, source)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, 'ticks')
+                     trade_count, avg_price, vwap, open_ts_ms, close_ts_ms, quote_volume,
+                     source)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 'ticks')
 ON CONFLICT (exchange, symbol, bucket_start) DO UPDATE SET
     open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low,
     close = EXCLUDED.close, volume = EXCLUDED.volume, trade_count = EXCLUDED.trade_count,
+    quote_volume = EXCLUDED.quote_volume,
     avg_price = EXCLUDED.avg_price, vwap = EXCLUDED.vwap,
     open_ts_ms = EXCLUDED.open_ts_ms, close_ts_ms = EXCLUDED.close_ts_ms,
     source = 'ticks', updated_at = now()
 """
 
-#: Fetched (REST) bars: $14 is the source name; $15 true lets them replace bars built
+#: Fetched (REST) bars: $15 is the source name; $16 true lets them replace bars built
 #: from our own ticks (source 'ticks'), false keeps those.
 _UPSERT_FETCHED = """
 INSERT INTO bars_1m AS cur (exchange, symbol, bucket_start, open, high, low, close, volume,
-                     trade_count, avg_price, vwap, open_ts_ms, close_ts_ms, source)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                     trade_count, avg_price, vwap, open_ts_ms, close_ts_ms, quote_volume,
+                     source)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
 ON CONFLICT (exchange, symbol, bucket_start) DO UPDATE SET
     open = EXCLUDED.open, high = EXCLUDED.high, low = EXCLUDED.low,
     close = EXCLUDED.close, volume = EXCLUDED.volume, trade_count = EXCLUDED.trade_count,
+    quote_volume = EXCLUDED.quote_volume,
     avg_price = EXCLUDED.avg_price, vwap = EXCLUDED.vwap,
     open_ts_ms = EXCLUDED.open_ts_ms, close_ts_ms = EXCLUDED.close_ts_ms,
     source = EXCLUDED.source, updated_at = now()
-WHERE $15::boolean OR cur.source <> 'ticks'
+WHERE $16::boolean OR cur.source <> 'ticks'
 """
 
 _SELECT = """
-SELECT exchange, symbol, bucket_start, open, high, low, close, volume, trade_count,
-       avg_price, vwap
+SELECT exchange, symbol, bucket_start, open, high, low, close, volume, quote_volume,
+       trade_count, avg_price, vwap
 FROM bars_1m
 WHERE symbol = $1 AND ($2::text IS NULL OR exchange = $2)
   AND bucket_start >= $3 AND bucket_start < $4
@@ -55,23 +60,30 @@ LIMIT $5
 #: The consolidation rule: how the 1-minute bars of one bucket (several minutes, several
 #: exchanges) make one bar. Open of the earliest trade (by ``open_ts_ms``), close of the
 #: latest (by ``close_ts_ms``), high max, low min, volume and trade count summed, average
-#: price count-weighted, VWAP volume-weighted over the bars that have one. It is the only
-#: copy of the rule: every rollup (stored bars, stored plus live bars) uses it, and
-#: ``tests/unit/test_series.py`` tests it. Float sums are ordered (bucket_start, exchange)
-#: so a bucket's values do not depend on the query plan or on which other rows the range
-#: holds (summation is not associative).
+#: price count-weighted; quote volume summed (null when a bar of the bucket has none);
+#: VWAP = quote volume / volume over the bars that have a quote volume, rounded half-up to
+#: 16 places as :func:`core.decimals.vwap_string` rounds a 1-minute bar's
+#: (``div(2q * 10^16 + v, 2v) / 10^16``, exact in NUMERIC). Volume, quote volume and VWAP
+#: are NUMERIC sums, exact, served as text (:data:`core.models.DECIMAL_FIELDS`,
+#: ``trim_scale``). It is the only copy of the rule: every rollup (stored bars, stored plus
+#: live bars) uses it, and ``tests/unit/test_series.py`` tests it. The float sum of
+#: ``avg_price`` is ordered (bucket_start, exchange) so a bucket's value does not depend on
+#: the query plan or on which other rows the range holds (summation is not associative).
 CONSOLIDATE_SQL = """
        first(open, open_ts_ms)  AS open,
        max(high)                AS high,
        min(low)                 AS low,
        last(close, close_ts_ms) AS close,
-       sum(volume ORDER BY bucket_start, exchange) AS volume,
+       trim_scale(sum(volume))::text AS volume,
+       CASE WHEN count(quote_volume) = count(*)
+            THEN trim_scale(sum(quote_volume))::text END AS quote_volume,
        sum(trade_count)::bigint AS trade_count,
        sum(avg_price * trade_count ORDER BY bucket_start, exchange)
          / nullif(sum(trade_count), 0) AS avg_price,
-       sum(vwap * volume ORDER BY bucket_start, exchange) FILTER (WHERE vwap IS NOT NULL)
-         / nullif(sum(volume ORDER BY bucket_start, exchange)
-                  FILTER (WHERE vwap IS NOT NULL), 0) AS vwap,
+       trim_scale(div(2 * sum(quote_volume) * 1e16
+                        + sum(volume) FILTER (WHERE quote_volume IS NOT NULL),
+                      2 * nullif(sum(volume) FILTER (WHERE quote_volume IS NOT NULL), 0))
+                  * 1e-16)::text AS vwap,
        min(open_ts_ms)          AS open_ts_ms,
        max(close_ts_ms)         AS close_ts_ms"""
 
@@ -91,8 +103,9 @@ LIMIT $6
 #: Columns of a live 1-minute bar passed as JSON ($7, an array of live-bar objects: the
 #: closed-bar schema plus ``closed``).
 _LIVE_COLUMNS = """exchange text, bucket_start_ms bigint, open float8, high float8,
-       low float8, close float8, volume float8, trade_count integer, avg_price float8,
-       vwap float8, open_ts_ms bigint, close_ts_ms bigint, closed boolean"""
+       low float8, close float8, volume numeric, quote_volume numeric, trade_count integer,
+       avg_price float8, vwap numeric, open_ts_ms bigint, close_ts_ms bigint,
+       closed boolean"""
 _LIVE_START = "(timestamptz 'epoch' + l.bucket_start_ms * interval '1 millisecond')"
 
 #: :data:`_ROLLUP` over the stored bars plus the live bars ($7) whose minute is not stored
@@ -103,8 +116,9 @@ SELECT time_bucket($5::interval, bucket_start) AS b,""" + CONSOLIDATE_SQL + """,
        bool_and(closed)         AS closed,
        count(*) FILTER (WHERE live) AS live_minutes
 FROM (
-    SELECT exchange, bucket_start, open, high, low, close, volume, trade_count, avg_price,
-           vwap, open_ts_ms, close_ts_ms, true AS closed, false AS live
+    SELECT exchange, bucket_start, open, high, low, close, volume, quote_volume,
+           trade_count, avg_price, vwap, open_ts_ms, close_ts_ms, true AS closed,
+           false AS live
     FROM bars_1m
     WHERE """ + _IN_RANGE + """
       AND NOT ($8::boolean AND EXISTS (
@@ -112,8 +126,8 @@ FROM (
           WHERE l.exchange = bars_1m.exchange AND """ + _LIVE_START + """ = bars_1m.bucket_start))
     UNION ALL
     SELECT l.exchange, """ + _LIVE_START + """, l.open, l.high, l.low, l.close,
-           l.volume, l.trade_count, l.avg_price, l.vwap, l.open_ts_ms, l.close_ts_ms,
-           l.closed, true
+           l.volume, l.quote_volume, l.trade_count, l.avg_price, l.vwap, l.open_ts_ms,
+           l.close_ts_ms, l.closed, true
     FROM jsonb_to_recordset($7::jsonb) AS l(""" + _LIVE_COLUMNS + """)
     WHERE ($2::text IS NULL OR l.exchange = $2)
       AND """ + _LIVE_START + """ >= $3 AND """ + _LIVE_START + """ < $4
@@ -215,11 +229,21 @@ def _ts(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+def _dec(x: str | int | float | None) -> Decimal | None:
+    """A decimal field of a bar (:data:`core.models.DECIMAL_FIELDS`) as a bind value:
+    the decimal string exactly; a float (a bar from before the exact sums) as the
+    shortest decimal that reads back as it."""
+    if x is None:
+        return None
+    return Decimal(repr(x)) if isinstance(x, float) else Decimal(x)
+
+
 def _row(bar: dict[str, Any]) -> tuple[Any, ...]:
     return (
         bar["exchange"], bar["symbol"], _ts(bar["bucket_start_ms"]), bar["open"], bar["high"],
-        bar["low"], bar["close"], bar["volume"], bar["trade_count"], bar["avg_price"],
-        bar["vwap"], bar["open_ts_ms"], bar["close_ts_ms"],
+        bar["low"], bar["close"], _dec(bar["volume"]), bar["trade_count"], bar["avg_price"],
+        _dec(bar["vwap"]), bar["open_ts_ms"], bar["close_ts_ms"],
+        _dec(bar.get("quote_volume")),
     )
 
 
@@ -228,8 +252,9 @@ async def upsert_bars(conn: asyncpg.Connection, bars: Iterable[dict[str, Any]]) 
 
     Args:
         conn: connection (the call runs in one transaction).
-        bars: closed-bar dicts (:func:`tables.window.finalize_bar` schema). When one batch
-            holds the same bar twice, the last one wins.
+        bars: closed-bar dicts (:func:`tables.window.finalize_bar` schema; decimal fields
+            as strings, floats accepted from older producers, ``quote_volume`` may be
+            missing). When one batch holds the same bar twice, the last one wins.
 
     Returns:
         int: rows written.
@@ -265,7 +290,7 @@ async def upsert_fetched_bars(conn: asyncpg.Connection, bars: Iterable[dict[str,
     Args:
         conn: connection (one transaction).
         bars: closed-bar dicts (the :func:`upsert_bars` schema; ``trade_count`` 0 and
-            ``vwap`` None when the source does not give them, ``open_ts_ms`` =
+            ``quote_volume``/``vwap`` None when the source does not give them, ``open_ts_ms`` =
             ``bucket_start_ms``, ``close_ts_ms`` = ``bucket_start_ms + 59999``).
         source: e.g. ``cryptocompare``, ``coindesk``.
         overwrite_own: replace bars built from our own ticks too (default policy: no).
@@ -317,9 +342,10 @@ async def fetch_rollup(
         limit: at most this many buckets (the oldest).
 
     Returns:
-        Records ``b`` (bucket start, timestamptz), ``open``, ``high``, ``low``, ``close``,
-        ``volume``, ``trade_count``, ``avg_price``, ``vwap``, ``open_ts_ms``,
-        ``close_ts_ms``, oldest first.
+        Records ``b`` (bucket start, timestamptz), ``open``, ``high``, ``low``, ``close``
+        (float), ``volume``, ``quote_volume``, ``vwap`` (exact decimal text,
+        :data:`core.models.DECIMAL_FIELDS`), ``trade_count``, ``avg_price``,
+        ``open_ts_ms``, ``close_ts_ms``, oldest first.
     """
     return await conn.fetch(_ROLLUP, symbol, exchange, _ts(start_ms), _ts(end_ms),
                             timedelta(milliseconds=interval_ms), limit)

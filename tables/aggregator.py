@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from core.errors import ConfigError
+from core.errors import ConfigError, InvalidTick
 from core.models import Tick
 from core.timeutil import MINUTE_MS
 from tables.window import (
@@ -62,6 +62,7 @@ from tables.window import (
     correctable,
     finalize_bar,
     new_key_state,
+    restore_state,
     watermark_ms,
 )
 
@@ -99,6 +100,9 @@ class BatchResult:
         latest: ``key -> (price, ts_ms)``, the newest applied trade per key.
         applied_ticks: the ticks counted into windows, in order.
         dirty: keys whose state changed and must be written back.
+        invalid: ticks that passed validation but cannot be summed exactly (a price or
+            qty with more than 18 decimal places, :func:`tables.window.exact_amounts`),
+            with the error (to be dead-lettered with its reason).
     """
 
     applied: int = 0
@@ -113,6 +117,7 @@ class BatchResult:
     dirty: set[str] = field(default_factory=set)
     #: keys whose idle clock a stalled idle check restarted (:meth:`process_idle`)
     idle_clocks_restarted: int = 0
+    invalid: list[tuple[Tick, InvalidTick]] = field(default_factory=list)
 
 
 class WindowAggregator:
@@ -247,6 +252,7 @@ class WindowAggregator:
                 elif st.get("p") == partition and st["off"] >= offset:
                     st = None  # this key already applied this message (re-delivery)
                 else:
+                    restore_state(st)  # as read from the changelog: exact sums as ints
                     st["p"] = partition
                     if retain and "kf" not in st:  # corrections start after the newest
                         st["done"] = {}            # closed window of an older state
@@ -273,17 +279,29 @@ class WindowAggregator:
                     done = st["done"]
                     if sb not in done and b < st["kf"]:
                         res.late.append(t)  # closed before corrections began for the key
-                    elif apply_tick(done, t.price, t.qty, ts, wall_ms, size, t.trade_id):
-                        res.corrections += 1
-                        if corr is None:
-                            corr = {}
-                        corr[(key, b)] = done[sb]
                     else:
-                        res.duplicate_trades += 1
+                        try:
+                            added = apply_tick(done, t.price, t.qty, ts, wall_ms, size,
+                                               t.trade_id)
+                        except InvalidTick as exc:
+                            res.invalid.append((t, exc))
+                            continue
+                        if added:
+                            res.corrections += 1
+                            if corr is None:
+                                corr = {}
+                            corr[(key, b)] = done[sb]
+                        else:
+                            res.duplicate_trades += 1
                     continue
                 # else: still open in the state (the watermark passed it within this
                 # message and closes it below): applied like any other tick
-            if not apply_tick(st["bars"], t.price, t.qty, ts, wall_ms, size, t.trade_id):
+            try:
+                added = apply_tick(st["bars"], t.price, t.qty, ts, wall_ms, size, t.trade_id)
+            except InvalidTick as exc:
+                res.invalid.append((t, exc))
+                continue
+            if not added:
                 res.duplicate_trades += 1
                 continue
             res.applied += 1

@@ -21,10 +21,20 @@ unchanged::
 An open bar is a dict (short keys keep the changelog small)::
 
     {"b": bucket_start_ms, "o": open, "o_ts": ts_ms of open, "h": high, "l": low,
-     "c": close, "c_ts": ts_ms of close, "v": sum qty, "n": trade count,
-     "ps": sum price, "pq": sum price*qty, "first_ms": wall ms of first tick,
+     "c": close, "c_ts": ts_ms of close, "n": trade count, "ps": sum price,
+     "e": 8,                  # decimal scale of the exact sums (core/decimals.py)
+     "v": 420100000,          # sum qty * 10**e, an exact integer
+     "pq": 2834...,           # sum price * qty * 10**(2*e), an exact integer
+     "first_ms": wall ms of first tick,
      "ids": {"r": [lo, hi, ...], "s": {"<id>": 1, ...}}}  # trade ids seen (when ticks carry
                                                            # them), see add_trade_id
+
+Volume and quote volume are exact: each tick's ``qty`` and ``price`` are taken as the
+decimals they were parsed from (:mod:`core.decimals`) and summed as integers, so a minute's
+volume equals the exchange's kline to the last decimal. In the changelog ``v`` and ``pq``
+are decimal strings of those integers (:func:`encode_state`): JSON readers, Faust's
+included, turn integers beyond 64 bits into floats. :func:`restore_state` turns them back
+(and converts a state written before the exact sums, with float ``v``/``pq``).
 
 Trade-id dedupe memory: ids are kept per *open* window only and dropped with the bar when
 it closes (under the ``correct`` late policy they stay with the retained closed bar until it
@@ -60,6 +70,9 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Any
 
+import orjson
+
+from core.decimals import DEFAULT_SCALE, format_scaled, scaled, to_scaled, vwap_string
 from core.models import closed_bar
 from core.timeutil import MINUTE_MS
 
@@ -70,10 +83,13 @@ __all__ = [
     "closable_by_idle",
     "closable_by_watermark",
     "correctable",
+    "encode_state",
+    "exact_amounts",
     "finalize_bar",
     "is_late",
     "new_key_state",
     "new_trade_ids",
+    "restore_state",
     "watermark_ms",
 ]
 
@@ -247,6 +263,32 @@ def add_trade_id(ids: dict[str, Any], trade_id: str) -> bool:
     return True
 
 
+def exact_amounts(price: float, qty: float, e: int) -> tuple[int, int, int]:
+    """``price`` and ``qty`` as integers at one decimal scale (:mod:`core.decimals`).
+
+    Args:
+        price: quote currency per base unit, finite, > 0.
+        qty: base units, finite, >= 0.
+        e: the bar's current scale.
+
+    Returns:
+        ``(price_n, qty_n, e2)``: ``price == price_n / 10**e2``, ``qty == qty_n / 10**e2``
+        as decimals, ``e2 >= e`` (larger when a value has more decimal places).
+
+    Raises:
+        InvalidTick: ``bad_decimal``, a value with more than
+            :data:`core.decimals.MAX_SCALE` decimal places.
+    """
+    qn = scaled(qty, e)
+    pn = scaled(price, e)
+    if qn is not None and pn is not None:
+        return pn, qn, e
+    qn, eq = to_scaled(qty, e)
+    pn, ep = to_scaled(price, e)
+    e2 = max(eq, ep)
+    return pn * 10 ** (e2 - ep), qn * 10 ** (e2 - eq), e2
+
+
 def apply_tick(
     bars: dict[str, Bar], price: float, qty: float, ts_ms: int, wall_ms: int,
     size_ms: int = MINUTE_MS, trade_id: str | None = None,
@@ -266,20 +308,32 @@ def apply_tick(
     Returns:
         bool: True when applied; False when ``trade_id`` was already applied to this
         window (a duplicate trade: the bar is unchanged).
+
+    Raises:
+        InvalidTick: ``bad_decimal`` (:func:`exact_amounts`); nothing was changed.
     """
     b = ts_ms - ts_ms % size_ms
     k = str(b)
     bar = bars.get(k)
     if bar is None:
+        if qty:
+            pn, qn, e = exact_amounts(price, qty, DEFAULT_SCALE)
+            pq = pn * qn
+        else:
+            qn = pq = 0
+            e = DEFAULT_SCALE
         bar = bars[k] = {
             "b": b, "o": price, "o_ts": ts_ms, "h": price, "l": price, "c": price,
-            "c_ts": ts_ms, "v": qty, "n": 1, "ps": price, "pq": price * qty,
+            "c_ts": ts_ms, "n": 1, "ps": price, "e": e, "v": qn, "pq": pq,
             "first_ms": wall_ms,
         }
         if trade_id is not None:
             new_ids = bar["ids"] = new_trade_ids()
             add_trade_id(new_ids, trade_id)
         return True
+    if qty:
+        e = bar["e"]
+        pn, qn, e2 = exact_amounts(price, qty, e)
     if trade_id is not None:
         ids: dict[str, Any] | None = bar.get("ids")
         if ids is None:
@@ -296,27 +350,93 @@ def apply_tick(
         bar["h"] = price
     if price < bar["l"]:
         bar["l"] = price
-    bar["v"] += qty
     bar["n"] += 1
     bar["ps"] += price
-    bar["pq"] += price * qty
+    if qty:
+        if e2 != e:  # this tick has more decimal places: rescale the sums
+            bar["v"] *= 10 ** (e2 - e)
+            bar["pq"] *= 10 ** (2 * (e2 - e))
+            bar["e"] = e2
+        bar["v"] += qn
+        bar["pq"] += pn * qn
     return True
+
+
+def _bar_for_json(bar: Bar) -> Bar:
+    return {**bar, "v": str(bar["v"]), "pq": str(bar["pq"])}
+
+
+def encode_state(st: KeyState) -> bytes:
+    """A key state as the JSON of its changelog record: the exact sums ``v`` and ``pq``
+    of every bar as decimal strings of their integers (module docstring)."""
+    out = {**st, "bars": {k: _bar_for_json(b) for k, b in st["bars"].items()}}
+    done = st.get("done")
+    if done:
+        out["done"] = {k: _bar_for_json(b) for k, b in done.items()}
+    return orjson.dumps(out)
+
+
+def _restore_bar(bar: Bar) -> None:
+    v = bar["v"]
+    if type(v) is int:
+        return
+    if "e" not in bar:  # written before the exact sums: float sums, best effort
+        bar["e"] = DEFAULT_SCALE
+        bar["v"] = round(float(v) * 10**DEFAULT_SCALE)
+        bar["pq"] = round(float(bar["pq"]) * 10 ** (2 * DEFAULT_SCALE))
+        return
+    bar["v"] = int(v)
+    bar["pq"] = int(bar["pq"])
+
+
+def restore_state(st: KeyState) -> KeyState:
+    """Turn a key state read from the changelog (:func:`encode_state`) back into the
+    in-memory form, in place (integers ``v``/``pq``; a no-op for a state already in
+    it).
+
+    Returns:
+        ``st``.
+
+    Raises:
+        ValueError: a ``v``/``pq`` string that is not an integer (a corrupt record).
+    """
+    for bar in st["bars"].values():
+        _restore_bar(bar)
+    done = st.get("done")
+    if done:
+        for bar in done.values():
+            _restore_bar(bar)
+    return st
 
 
 def finalize_bar(exchange: str, symbol: str, bar: Bar, size_ms: int = MINUTE_MS) -> dict[str, Any]:
     """The closed-bar message (topic value, DB row source) for an open bar.
 
+    Args:
+        exchange: exchange id.
+        symbol: the exchange's pair name.
+        bar: an open bar (module docstring), in memory or as read from the changelog.
+        size_ms: window length.
+
     Returns:
         dict: the closed-bars message, :func:`core.models.closed_bar` (fields
-        :data:`core.models.CLOSED_BAR_FIELDS`; ``vwap`` null when no qty).
+        :data:`core.models.CLOSED_BAR_FIELDS`): ``volume``, ``quote_volume`` and ``vwap``
+        are exact decimal strings (``vwap`` null when no qty).
 
         A re-emitted corrected bar additionally carries ``"correction": true`` (added by
         :class:`tables.aggregator.WindowAggregator`, not here).
+
+    Raises:
+        ValueError: a corrupt changelog bar (see :func:`restore_state`).
     """
+    _restore_bar(bar)
     n = bar["n"]
     v = bar["v"]
+    e = bar["e"]
     b = bar["b"]
+    pq = bar["pq"]
     return closed_bar(exchange, symbol, b, b + size_ms, open=bar["o"], high=bar["h"],
-                      low=bar["l"], close=bar["c"], volume=v, trade_count=n,
-                      avg_price=bar["ps"] / n, vwap=(bar["pq"] / v) if v > 0 else None,
+                      low=bar["l"], close=bar["c"], volume=format_scaled(v, e),
+                      quote_volume=format_scaled(pq, 2 * e), trade_count=n,
+                      avg_price=bar["ps"] / n, vwap=vwap_string(pq, v, e),
                       open_ts_ms=bar["o_ts"], close_ts_ms=bar["c_ts"])

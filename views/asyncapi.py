@@ -12,7 +12,7 @@ from typing import Any
 
 from faust.web import Request, Response
 
-from core.models import BAR_FIELDS
+from core.models import BAR_FIELDS, DECIMAL_FIELDS
 from core.names import NAME_PATTERN
 from query.series import INTERVALS_MS
 from views.base import ApiView, Routes
@@ -22,8 +22,9 @@ __all__ = ["ROUTES", "AsyncApi", "build_asyncapi"]
 _BAR_EXAMPLE = {"exchange": "binance-usdm", "symbol": "BTCUSDT",
                 "bucket_start_ms": 1723161240000, "time": "2024-08-08T23:54:00.000Z",
                 "open": 61837.6, "high": 61850.0, "low": 61820.1, "close": 61841.2,
-                "volume": 12.345, "trade_count": 812, "avg_price": 61838.9,
-                "vwap": 61839.4, "min_price": 61820.1, "max_price": 61850.0, "closed": False}
+                "volume": "12.345", "quote_volume": "763399.5012",
+                "trade_count": 812, "avg_price": 61838.9, "vwap": "61839.4011",
+                "min_price": 61820.1, "max_price": 61850.0, "closed": False}
 
 
 def _msg(name: str, summary: str, payload: dict[str, Any], example: dict[str, Any]
@@ -43,8 +44,10 @@ _SEQ = {"type": "integer", "minimum": 1, "description": "per subscription, +1 pe
 
 def build_asyncapi() -> dict[str, Any]:
     """The document (a dict, JSON-serialisable)."""
-    bar = _obj({f: {} for f in BAR_FIELDS} | {"correction": {"type": "boolean"}},
-               list(BAR_FIELDS))
+    decimal = {"type": ["string", "null"], "format": "decimal",
+               "description": "exact decimal string (as in /ohlcv)"}
+    bar = _obj({f: decimal if f in DECIMAL_FIELDS else {} for f in BAR_FIELDS}
+               | {"correction": {"type": "boolean"}}, list(BAR_FIELDS))
     price = _obj({"item": {"type": "string"}, "symbol": _NAME, "exchange": _NAME,
                   "price": {"type": "number"}, "ts_ms": {"type": "integer"}},
                  ["item", "symbol", "exchange", "price", "ts_ms"])

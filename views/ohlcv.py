@@ -21,8 +21,9 @@ Response 200::
      "bars": [{"exchange": "binance-usdm", "symbol": "BTCUSDT",
                "bucket_start_ms": 1723161300000, "time": "2024-08-08T23:55:00.000Z",
                "open": 61807.7, "high": 61839.9, "low": 61760.3, "close": 61760.3,
-               "volume": 136.45, "trade_count": 2005, "avg_price": 61801.3,
-               "vwap": 61802.1, "min_price": 61760.3, "max_price": 61839.9,
+               "volume": "136.45", "quote_volume": "8433295.6621",
+               "trade_count": 2005, "avg_price": 61801.3, "vwap": "61802.0977",
+               "min_price": 61760.3, "max_price": 61839.9,
                "closed": true}, ...]}
 
 The still-open bucket is included from live state (the bar agent mirrors its open and

@@ -61,6 +61,9 @@ def _name_param(name: str, where: str, description: str, required: bool = True
 
 
 _NUMBER = {"type": "number", "format": "double"}
+#: an exact decimal (``core.models.DECIMAL_FIELDS``): a JSON string in plain notation,
+#: no exponent, no trailing zeros, so no reader rounds it to a double
+_DECIMAL = {"type": "string", "format": "decimal", "pattern": r"^-?[0-9]+(\.[0-9]*[1-9])?$"}
 _INTERVALS = list(INTERVALS_MS)
 _MS = {"type": "integer", "format": "int64", "description": "UTC epoch milliseconds"}
 _ISO = {"type": "string", "format": "date-time",
@@ -112,13 +115,17 @@ SCHEMAS: dict[str, Any] = {
         "bucket_start_ms": {**_MS, "description": "bucket start (UTC-aligned to the interval)"},
         "time": _ISO,
         "open": _NUMBER, "high": _NUMBER, "low": _NUMBER, "close": _NUMBER,
-        "volume": {**_NUMBER, "description": "sum of quantities (base units)"},
+        "volume": {**_DECIMAL, "example": "136.45",
+                   "description": "sum of quantities (base units), exact"},
+        "quote_volume": {**_DECIMAL, "nullable": True, "example": "8433295.6621",
+                         "description": "sum of price * quantity (quote units), exact; "
+                                        "null when a backfilled bar's source gives none"},
         "trade_count": {"type": "integer"},
         "avg_price": {**_NUMBER, "nullable": True,
                       "description": "mean trade price; null on a filled (empty) bucket"},
-        "vwap": {**_NUMBER, "nullable": True,
-                 "description": "volume-weighted average price; null without quantities "
-                                "or on a filled bucket"},
+        "vwap": {**_DECIMAL, "nullable": True, "example": "61802.0977",
+                 "description": "quote_volume / volume rounded half-up to 16 decimal "
+                                "places; null without quantities or on a filled bucket"},
         "min_price": {**_NUMBER, "description": "= low"},
         "max_price": {**_NUMBER, "description": "= high"},
         "closed": {"type": "boolean",
@@ -454,7 +461,8 @@ PATHS: dict[str, dict[str, Any]] = {
     }},
     "/udf/history": {"get": {
         "operationId": "udfHistory", "tags": ["tradingview"],
-        "summary": "Bars {s, t, o, h, l, c, v} (t in Unix seconds); s=no_data with nextTime",
+        "summary": "Bars {s, t, o, h, l, c, v} (t in Unix seconds, v exact decimal strings "
+                   "as Bar.volume); s=no_data with nextTime",
         "description": (f"Bars starting in [from, to] (Unix seconds). A range of more than "
                         f"{MAX_BARS} buckets, or a countback above {MAX_BARS}, is not "
                         f"refused: the newest {MAX_BARS} buckets come back, and a chart "

@@ -36,7 +36,8 @@ Endpoints (all ``GET``):
       {"s": "ok", "t": [1723161300, ...], "o": [...], "h": [...], "l": [...],
        "c": [...], "v": [...]}
 
-  ``t`` is the bucket start in seconds, ``v`` the volume in base units. Nothing in range:
+  ``t`` is the bucket start in seconds, ``v`` the volume in base units as exact
+  decimal strings (as in ``/ohlcv``, :data:`core.models.DECIMAL_FIELDS`). Nothing in range:
   ``{"s": "no_data", "nextTime": <start second of the newest bar before from>}`` when
   older data exists, else ``{"s": "no_data"}`` (so the chart stops paging back).
 * ``/udf/time``: server time, Unix seconds, ``text/plain``.

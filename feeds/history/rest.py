@@ -5,10 +5,11 @@ Each adapter turns the source's minute points into closed-bar dicts of the
 
     {"exchange": "binance", "symbol": "BTCUSDT", "bucket_start_ms": 1723075200000,
      "open": 61000.0, "high": 61010.0, "low": 60990.0, "close": 61005.0,
-     "volume": 12.5,            # base units
+     "volume": "12.5",          # base units, exact decimal string of the source's number
+     "quote_volume": "762526.25",  # None when the source does not give it
      "trade_count": 0,          # 0 when the source does not say
      "avg_price": 61001.25,     # (open + high + low + close) / 4 (no better figure given)
-     "vwap": 61002.1,           # quote volume / base volume, None unless both > 0
+     "vwap": "61002.1",         # quote volume / base volume, None unless both > 0
      "open_ts_ms": 1723075200000, "close_ts_ms": 1723075259999}
 
 ``exchange`` and ``symbol`` are *our* names; the source's exchange/market name comes from
@@ -50,7 +51,8 @@ import aiohttp
 import orjson
 
 from core.config import HistorySection
-from core.errors import HistoryError
+from core.decimals import exact_places, format_scaled, ratio_string
+from core.errors import HistoryError, InvalidTick
 from core.metrics import HISTORY_BARS, HISTORY_ERRORS, HISTORY_REQUESTS, HISTORY_RETRIES
 from core.timeutil import MINUTE_MS
 
@@ -113,12 +115,28 @@ def make_bar(exchange: str, symbol: str, bucket_start_ms: int, o: float, h: floa
         o, h, lo, c: prices (quote per base).
         volume: base volume; quote_volume: quote volume (None when unknown).
         trade_count: trades in the minute (0 when unknown).
+
+    Returns:
+        dict: the bar; ``volume``, ``quote_volume`` and ``vwap`` are exact decimal
+        strings of the source's numbers (:data:`core.models.DECIMAL_FIELDS`; ``vwap`` =
+        quote volume / volume rounded half-up to 16 places, None unless both > 0).
+
+    Raises:
+        HistoryError: a negative volume, or one with more than 18 decimal places.
     """
-    vwap = (quote_volume / volume
-            if quote_volume is not None and quote_volume > 0 and volume > 0 else None)
+    if volume < 0 or (quote_volume is not None and quote_volume < 0):
+        raise HistoryError(f"negative volume at {bucket_start_ms}: {volume!r}, "
+                           f"{quote_volume!r}")
+    try:
+        vn, ve = exact_places(volume)
+        qv = None if quote_volume is None else exact_places(quote_volume)
+    except InvalidTick as exc:
+        raise HistoryError(f"volume at {bucket_start_ms}: {exc.detail}") from exc
+    vwap = ratio_string(qv[0], qv[1], vn, ve) if qv is not None and qv[0] > 0 else None
     return {
         "exchange": exchange, "symbol": symbol, "bucket_start_ms": bucket_start_ms,
-        "open": o, "high": h, "low": lo, "close": c, "volume": volume,
+        "open": o, "high": h, "low": lo, "close": c, "volume": format_scaled(vn, ve),
+        "quote_volume": None if qv is None else format_scaled(*qv),
         "trade_count": trade_count, "avg_price": (o + h + lo + c) / 4, "vwap": vwap,
         "open_ts_ms": bucket_start_ms, "close_ts_ms": bucket_start_ms + MINUTE_MS - 1,
     }

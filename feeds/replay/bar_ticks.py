@@ -13,18 +13,20 @@ The pipeline rebuilds from these ticks a bar with the same ``open``, ``high``, `
 * times: the first tick at ``bucket_start_ms``, the last at ``bucket_start_ms + 59_999``,
   the others evenly in between (non-decreasing; ties keep sequence order, which the
   window rules resolve like the original: earliest open, latest close);
-* volume: every tick but the last gets ``part`` = the largest power of two not above
-  ``volume / n`` (at least ``ulp(volume)``), the last one the remainder. Every partial sum
-  ``i * part`` is a multiple of ``ulp(volume)`` below ``volume`` and hence exact, so is the
-  remainder, and the left-to-right float sum the aggregator computes is exactly
-  ``volume``, with every quantity > 0 (VWAP stays defined and close to the bar's prices).
+* volume: the bar's volume is taken as the exact decimal it is stored as (``v`` units at
+  ``e`` decimal places, ``e`` raised until ``v >= n``); every tick but the last gets
+  ``v // n`` units, the last one the remainder, so the exact decimal sum the aggregator
+  computes (:mod:`core.decimals`) is the bar's volume to the last decimal, with every
+  quantity > 0 (VWAP stays defined and close to the bar's prices).
 """
 
 from __future__ import annotations
 
 import math
+from decimal import Decimal, InvalidOperation
 
-from core.errors import ReplayError
+from core.decimals import MAX_SCALE, exact_places
+from core.errors import InvalidTick, ReplayError
 from core.models import Tick
 from core.timeutil import MINUTE_MS
 
@@ -78,39 +80,66 @@ def bar_tick_count(open_: float, high: float, low: float, close: float,
     return len(bar_price_path(open_, high, low, close, trade_count))
 
 
-def split_volume(volume: float, n: int) -> list[float]:
-    """Split ``volume`` into ``n`` quantities whose left-to-right float sum is exactly
-    ``volume`` (see the module docstring).
+#: most significant digits of a tick quantity: a decimal of up to 15 digits survives the
+#: trip through a double (``repr`` gives it back), so the aggregator sums it exactly
+_MAX_QTY_UNITS = 10**15
+
+
+def _volume_units(volume: float | str | Decimal) -> tuple[int, int]:
+    """``(v, e)`` with ``volume == v / 10**e`` exactly (a float as its ``repr``)."""
+    try:
+        if isinstance(volume, float):
+            return exact_places(volume)
+        d = Decimal(volume)
+        sign, digits, exp = d.as_tuple()
+    except (InvalidTick, InvalidOperation, ValueError) as exc:
+        raise ReplayError(f"bar volume is not a decimal of at most {MAX_SCALE} places: "
+                          f"{volume!r}") from exc
+    if sign or not isinstance(exp, int) or -exp > MAX_SCALE:
+        raise ReplayError(f"bar volume must be a decimal >= 0 with at most {MAX_SCALE} "
+                          f"places: {volume!r}")
+    v = int("".join(map(str, digits)) or "0")
+    return (v * 10**exp, 0) if exp >= 0 else (v, -exp)
+
+
+def split_volume(volume: float | str | Decimal, n: int) -> list[float]:
+    """Split ``volume`` into ``n`` quantities whose exact decimal sum is ``volume`` (see
+    the module docstring).
 
     Args:
-        volume: base units, finite and >= 0.
+        volume: base units, >= 0: a float (its shortest decimal, ``repr``), a decimal
+            string or a ``Decimal`` (a stored NUMERIC).
         n: number of ticks, >= 1.
 
     Returns:
-        list[float]: ``n`` quantities, all > 0 when ``volume`` > 0 (all 0 when it is 0).
+        list[float]: ``n`` quantities, all > 0 when ``volume`` > 0 (all 0 when it is 0),
+        each with at most 15 significant digits.
 
     Raises:
-        ReplayError: ``n`` < 1, ``volume`` negative or not finite, or ``n`` too large
-            for an exact split of ``volume`` (more than ``volume / ulp(volume)`` ticks).
+        ReplayError: ``n`` < 1, ``volume`` negative, not a finite decimal of at most 18
+            places, or too small or too large for ``n`` such quantities.
     """
     if n < 1:
         raise ReplayError(f"cannot split volume over {n} ticks")
-    if not math.isfinite(volume) or volume < 0:
-        raise ReplayError(f"bar volume must be finite and >= 0: {volume}")
-    if volume == 0.0 or n == 1:
-        return [volume] * n if volume == 0.0 else [volume]
-    share = volume / n
-    # largest power of two <= share (frexp: share = m * 2**e, 0.5 <= m < 1)
-    part = math.ldexp(1.0, math.frexp(share)[1] - 1) if share > 0 else 0.0
-    part = max(part, math.ulp(volume))
-    head = part * (n - 1)
-    if not head < volume:
+    v, e = _volume_units(volume)
+    if v == 0:
+        return [0.0] * n
+    while e > 0 and v % 10 == 0:  # "1.50" is 15 tenths, not 150 hundredths
+        v //= 10
+        e -= 1
+    while v < n and e < MAX_SCALE:
+        v *= 10
+        e += 1
+    part = v // n
+    last = v - part * (n - 1)
+    if part == 0 or last >= _MAX_QTY_UNITS:
         raise ReplayError(f"volume {volume} cannot be split exactly over {n} ticks")
-    return [part] * (n - 1) + [volume - head]
+    scale = 10**e
+    return [part / scale] * (n - 1) + [last / scale]
 
 
 def bar_to_ticks(exchange: str, symbol: str, bucket_start_ms: int, open_: float, high: float,
-                 low: float, close: float, volume: float, trade_count: int,
+                 low: float, close: float, volume: float | str | Decimal, trade_count: int,
                  source: str = "replay") -> list[Tick]:
     """Deterministic ticks that rebuild one stored 1-minute bar (module docstring).
 
@@ -119,7 +148,7 @@ def bar_to_ticks(exchange: str, symbol: str, bucket_start_ms: int, open_: float,
         symbol: the pair, e.g. ``BTCUSDT``.
         bucket_start_ms: the bar's window start, UTC epoch ms (multiple of 60 000).
         open_, high, low, close: prices, quote per base unit.
-        volume: base units.
+        volume: base units (see :func:`split_volume`).
         trade_count: trades in the bar (0 = unknown).
         source: the ticks' ``source`` field.
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -117,7 +118,7 @@ class _Bar:
     high: float
     low: float
     close: float
-    volume: float
+    volume: Decimal  # exact, as stored
     trade_count: int
     n_ticks: int = 0
 
@@ -208,7 +209,7 @@ async def load_bar_source(settings: Settings, exchange: str, symbol: str, from_m
             for r in rows:
                 bars.append(_Bar(int(r["bucket_start"].timestamp() * 1000), float(r["open"]),
                                  float(r["high"]), float(r["low"]), float(r["close"]),
-                                 float(r["volume"]), int(r["trade_count"])))
+                                 Decimal(r["volume"]), int(r["trade_count"])))
             if len(rows) < _BARS_PAGE:
                 break
             lo = bars[-1].bucket_ms + MINUTE_MS

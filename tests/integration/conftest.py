@@ -20,6 +20,7 @@ import time
 from collections import ChainMap
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -434,12 +435,20 @@ async def until(pred: Any, timeout: float, what: str, step: float = 0.25) -> Any
 
 
 def load_klines(name: str) -> dict[int, dict[str, Any]]:
-    """Binance 1m klines by open_time (ms)."""
+    """1m klines by open time (ms): Binance's columns (``open_time`` ms, ``quote_volume``)
+    or Kraken's OHLC (``open_time_s``, no quote volume). Prices as floats, ``volume`` and
+    ``quote_volume`` as the exchange's exact decimals (``Decimal``; None when absent)."""
     with (SAMPLE / "klines" / name).open() as fh:
-        return {int(r["open_time"]): {"open": float(r["open"]), "high": float(r["high"]),
-                                      "low": float(r["low"]), "close": float(r["close"]),
-                                      "volume": float(r["volume"]), "count": int(r["count"])}
-                for r in csv.DictReader(fh)}
+        out = {}
+        for r in csv.DictReader(fh):
+            start = int(r["open_time"]) if "open_time" in r else int(r["open_time_s"]) * 1000
+            qv = r.get("quote_volume")
+            out[start] = {"open": float(r["open"]), "high": float(r["high"]),
+                          "low": float(r["low"]), "close": float(r["close"]),
+                          "volume": Decimal(r["volume"]),
+                          "quote_volume": None if qv is None else Decimal(qv),
+                          "count": int(r["count"])}
+        return out
 
 
 def complete_minutes(trades_file: str, klines: dict[int, dict[str, Any]]
@@ -457,13 +466,19 @@ def complete_minutes(trades_file: str, klines: dict[int, dict[str, Any]]
 
 def assert_bars_equal_klines(bars: dict[int, Any], klines: dict[int, dict[str, Any]],
                              minutes: set[int]) -> None:
+    """Every minute of ``minutes`` in ``bars`` (database rows, or served bars whose
+    decimals are strings) equals the exchange's kline: prices and count exactly, volume
+    and (where the kline has it) quote volume to the last decimal."""
     assert minutes, "no complete minute to compare"
     for m in sorted(minutes):
         b, k = bars[m], klines[m]
         got = (b["open"], b["high"], b["low"], b["close"], b["trade_count"])
         want = (k["open"], k["high"], k["low"], k["close"], k["count"])
         assert got == want, f"minute {m}: bar {got} != kline {want}"
-        assert abs(b["volume"] - k["volume"]) <= 1e-9 * k["volume"], (m, b["volume"], k)
+        assert Decimal(str(b["volume"])) == k["volume"], (m, b["volume"], k)
+        if k["quote_volume"] is not None:
+            assert Decimal(str(b["quote_volume"])) == k["quote_volume"], (
+                m, b["quote_volume"], k)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import math
 import re
 import time
 from collections import Counter
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -31,7 +32,12 @@ FILES = ("binance_usdm_btcusdt_2024-08-08T2354_trades.csv",
          "binance_spot_btcusdt_2024-08-08T2354_trades.csv",
          "binance_spot_ethusdt_2024-08-08T2354_trades.csv")
 _EXACT = ("open", "high", "low", "close", "trade_count", "open_ts_ms", "close_ts_ms")
-_CLOSE = ("volume", "avg_price", "vwap")
+_DECIMAL = ("volume", "quote_volume", "vwap")
+_CLOSE = ("avg_price",)
+
+
+def _dec(x: str | None) -> Decimal | None:
+    return None if x is None else Decimal(x)
 
 
 def clean_bars(files: tuple[str, ...]) -> dict[tuple[str, str, int], dict[str, Any]]:
@@ -92,8 +98,9 @@ def assert_exactly_once_and_clean(rows: list[asyncpg.Record],
     assert len(keys) == len(set(keys)), "duplicate rows"
     assert set(keys) == set(want)
     wrong = [(k, f, r[f], want[k][f]) for r, k in zip(rows, keys, strict=True)
-             for f in (*_EXACT, *_CLOSE)
+             for f in (*_EXACT, *_DECIMAL, *_CLOSE)
              if not (r[f] == want[k][f] if f in _EXACT
+                     else r[f] == _dec(want[k][f]) if f in _DECIMAL
                      else math.isclose(r[f], want[k][f], rel_tol=1e-9))]
     assert not wrong, f"{len(wrong)} wrong values (bar, field, stored, clean): {wrong}"
 

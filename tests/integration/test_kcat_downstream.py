@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from decimal import Decimal
 
 import orjson
 import pytest
@@ -65,7 +66,7 @@ async def test_kcat_reads_the_bars_topic(stack: Stack) -> None:
         for f in ("open", "high", "low", "close", "trade_count", "open_ts_ms",
                   "close_ts_ms"):
             assert bar[f] == row[f], (key, bar["bucket_start_ms"], f)
-        for f in ("volume", "vwap"):
-            assert bar[f] == pytest.approx(row[f], rel=1e-12), (key, f)
+        for f in ("volume", "quote_volume", "vwap"):  # exact decimal strings
+            assert Decimal(bar[f]) == row[f], (key, f)
     assert all(len(p) == 1 for p in partitions.values())  # one partition per key
     w.assert_alive()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import time
+from decimal import Decimal
 
 import orjson
 import pytest
@@ -69,9 +70,9 @@ async def test_sealed_range_cached_then_invalidated_by_correction(stack: Stack) 
     corrected = {
         "exchange": "binance", "symbol": "BTCUSDT", "bucket_start_ms": m0,
         "bucket_end_ms": m0 + 60_000, "open": row["open"], "high": row["high"] + 1000.0,
-        "low": row["low"], "close": row["close"], "volume": row["volume"] + 1.5,
+        "low": row["low"], "close": row["close"], "volume": str(row["volume"] + Decimal("1.5")),
         "trade_count": row["trade_count"] + 1, "avg_price": row["avg_price"],
-        "min_price": row["low"], "max_price": row["high"] + 1000.0, "vwap": row["vwap"],
+        "min_price": row["low"], "max_price": row["high"] + 1000.0, "vwap": str(row["vwap"]),
         "open_ts_ms": row["open_ts_ms"], "close_ts_ms": row["close_ts_ms"]}
     await stack.produce_raw([(b"binance:BTCUSDT", orjson.dumps(corrected))],
                             topic=stack.settings.topics.bars)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 
 import pytest
 from hypothesis import given, settings
@@ -23,13 +24,20 @@ def rebuild(ticks: list) -> dict:
     return finalize_bar("x", "y", next(iter(bars.values())))
 
 
-prices = st.floats(min_value=1e-8, max_value=1e9, allow_nan=False, allow_infinity=False)
-volumes = st.one_of(st.just(0.0), st.floats(min_value=1e-12, max_value=1e12,
-                                            allow_nan=False, allow_infinity=False))
+#: prices as exchanges quote them: decimals of up to 8 places, 1e-8 .. 1e9
+prices = st.integers(min_value=0, max_value=8).flatmap(
+    lambda places: st.integers(min_value=1, max_value=10**9 * 10**places).map(
+        lambda n: float(Decimal(n).scaleb(-places))))
+#: bar volumes as stored: decimals of up to 12 places and 15 significant digits
+volumes = st.one_of(
+    st.just(Decimal(0)),
+    st.integers(min_value=0, max_value=12).flatmap(
+        lambda places: st.integers(min_value=1, max_value=10**15 - 1).map(
+            lambda n: Decimal(n).scaleb(-places))))
 
 
 @st.composite
-def bars(draw: st.DrawFn) -> tuple[float, float, float, float, float, int]:
+def bars(draw: st.DrawFn) -> tuple[float, float, float, float, Decimal, int]:
     ps = sorted(draw(st.lists(prices, min_size=4, max_size=4)))
     low, high = ps[0], ps[3]
     open_, close = draw(st.permutations([ps[1], ps[2]]))
@@ -49,7 +57,7 @@ def test_rebuilt_bar_equals_the_stored_one(bar: tuple) -> None:
                          count)
     got = rebuild(ticks)
     assert (got["open"], got["high"], got["low"], got["close"]) == (open_, high, low, close)
-    assert got["volume"] == volume  # exact, not approximately
+    assert Decimal(got["volume"]) == volume  # exact, not approximately
     if count >= 4:
         assert got["trade_count"] == count
     assert got["trade_count"] == len(ticks) >= max(count, 1)
@@ -59,19 +67,31 @@ def test_rebuilt_bar_equals_the_stored_one(bar: tuple) -> None:
     assert [t.ts_ms for t in ticks] == sorted(t.ts_ms for t in ticks)
     if volume > 0:
         assert all(t.qty > 0 for t in ticks)  # no qty 0: VWAP stays a real average
-        assert got["vwap"] is not None and low * (1 - 1e-9) <= got["vwap"] <= high * (1 + 1e-9)
+        assert got["vwap"] is not None
+        assert low * (1 - 1e-9) <= float(got["vwap"]) <= high * (1 + 1e-9)
 
 
 @settings(max_examples=300, deadline=None)
 @given(volumes, st.integers(min_value=1, max_value=200_000))
-def test_volume_split_sums_exactly_left_to_right(volume: float, n: int) -> None:
-    qtys = split_volume(volume, n)
-    assert len(qtys) == n
-    total = 0.0
-    for q in qtys:
-        total += q
-    assert total == volume
-    assert math.fsum(qtys) == volume
+def test_volume_split_sums_exactly_as_decimals(volume: Decimal, n: int) -> None:
+    for given_as in (volume, str(volume), float(volume)):
+        qtys = split_volume(given_as, n)
+        assert len(qtys) == n
+        # each quantity is read as its shortest decimal, as the aggregator does
+        assert sum(Decimal(repr(q)) for q in qtys) == volume
+        if volume:
+            assert all(q > 0 for q in qtys)
+
+
+def test_volume_split_refuses_what_it_cannot_split_exactly() -> None:
+    with pytest.raises(ReplayError):
+        split_volume("0.000000000000000001", 2)  # 18 places already: no smaller unit
+    with pytest.raises(ReplayError):
+        split_volume("-1", 2)
+    with pytest.raises(ReplayError):
+        split_volume("NaN", 2)
+    with pytest.raises(ReplayError):
+        split_volume(1.5, 0)
 
 
 def test_real_bar_counts_every_trade_with_fillers_at_the_close() -> None:
@@ -88,7 +108,7 @@ def test_more_trades_than_milliseconds_keeps_open_and_close() -> None:
     ticks = bar_to_ticks("e", "s", B, 10.0, 12.0, 9.0, 11.0, 3.5, 90_000)
     got = rebuild(ticks)
     assert (got["open"], got["high"], got["low"], got["close"], got["trade_count"],
-            got["volume"]) == (10.0, 12.0, 9.0, 11.0, 90_000, 3.5)
+            got["volume"]) == (10.0, 12.0, 9.0, 11.0, 90_000, "3.5")
 
 
 @pytest.mark.parametrize("bad", [

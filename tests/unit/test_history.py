@@ -78,9 +78,10 @@ def test_cryptocompare_documented_response() -> None:
     assert earliest == (T0 - 60) * 1000  # zero points count for paging
     assert bars == [{
         "exchange": "binance", "symbol": "BTCUSDT", "bucket_start_ms": T0 * 1000,
-        "open": 61000.0, "high": 61010.0, "low": 60990.0, "close": 61005.0, "volume": 12.5,
+        "open": 61000.0, "high": 61010.0, "low": 60990.0, "close": 61005.0, "volume": "12.5",
+        "quote_volume": "762526.25",
         "trade_count": 0, "avg_price": (61000.0 + 61010.0 + 60990.0 + 61005.0) / 4,
-        "vwap": 762526.25 / 12.5, "open_ts_ms": T0 * 1000,
+        "vwap": "61002.1", "open_ts_ms": T0 * 1000,
         "close_ts_ms": T0 * 1000 + 59_999}]
 
 
@@ -107,7 +108,8 @@ def test_coindesk_documented_response() -> None:
     assert earliest == (T0 - 120) * 1000
     assert [b["bucket_start_ms"] for b in bars] == [(T0 - 120) * 1000, T0 * 1000]  # oldest 1st
     old, new = bars
-    assert new["trade_count"] == 321 and new["vwap"] == 762526.25 / 12.5
+    assert new["trade_count"] == 321 and new["vwap"] == "61002.1"  # 762526.25 / 12.5
+    assert (new["volume"], new["quote_volume"]) == ("12.5", "762526.25")
     assert new["close_ts_ms"] == T0 * 1000 + 59_999 and new["open_ts_ms"] == T0 * 1000
     # no QUOTE_VOLUME / TOTAL_TRADES, zero volume: vwap None, count 0
     assert old["trade_count"] == 0 and old["vwap"] is None and old["avg_price"] == 10.5
@@ -182,7 +184,7 @@ async def test_cryptocompare_paging_backwards() -> None:
     assert all("api_key" not in r.params for r in reqs)
     b = pages[-1][0]
     assert b["exchange"] == "binance" and b["symbol"] == "BTCUSDT"
-    assert b["trade_count"] == 0 and b["vwap"] == pytest.approx(b["open"] + 0.5)
+    assert b["trade_count"] == 0 and float(b["vwap"]) == pytest.approx(b["open"] + 0.5)
 
 
 async def test_coindesk_paging_backwards_fill_false() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from typing import Any, cast
 
 import asyncpg
@@ -38,7 +39,7 @@ from query.series import (
     rows_to_bars,
 )
 from sql.bars_1m import BAR_JSON_SQL, fetch_rollup, fetch_rollup_json, fetch_rollup_live
-from tests.unit.bars_db import minute_bar, store, temp_bars_1m
+from tests.unit.bars_db import dec_text, minute_bar, store, temp_bars_1m
 
 MIN = MINUTE_MS
 T0 = 1_723_075_200_000  # 2024-08-08T00:00:00Z, a day boundary
@@ -56,7 +57,8 @@ def test_bar_builders_follow_the_field_tuples() -> None:
     assert bar["time"] == iso_ms(T0) == "2024-08-08T00:00:00.000Z"
     assert all(bar[alias] == bar[field] for alias, field in BAR_ALIASES.items())
     msg = closed_bar("ex", "S", T0, T0 + MIN, open=1.0, high=3.0, low=0.5, close=2.0,
-                     volume=4.0, trade_count=5, avg_price=1.5, vwap=None, open_ts_ms=T0,
+                     volume="4", quote_volume="0", trade_count=5, avg_price=1.5, vwap=None,
+                     open_ts_ms=T0,
                      close_ts_ms=T0 + 1)
     assert tuple(msg) == CLOSED_BAR_FIELDS
     assert all(msg[alias] == msg[field] for alias, field in BAR_ALIASES.items())
@@ -79,16 +81,17 @@ def test_iso_ms() -> None:
 
 def _bar(m: int, c: float, closed: bool = True) -> dict[str, Any]:
     return ohlcv_bar("x", SYM, m * MIN, {"open": c, "high": c, "low": c, "close": c,
-                                          "volume": 1.0, "trade_count": 3,
-                                          "avg_price": c, "vwap": c}, closed)
+                                          "volume": "1", "quote_volume": str(c),
+                                          "trade_count": 3, "avg_price": c,
+                                          "vwap": str(c)}, closed)
 
 
 def test_fill_previous_flat_bars() -> None:
     out = fill_previous([_bar(1, 10.0), _bar(4, 12.0)], MIN, 6 * MIN)
     assert [b["bucket_start_ms"] // MIN for b in out] == [1, 2, 3, 4, 5]
     assert [(b["open"], b["close"], b["trade_count"], b["volume"]) for b in out] == [
-        (10.0, 10.0, 3, 1.0), (10.0, 10.0, 0, 0.0), (10.0, 10.0, 0, 0.0),
-        (12.0, 12.0, 3, 1.0), (12.0, 12.0, 0, 0.0)]
+        (10.0, 10.0, 3, "1"), (10.0, 10.0, 0, "0"), (10.0, 10.0, 0, "0"),
+        (12.0, 12.0, 3, "1"), (12.0, 12.0, 0, "0")]
     flat = out[1]
     assert tuple(flat) == BAR_FIELDS and flat["time"] == iso_ms(2 * MIN)
     assert (flat["avg_price"], flat["vwap"], flat["min_price"], flat["max_price"]) == (
@@ -110,20 +113,27 @@ def test_rows_to_bars_closed_flag() -> None:
 
 def _reference(bars: list[dict[str, Any]]) -> dict[str, Any]:
     """The consolidation rule, plainly: open of the earliest trade, close of the latest,
-    high max, low min, volume and trade count summed, average price count-weighted, VWAP
-    volume-weighted over the bars that have one."""
+    high max, low min, volume and trade count summed, average price count-weighted, quote
+    volume summed (None when a bar has none), VWAP = quote volume / volume over the bars
+    that have a quote volume, rounded half-up to 16 places; decimals as served."""
     n = sum(b["trade_count"] for b in bars)
-    with_vwap = [b for b in bars if b["vwap"] is not None]
-    v = sum(b["volume"] for b in with_vwap)
+    with_quote = [b for b in bars if b["quote_volume"] is not None]
+    with localcontext() as ctx:
+        ctx.prec = 80  # the sums exact
+        v = sum(Decimal(b["volume"]) for b in with_quote)
+        q = sum(Decimal(b["quote_volume"]) for b in with_quote)
+        volume = sum(Decimal(b["volume"]) for b in bars)
+        vwap = (q / v).quantize(Decimal("1e-16"), ROUND_HALF_UP) if v else None
     return {
         "open": min(bars, key=lambda b: b["open_ts_ms"])["open"],
         "high": max(b["high"] for b in bars),
         "low": min(b["low"] for b in bars),
         "close": max(bars, key=lambda b: b["close_ts_ms"])["close"],
-        "volume": sum(b["volume"] for b in bars),
+        "volume": dec_text(volume),
+        "quote_volume": dec_text(q) if len(with_quote) == len(bars) else None,
         "trade_count": n,
         "avg_price": sum(b["avg_price"] * b["trade_count"] for b in bars) / n if n else None,
-        "vwap": sum(b["vwap"] * b["volume"] for b in with_vwap) / v if v else None,
+        "vwap": None if vwap is None else dec_text(vwap),
         "open_ts_ms": min(b["open_ts_ms"] for b in bars),
         "close_ts_ms": max(b["close_ts_ms"] for b in bars),
     }
@@ -135,7 +145,7 @@ def _check(row: Any, bars: list[dict[str, Any]]) -> None:
         if isinstance(value, float):
             assert row[field] == pytest.approx(value, rel=1e-12), field
         else:
-            assert row[field] == value, field
+            assert row[field] == value, field  # decimals exactly, as text
 
 
 #: two exchanges, three minutes; ex2's minute 1 is a fetched (REST) bar without VWAP

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import gzip
 import zipfile
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def test_bars_from_a_sample_equal_the_exchange_klines(
         row = k[b["bucket_start_ms"]]
         assert (b["open"], b["high"], b["low"], b["close"]) == tuple(
             float(row[c]) for c in ("open", "high", "low", "close"))
-        assert b["volume"] == pytest.approx(float(row["volume"]), rel=1e-12)
+        assert Decimal(b["volume"]) == Decimal(row["volume"])  # exactly
 
 
 def test_binance_dump_exchange_and_symbol_can_be_given(tmp_path: Path) -> None:

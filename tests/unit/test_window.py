@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import ROUND_HALF_UP, Decimal, localcontext
+
 from tables.window import (
     apply_tick,
     bucket_start_ms,
@@ -81,10 +83,15 @@ def test_bar_ohlcv_with_out_of_order_ticks_and_ties() -> None:
     assert bar["high"] == 105.0 == bar["max_price"]
     assert bar["low"] == 99.0 == bar["min_price"]
     assert bar["trade_count"] == 6
-    assert bar["volume"] == sum(q for _, q, _ in trades)
+    v = sum(Decimal(repr(q)) for _, q, _ in trades)
+    pq = sum(Decimal(repr(p)) * Decimal(repr(q)) for p, q, _ in trades)
+    assert (Decimal(bar["volume"]), Decimal(bar["quote_volume"])) == (v, pq)
+    assert (bar["volume"], bar["quote_volume"]) == ("7", "716")  # served trimmed
     assert bar["avg_price"] == sum(p for p, _, _ in trades) / 6
-    vwap = sum(p * q for p, q, _ in trades) / sum(q for _, q, _ in trades)
-    assert abs(bar["vwap"] - vwap) < 1e-9
+    with localcontext() as ctx:
+        ctx.prec = 60
+        vwap = (pq / v).quantize(Decimal("1e-16"), ROUND_HALF_UP)
+    assert bar["vwap"] == str(vwap) == "102.2857142857142857"  # half-up at 16 places
     assert bar["bucket_start_ms"] == T0 and bar["bucket_end_ms"] == T0 + MIN
 
 
@@ -101,4 +108,5 @@ def test_price_only_feed_has_no_vwap() -> None:
     apply_tick(bars, 10.0, 0.0, T0, wall_ms=0)
     apply_tick(bars, 20.0, 0.0, T0 + 1, wall_ms=0)
     bar = finalize_bar("x", "y", bars[str(T0)])
-    assert bar["vwap"] is None and bar["volume"] == 0.0 and bar["avg_price"] == 15.0
+    assert bar["vwap"] is None and bar["avg_price"] == 15.0
+    assert (bar["volume"], bar["quote_volume"]) == ("0", "0")

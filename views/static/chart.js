@@ -99,7 +99,7 @@ chart.priceScale('volume').applyOptions({ scaleMargins: { top: 0.8, bottom: 0 } 
 
 const candleOf = (bar) => ({
   time: Math.floor(bar.bucket_start_ms / 1000), open: bar.open, high: bar.high,
-  low: bar.low, close: bar.close, volume: bar.volume,
+  low: bar.low, close: bar.close, volume: parseFloat(bar.volume), // exact decimal string
 });
 const volumeOf = (c) => ({ time: c.time, value: c.volume, color: c.close >= c.open ? UP : DOWN });
 const ohlcOf = ({ time, open, high, low, close }) => ({ time, open, high, low, close });
@@ -228,7 +228,7 @@ function prepend(udf) {
   udf.t.forEach((t, i) => {
     if (!candles.has(t)) {
       candles.set(t, { time: t, open: udf.o[i], high: udf.h[i], low: udf.l[i],
-                       close: udf.c[i], volume: udf.v[i] });
+                       close: udf.c[i], volume: parseFloat(udf.v[i]) });
     }
   });
   redraw();

@@ -35,8 +35,9 @@ export function parseTicker(ticker) {
     : { exchange: ticker.slice(0, i) || null, symbol: ticker.slice(i + 1) };
 }
 
+// volumes are exact decimal strings on the wire; the library wants numbers
 const barOf = (b) => ({ time: b.bucket_start_ms, open: b.open, high: b.high, low: b.low,
-                        close: b.close, volume: b.volume });
+                        close: b.close, volume: parseFloat(b.volume) });
 
 export class MarketflowDatafeed {
   /**
@@ -114,7 +115,7 @@ export class MarketflowDatafeed {
       }
       const bars = body.t.map((t, i) => ({ time: t * 1000, open: body.o[i], high: body.h[i],
                                            low: body.l[i], close: body.c[i],
-                                           volume: body.v[i] }));
+                                           volume: parseFloat(body.v[i]) }));
       onResult(bars, { noData: false });
     }, (err) => onError(err.message));
   }
