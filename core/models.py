@@ -327,7 +327,8 @@ def ohlcv_bar(exchange: str | None, symbol: str, bucket_start_ms: int,
         exchange: the bar's exchange, None for a bar consolidated across exchanges.
         symbol: the symbol.
         bucket_start_ms: bucket start, UTC epoch ms.
-        values: holds every :data:`BAR_VALUES` field (a rollup record, a bar dict).
+        values: holds every :data:`BAR_VALUES` field (a rollup record, a bar dict;
+            ``quote_volume`` may be missing).
         closed: whether the bucket is over and none of its minutes is still open.
 
     Returns:
@@ -336,7 +337,8 @@ def ohlcv_bar(exchange: str | None, symbol: str, bucket_start_ms: int,
     bar: dict[str, Any] = {"exchange": exchange, "symbol": symbol,
                            "bucket_start_ms": bucket_start_ms, "time": iso_ms(bucket_start_ms)}
     for field in BAR_VALUES:
-        bar[field] = values[field]
+        # quote_volume came later: a live bar from an older worker has none (null)
+        bar[field] = values.get(field) if field == "quote_volume" else values[field]
     for alias, field in BAR_ALIASES.items():
         bar[alias] = values[field]
     bar["closed"] = closed
