@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -111,8 +112,11 @@ def _pure_bars(path: Any) -> dict[int, dict[str, Any]]:
 def _assert_same_bar(got: Any, want: dict[str, Any], where: str) -> None:
     for f in ("open", "high", "low", "close", "trade_count", "open_ts_ms", "close_ts_ms"):
         assert got[f] == want[f], (where, f, got[f], want[f])
-    for f in ("volume", "quote_volume", "vwap"):  # exact decimal strings, as served
-        assert got[f] == want[f], (where, f, got[f], want[f])
+    for f in ("volume", "quote_volume", "vwap"):
+        # The topic carries exact decimal strings; the database gives NUMERIC as Decimal.
+        value = got[f] if isinstance(got[f], str) else Decimal(got[f])
+        expected = want[f] if isinstance(got[f], str) else Decimal(want[f])
+        assert value == expected, (where, f, got[f], want[f])
     assert got["avg_price"] == pytest.approx(want["avg_price"], rel=1e-12), where
 
 
