@@ -318,10 +318,11 @@ class RedisWriteBuffer(Service):
         delay = _BACKOFF_INITIAL_S
         REDIS_WRITER_UP.set(1)
         while not self.should_stop:
-            try:
-                await asyncio.wait_for(self._wake.wait(), _PROBE_INTERVAL_S)
+            try:  # asyncio.timeout: 3.11's wait_for can drop a cancel (the stop)
+                async with asyncio.timeout(_PROBE_INTERVAL_S):
+                    await self._wake.wait()
             except TimeoutError:
-                pass
+                pass  # no wake-up within the interval: probe and flush anyway
             self._wake.clear()
             try:
                 if time.monotonic() - self._last_probe >= _PROBE_INTERVAL_S:

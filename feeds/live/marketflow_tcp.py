@@ -38,6 +38,8 @@ MAX_LINE_BYTES = 64 * 1024
 READ_BYTES = 64 * 1024
 #: how long closing a connection may wait for the peer
 _CLOSE_TIMEOUT_S = 2.0
+#: how long a dial may wait for an answer (a black-holed port) before a retry
+_CONNECT_TIMEOUT_S = 5.0
 
 
 def _ts_ms(v: Any) -> int:
@@ -138,10 +140,10 @@ class MarketflowExchangeFeed:
                 try:
                     await self._session()
                     error = "connection closed by the exchange (EOF)"
+                except TimeoutError:  # before OSError, of which it is a subclass
+                    error = f"no data for {self.idle_timeout_s:g} s"
                 except OSError as exc:
                     error = f"{type(exc).__name__}: {exc}"
-                except TimeoutError:
-                    error = f"no data for {self.idle_timeout_s:g} s"
                 delay = self.backoff.next()
                 self.state.reconnects += 1
                 self.state.set_state("reconnecting", error)
@@ -153,9 +155,13 @@ class MarketflowExchangeFeed:
             self.state.set_state("stopped")
 
     async def _session(self) -> None:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self.host, self.port),
-            timeout=5.0)
+        # asyncio.timeout, not wait_for: 3.11's wait_for drops a cancel that arrives as
+        # its awaitable completes, and a feed task must stop when it is cancelled
+        try:
+            async with asyncio.timeout(_CONNECT_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+        except TimeoutError as exc:  # reported as a connect failure, not as silence
+            raise ConnectionError(f"connect timed out after {_CONNECT_TIMEOUT_S:g} s") from exc
         self.state.set_state("connected")
         log.info("feed %s connected to %s:%d", self.name, self.host, self.port,
                  extra={"exchange": self.name})
@@ -163,7 +169,8 @@ class MarketflowExchangeFeed:
         skipping = False  # inside an oversized line: drop bytes up to its newline
         try:
             while True:
-                chunk = await asyncio.wait_for(reader.read(READ_BYTES), self.idle_timeout_s)
+                async with asyncio.timeout(self.idle_timeout_s):
+                    chunk = await reader.read(READ_BYTES)
                 if not chunk:
                     return  # EOF
                 buf += chunk
@@ -179,7 +186,8 @@ class MarketflowExchangeFeed:
         finally:
             writer.close()
             try:  # bounded: a stuck peer must not hold up a reconnect or the shutdown
-                await asyncio.wait_for(writer.wait_closed(), _CLOSE_TIMEOUT_S)
+                async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                    await writer.wait_closed()
             except (OSError, TimeoutError) as exc:
                 log.debug("feed %s: close: %r", self.name, exc)
 

@@ -17,7 +17,7 @@ from core.state import StateHolder
 from feeds.live.base import Backoff, normalise_ts_ms
 from feeds.live.generator import SyntheticTicks
 from feeds.live.manager import IngestManager
-from feeds.live.marketflow_tcp import parse_line
+from feeds.live.marketflow_tcp import MarketflowExchangeFeed, parse_line
 from feeds.live.publisher import TickPublisher, next_flush_s
 from feeds.live.supervisor import Supervisor
 
@@ -283,6 +283,75 @@ async def test_flusher_sends_at_once_when_idle_and_batches_under_load() -> None:
         assert sum(len(m) for m in batch) == 3
         assert len(batch) == len({m[0]["symbol"] for m in batch})
         assert pub.pending == 0
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+class _NoSink:
+    """A feed sink that must not be called (the feeds below never get a line)."""
+
+    async def publish(self, ticks: Any) -> None:
+        raise AssertionError(f"unexpected ticks {ticks!r}")
+
+    async def dead_letter(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"unexpected dead letter {args!r}")
+
+
+async def _wait_for_error(st: StateHolder, needle: str) -> None:
+    while needle not in (st.last_error or ""):
+        await asyncio.sleep(0.01)
+
+
+async def test_tcp_feed_redials_a_silent_exchange_and_stops_when_cancelled() -> None:
+    """An exchange that accepts and then sends nothing is dropped after ``idle_timeout_s``
+    and re-dialled (counted, reported as silence); cancelling the feed stops it."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    st = StateHolder("tcp-silent", "marketflow_tcp")
+    feed = MarketflowExchangeFeed("silent", "127.0.0.1", port, PAIRS, _NoSink(),
+                                  st, idle_timeout_s=0.05, backoff=Backoff(0.01, 0.01))
+    task = asyncio.ensure_future(feed.run())
+    try:
+        await asyncio.wait_for(_wait_for_error(st, "no data for 0.05 s"), 10)
+        while len(accepted) < 2:  # re-dialled after the silence
+            await asyncio.sleep(0.01)
+        assert st.reconnects >= 1
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        server.close()
+        for w in accepted:
+            w.close()
+    assert st.state == "stopped"
+
+
+async def test_tcp_feed_reports_a_hung_dial_as_a_connect_failure(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dial that never completes (a black-holed port) is abandoned after the connect
+    timeout and reported as such, not as a silent exchange."""
+    import feeds.live.marketflow_tcp as tcp
+
+    async def hung(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(tcp, "_CONNECT_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(tcp.asyncio, "open_connection", hung)
+    st = StateHolder("tcp-hung", "marketflow_tcp")
+    feed = MarketflowExchangeFeed("hung", "127.0.0.1", 9, PAIRS, _NoSink(),
+                                  st, idle_timeout_s=60, backoff=Backoff(0.01, 0.01))
+    task = asyncio.ensure_future(feed.run())
+    try:
+        await asyncio.wait_for(
+            _wait_for_error(st, "ConnectionError: connect timed out after 0.05 s"), 10)
+        assert "no data" not in (st.last_error or "")
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
