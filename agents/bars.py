@@ -56,11 +56,10 @@ from core.metrics import (
 )
 from core.models import (
     CONTROL_IDLE_CHECK,
-    Tick,
     control_message,
     dead_letter_message,
     decode_ticks_payload,
-    parse_tick,
+    parse_ticks,
     tick_to_json,
 )
 from core.timeutil import now_ms
@@ -194,14 +193,10 @@ class BarAggregation:
             trigger = "idle"
         else:
             TICKS_IN.inc(len(payload))
-            ticks: list[Tick] = []
-            max_future_ms = self.settings.window.max_future_ms
-            for obj in payload:
-                try:
-                    ticks.append(parse_tick(obj, wall_ms, max_future_ms))
-                except InvalidTick as exc:
-                    pending.append(await self._dead_letter(event.key, obj, exc.reason, exc.detail,
-                                                      event, wall_ms))
+            ticks, rejected = parse_ticks(payload, wall_ms, self.settings.window.max_future_ms)
+            for obj, err in rejected:
+                pending.append(await self._dead_letter(event.key, obj, err.reason, err.detail,
+                                                  event, wall_ms))
             res = self.aggregator.process_ticks(msg.partition, msg.offset, ticks, wall_ms)
             TICKS_APPLIED.inc(res.applied)
             if res.duplicates:

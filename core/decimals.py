@@ -25,7 +25,7 @@ from decimal import Decimal
 from core.errors import InvalidTick
 
 __all__ = ["DEFAULT_SCALE", "FAST_LIMIT", "MAX_SCALE", "VWAP_PLACES", "decimal_string",
-           "exact_places", "format_scaled", "ratio_string", "scaled", "to_scaled",
+           "exact_places", "format_scaled", "ratio_string", "scaled", "scaled_all", "to_scaled",
            "vwap_string"]
 
 #: Decimal places every bar starts with (Binance, Kraken and Coinbase quote sizes and
@@ -63,6 +63,30 @@ def scaled(x: float, e: int) -> int | None:
         return None
     n = round(xs)
     return n if n / s == x else None
+
+
+def scaled_all(xs: list[float], e: int) -> list[int] | None:
+    """:func:`scaled` of every value, or None when any one is not exact at ``e`` places.
+
+    Args:
+        xs: finite values >= 0.
+        e: the scale, 0 .. :data:`MAX_SCALE`.
+
+    Returns:
+        ``[scaled(x, e) for x in xs]`` when none of them is None, else None.
+    """
+    s = _FPOW10[e]
+    out: list[int] = []
+    append = out.append
+    for x in xs:
+        xs_ = x * s
+        if not xs_ < FAST_LIMIT:
+            return None
+        n = round(xs_)
+        if n / s != x:
+            return None
+        append(n)
+    return out
 
 
 def exact_places(x: float) -> tuple[int, int]:

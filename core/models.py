@@ -53,6 +53,7 @@ __all__ = [
     "iso_ms",
     "ohlcv_bar",
     "parse_tick",
+    "parse_ticks",
     "tick_to_json",
 ]
 
@@ -198,7 +199,7 @@ def parse_tick(obj: Any, now_ms: int, max_future_ms: int) -> Tick:
         trade_id = str(trade_id)
 
     source = obj.get("source", "live")
-    if source not in SOURCES:
+    if not isinstance(source, str) or source not in SOURCES:  # (a list is unhashable)
         raise InvalidTick("bad_source", f"source={str(source)[:20]!r}, expected {sorted(SOURCES)}")
 
     recv_ms = obj.get("recv_ms")
@@ -206,6 +207,66 @@ def parse_tick(obj: Any, now_ms: int, max_future_ms: int) -> Tick:
         raise InvalidTick("bad_type", "recv_ms must be an integer (epoch milliseconds)")
 
     return Tick(exchange, symbol, price, qty, ts_ms, trade_id, source, recv_ms)
+
+
+_INF = math.inf
+
+
+def parse_ticks(
+    objs: list[Any], now_ms: int, max_future_ms: int
+) -> tuple[list[Tick], list[tuple[Any, InvalidTick]]]:
+    """Validate one message's decoded tick objects: :func:`parse_tick` for each, faster.
+
+    The result equals ``parse_tick`` applied to each item in order, with the
+    :class:`~core.errors.InvalidTick` of a bad item kept beside it. The common case (a
+    float ``price`` and ``qty``, an int ``ts_ms`` in range, names already accepted
+    earlier in the same message) is checked inline, without the name regex; anything
+    else goes through :func:`parse_tick` itself (so its errors are the same).
+
+    Args:
+        objs: :func:`decode_ticks_payload`'s list.
+        now_ms: wall-clock time, UTC epoch ms, for the far-future check.
+        max_future_ms: how far ``ts_ms`` may lie ahead of ``now_ms``.
+
+    Returns:
+        ``(ticks, rejected)``: the valid ticks in message order, and ``(item, error)``
+        for each invalid item, in message order.
+    """
+    ticks: list[Tick] = []
+    rejected: list[tuple[Any, InvalidTick]] = []
+    exchanges: set[str] = set()  # names parse_tick accepted in this message
+    symbols: set[str] = set()
+    hi_ms = now_ms + max_future_ms
+    append = ticks.append
+    for obj in objs:
+        if type(obj) is dict:
+            exchange = obj.get("exchange")
+            symbol = obj.get("symbol")
+            price = obj.get("price")
+            qty = obj.get("qty", 0.0)
+            ts_ms = obj.get("ts_ms")
+            trade_id = obj.get("trade_id")
+            source = obj.get("source", "live")
+            recv_ms = obj.get("recv_ms")
+            if (type(exchange) is str and exchange in exchanges
+                    and type(symbol) is str and symbol in symbols
+                    and type(price) is float and 0.0 < price < _INF
+                    and type(qty) is float and 0.0 <= qty < _INF
+                    and type(ts_ms) is int and MIN_TS_MS <= ts_ms <= hi_ms
+                    and (trade_id is None or type(trade_id) is str)
+                    and type(source) is str and source in SOURCES
+                    and (recv_ms is None or type(recv_ms) is int)):
+                append(Tick(exchange, symbol, price, qty, ts_ms, trade_id, source, recv_ms))
+                continue
+        try:
+            t = parse_tick(obj, now_ms, max_future_ms)
+        except InvalidTick as exc:
+            rejected.append((obj, exc))
+            continue
+        append(t)
+        exchanges.add(t.exchange)
+        symbols.add(t.symbol)
+    return ticks, rejected
 
 
 def tick_to_json(t: Tick) -> dict[str, Any]:

@@ -54,8 +54,14 @@ def parse_period_s(text: str) -> int:
 def per_second(ticks: Iterable[Tick]) -> dict[tuple[str, int], SecondAgg]:
     """Fold ticks into ``(exchange:symbol, second) -> [min, max, sum, count]``."""
     out: dict[tuple[str, int], SecondAgg] = {}
+    exchange: str | None = None
+    symbol: str | None = None
+    key = ""
     for t in ticks:
-        k = (f"{t.exchange}:{t.symbol}", t.ts_ms // 1000)
+        if t.symbol != symbol or t.exchange != exchange:  # ticks come in runs of one key
+            exchange, symbol = t.exchange, t.symbol
+            key = f"{exchange}:{symbol}"
+        k = (key, t.ts_ms // 1000)
         a = out.get(k)
         p = t.price
         if a is None:

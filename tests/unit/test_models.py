@@ -6,13 +6,17 @@ import math
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.errors import InvalidTick
 from core.models import (
     MAX_MESSAGE_BYTES,
+    MIN_TS_MS,
     dead_letter_message,
     decode_ticks_payload,
     parse_tick,
+    parse_ticks,
     tick_to_json,
 )
 
@@ -74,6 +78,8 @@ def test_bad_payloads(raw: bytes | None, why: str) -> None:
     ({"symbol": ""}, "bad_name"),
     ({"symbol": 5}, "bad_type"),
     ({"source": "prod"}, "bad_source"),
+    ({"source": ["live"]}, "bad_source"),  # unhashable: an InvalidTick, not a TypeError
+    ({"source": {"live": 1}}, "bad_source"),
     ({"trade_id": [1]}, "bad_type"),
 ])
 def test_bad_ticks(change: dict, why: str) -> None:
@@ -99,3 +105,56 @@ def test_dead_letter_keeps_payload_and_reason() -> None:
     assert msg["payload"].endswith("{bad")
     msg = orjson.loads(dead_letter_message({"price": -1}, "bad_price", "d", 0, 1, NOW))
     assert msg["payload"] == {"price": -1}
+
+
+_ABSENT = object()
+_FLOATS = st.floats(allow_nan=True, allow_infinity=True)
+_ODD = st.sampled_from([None, True, False, "1", [1], {"a": 1}, 1.5])
+_FIELDS = {
+    "exchange": st.one_of(st.sampled_from(["binance", "kraken", "bin:ance", "", "x" * 80]),
+                          _ODD, st.just(_ABSENT)),
+    "symbol": st.one_of(st.sampled_from(["BTCUSDT", "ETHUSDT", "", "BTC USDT"]), _ODD,
+                        st.just(_ABSENT)),
+    "price": st.one_of(_FLOATS, st.integers(-2, 10**6), _ODD, st.just(_ABSENT)),
+    "qty": st.one_of(_FLOATS, st.integers(-2, 10**6), _ODD, st.just(_ABSENT)),
+    "ts_ms": st.one_of(
+        st.sampled_from([MIN_TS_MS - 1, MIN_TS_MS, NOW + 300_000, NOW + 300_001,
+                         float(NOW), 1_723_161_255_342]),
+        st.integers(MIN_TS_MS - 10, NOW + 300_010), _ODD, st.just(_ABSENT)),
+    "trade_id": st.one_of(st.sampled_from(["3735683259", "abc", 42]), _ODD, st.just(_ABSENT)),
+    "source": st.one_of(st.sampled_from(["live", "replay", "test", "prod"]), _ODD,
+                        st.just(_ABSENT)),
+    "recv_ms": st.one_of(st.integers(0, NOW), _ODD, st.just(_ABSENT)),
+}
+
+
+@st.composite
+def _tick_objects(draw: st.DrawFn) -> object:
+    """A decoded tick object: mostly GOOD with a few fields changed, sometimes not a dict."""
+    if draw(st.integers(0, 19)) == 0:
+        return draw(st.one_of(_ODD, st.lists(st.integers(), max_size=2)))
+    obj = dict(GOOD)
+    for name in draw(st.sets(st.sampled_from(sorted(_FIELDS)), max_size=3)):
+        value = draw(_FIELDS[name])
+        if value is _ABSENT:
+            obj.pop(name, None)
+        else:
+            obj[name] = value
+    return obj
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_tick_objects(), max_size=40))
+def test_parse_ticks_equals_parse_tick_per_item(objs: list[object]) -> None:
+    """The batch validator gives exactly what parse_tick gives item by item: the same
+    ticks (compared by repr: 0.0 and -0.0, 1 and 1.0 differ) and the same errors."""
+    want_ticks, want_bad = [], []
+    for obj in objs:
+        try:
+            want_ticks.append(parse_tick(obj, NOW, 300_000))
+        except InvalidTick as exc:
+            want_bad.append((obj, exc.reason, exc.detail))
+    ticks, bad = parse_ticks(objs, NOW, 300_000)
+    assert repr(ticks) == repr(want_ticks)
+    assert [(o, e.reason, e.detail) for o, e in bad] == want_bad
+    assert all(o is w for (o, _), (w, _, _) in zip(bad, want_bad, strict=True))

@@ -61,7 +61,8 @@ def test_stats_equal_brute_force(raw: list[tuple[str, int, float]], period_s: in
 
 @given(ticks_st)
 def test_combine_is_associative_with_per_second(raw: list[tuple[str, int, float]]) -> None:
-    ticks = [Tick(ex, "X", p, 0.0, NOW_MS + dt, None, "test") for ex, dt, p in raw]
+    ticks = [Tick(ex, "X" if p < 500 else "Y", p, 0.0, NOW_MS + dt, None, "test")
+             for ex, dt, p in raw]
     half = len(ticks) // 2
     a, b = per_second(ticks[:half]), per_second(ticks[half:])
     merged = dict(a)
@@ -69,6 +70,11 @@ def test_combine_is_associative_with_per_second(raw: list[tuple[str, int, float]
         merged[k] = combine(merged[k], v) if k in merged else v
     whole = per_second(ticks)
     assert set(merged) == set(whole)
+    counts: dict[tuple[str, int], float] = {}
+    for t in ticks:  # brute force: the key and second of every tick
+        k = (f"{t.exchange}:{t.symbol}", t.ts_ms // 1000)
+        counts[k] = counts.get(k, 0.0) + 1
+    assert {k: v[3] for k, v in whole.items()} == counts
     for k in whole:
         assert merged[k][:2] == whole[k][:2] and merged[k][3] == whole[k][3]
         assert merged[k][2] == pytest.approx(whole[k][2], rel=1e-12)
