@@ -210,6 +210,8 @@ def parse_tick(obj: Any, now_ms: int, max_future_ms: int) -> Tick:
 
 
 _INF = math.inf
+#: ``_new_tuple(Tick, fields)`` builds a Tick without NamedTuple's Python-level __new__
+_new_tuple = tuple.__new__
 
 
 def parse_ticks(
@@ -256,7 +258,8 @@ def parse_ticks(
                     and (trade_id is None or type(trade_id) is str)
                     and type(source) is str and source in SOURCES
                     and (recv_ms is None or type(recv_ms) is int)):
-                append(Tick(exchange, symbol, price, qty, ts_ms, trade_id, source, recv_ms))
+                append(_new_tuple(Tick, (exchange, symbol, price, qty, ts_ms, trade_id, source,
+                                         recv_ms)))
                 continue
         try:
             t = parse_tick(obj, now_ms, max_future_ms)
