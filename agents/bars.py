@@ -174,7 +174,7 @@ class BarAggregation:
                                               event, wall_ms))
             await asyncio.gather(*pending)
             return []
-        if isinstance(payload, dict):  # control message
+        if isinstance(payload, dict) and "control" in payload:  # control message
             if payload.get("control") != CONTROL_IDLE_CHECK or not isinstance(
                 payload.get("wall_ms"), int
             ):
@@ -192,8 +192,8 @@ class BarAggregation:
                             res.idle_clocks_restarted, extra={"partition": msg.partition})
             trigger = "idle"
         else:
-            TICKS_IN.inc(len(payload))
             ticks, rejected = parse_ticks(payload, wall_ms, self.settings.window.max_future_ms)
+            TICKS_IN.inc(len(ticks) + len(rejected))  # a malformed columnar batch counts once
             for obj, err in rejected:
                 pending.append(await self._dead_letter(event.key, obj, err.reason, err.detail,
                                                   event, wall_ms))

@@ -42,7 +42,7 @@ from common import MINUTE, BenchRun, now_ms, pct, profile_tops, run_main, say  #
 from core.admin import ensure_topics  # noqa: E402
 from core.config import Settings  # noqa: E402
 from core.kafka_security import client_security  # noqa: E402
-from core.models import Tick, parse_tick, tick_to_json  # noqa: E402
+from core.models import Tick, decode_ticks_payload, encode_ticks, parse_ticks  # noqa: E402
 from feeds.replay.simulator import batch_ticks  # noqa: E402
 from feeds.replay.sources import merge_by_time  # noqa: E402
 from feeds.replay.trade_files import read_trades  # noqa: E402
@@ -112,7 +112,7 @@ async def produce(settings: Settings, messages: list[tuple[str, list[Tick]]]) ->
     try:
         futs = []
         for key, batch in messages:
-            value = orjson.dumps([tick_to_json(t) for t in batch])
+            value = encode_ticks(batch)
             futs.append((len(batch), await producer.send(topic, value=value, key=key.encode())))
             if len(futs) >= 500:
                 await _collect(futs, last, per_part)
@@ -419,7 +419,7 @@ async def publish_live(settings: Settings, sample: list[Tick], seconds: float, r
                     t._replace(ts_ms=ts, source="live"))
             futs = []
             for key, batch in by_key.items():
-                value = orjson.dumps([tick_to_json(t) for t in batch])
+                value = encode_ticks(batch)
                 futs.append(await producer.send(topic, value=value, key=key.encode()))
                 bars.extend(agg.process_ticks(0, msgs, batch, ts).closed)
                 msgs += 1
@@ -440,7 +440,8 @@ async def publish_live(settings: Settings, sample: list[Tick], seconds: float, r
 async def baseline(settings: Settings, group: str, last: dict[int, int], n_ticks: int,
                    timeout_s: float) -> tuple[float, int, int]:
     """Plain aiokafka consumer over the pre-produced messages (offsets <= ``last``):
-    orjson + parse_tick + WindowAggregator on a dict. Returns (seconds, ticks, bars)."""
+    decode_ticks_payload + parse_ticks + WindowAggregator on a dict (the worker's pure
+    steps). Returns (seconds, ticks, bars)."""
     topic = settings.topics.ticks
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.broker.bootstrap_servers, group_id=group,
@@ -467,10 +468,12 @@ async def baseline(settings: Settings, group: str, last: dict[int, int], n_ticks
                 for m in recs:
                     if m.offset > last[p]:
                         break
-                    payload = orjson.loads(m.value)
-                    if isinstance(payload, dict):  # a worker control message
+                    payload = decode_ticks_payload(m.value)
+                    if isinstance(payload, dict) and "control" in payload:  # the worker's
                         continue
-                    ticks = [parse_tick(o, wall, max_future) for o in payload]
+                    ticks, rejected = parse_ticks(payload, wall, max_future)
+                    if rejected:
+                        raise RuntimeError(f"baseline: invalid ticks {rejected[:3]!r}")
                     res = agg.process_ticks(p, m.offset, ticks, wall)
                     bars += len(res.closed)
                     seen += len(ticks)
@@ -809,8 +812,8 @@ async def run(args: argparse.Namespace) -> int:
             "uncontended")
 
         # -------------------------------------------------------------- 6. baseline
-        say("\n[6] baseline: plain aiokafka consumer (getmany) + orjson + parse_tick + "
-            "WindowAggregator on a dict")
+        say("\n[6] baseline: plain aiokafka consumer (getmany) + decode_ticks_payload + "
+            "parse_ticks + WindowAggregator on a dict")
         say("    (no Faust, no changelog, no closed-bars topic, no TimescaleDB/Redis writes)")
         b_s, b_n, b_bars = await baseline(settings, f"{name}-baseline", last_off, args.ticks,
                                           max(120.0, args.ticks / 500))

@@ -5,13 +5,13 @@ Runs in its own virtualenv (``bench/peers/requirements.txt``; ``bench/run.py`` m
 not in marketflow's: Quix Streams brings confluent-kafka and RocksDB. Prints one JSON
 line of figures on stdout.
 
-The application: ``ticks`` messages (a JSON array of ticks of one ``exchange:symbol``, as
-``feeds/replay/simulator.py`` writes them; the worker's control messages are skipped) are
-expanded into one row per tick
-(``apply(expand=True)``), stamped with the tick's ``ts_ms`` (``set_timestamp``), and
-aggregated in a tumbling 60 s window with the bench's grace: open / high / low / close of
-``price``, sum of ``qty``, count, emitted once per closed window (``.final()``). It stops
-when every partition's last offset was processed (``on_message_processed``).
+The application: ``ticks`` messages (a columnar batch of ticks of one ``exchange:symbol``,
+as ``core/models.py`` ``encode_ticks`` writes them, or a JSON array of ticks; the worker's
+control messages are skipped) are expanded into one row per tick (``apply(expand=True)``),
+stamped with the tick's ``ts_ms`` (``set_timestamp``), and aggregated in a tumbling 60 s
+window with the bench's grace: open / high / low / close of ``price``, sum of ``qty``,
+count, emitted once per closed window (``.final()``). It stops when every partition's last
+offset was processed (``on_message_processed``).
 
 Usage: ``python quix_ohlcv.py BROKER TOPIC GROUP GRACE_MS LAST_OFFSETS_JSON STATE_DIR``
 """
@@ -25,6 +25,18 @@ from typing import Any
 
 from quixstreams import Application
 from quixstreams.dataframe.windows import Count, First, Last, Max, Min, Sum
+
+
+def rows(value: Any) -> list[dict[str, Any]]:
+    """The ticks of one message: a columnar batch expanded into one row per tick, an array
+    of ticks as it is; nothing for the worker's own control messages (idle checks)."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, dict) and value.get("layout") == "columns":
+        qty = value.get("qty") or [0.0] * len(value["price"])
+        return [{"price": p, "qty": q, "ts_ms": t}
+                for p, q, t in zip(value["price"], qty, value["ts_ms"], strict=True)]
+    return []
 
 
 def main() -> int:
@@ -54,9 +66,7 @@ def main() -> int:
                       on_message_processed=processed, loglevel="WARNING")
     topic = app.topic(topic_name, value_deserializer="json")
     sdf = app.dataframe(topic)
-    # the worker's own control messages (idle checks) share the topic: ticks are arrays
-    sdf = sdf.filter(lambda value: isinstance(value, list))
-    sdf = sdf.apply(lambda ticks: ticks, expand=True)
+    sdf = sdf.apply(rows, expand=True)
     sdf = sdf.set_timestamp(lambda value, key, ts, headers: value["ts_ms"])
 
     def count_tick(value: dict[str, Any]) -> None:

@@ -22,12 +22,11 @@ import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-import orjson
 from aiokafka.errors import KafkaError
 
 from core.errors import MarketflowError, PublishError
 from core.metrics import DEAD_LETTERED
-from core.models import Tick, dead_letter_message, tick_to_json
+from core.models import Tick, dead_letter_message, encode_ticks
 from core.timeutil import now_ms
 
 __all__ = ["Send", "TickPublisher", "next_flush_s"]
@@ -156,8 +155,7 @@ class TickPublisher:
             error: BaseException | None = None
             try:
                 for key, ticks in msgs:
-                    futs.append(await self.send_tick(
-                        key, orjson.dumps([tick_to_json(t) for t in ticks])))
+                    futs.append(await self.send_tick(key, encode_ticks(ticks)))
             except (KafkaError, OSError, TimeoutError, MarketflowError) as exc:
                 # the rest is buffered again below, and reported
                 error = exc

@@ -48,7 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from redis.exceptions import RedisError
@@ -57,7 +56,7 @@ from core.admin import ensure_topics
 from core.config import Settings
 from core.errors import ReplayError
 from core.kafka_security import client_security
-from core.models import Tick, tick_to_json
+from core.models import Tick, encode_ticks
 from feeds.replay.controller import ReplayController
 from feeds.replay.sources import (
     FileSource,
@@ -204,7 +203,7 @@ class _Publisher:
             if ctl.rebase_now:
                 batch = [t._replace(ts_ms=ctl.to_output_ms(t.ts_ms)) for t in batch]
             ctl.last_out_ms = max(ctl.last_out_ms, batch[-1].ts_ms)
-            value = orjson.dumps([tick_to_json(t) for t in batch])
+            value = encode_ticks(batch)
             futs.append(await self.producer.send(self.topic, value=value, key=key.encode()))
             self.stats.messages += 1
             n += len(batch)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import orjson
 import pytest
 
+from core.models import decode_ticks_payload, tick_objects
 from tests.integration.conftest import Stack
 from tests.support.cc_server import CryptoCompareServer, make_trade
 
@@ -63,7 +63,7 @@ async def test_cryptocompare_trades_become_ticks_and_survive_a_drop(stack: Stack
             await r.aclose()
 
         ticks = [t for _, v in await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0)
-                 for t in orjson.loads(v) if isinstance(t, dict) and "control" not in t]
+                 for t in tick_objects(decode_ticks_payload(v))]
         btc = [t for t in ticks if t["symbol"] == "BTCUSD"]
         assert [(t["exchange"], t["price"], t["qty"], t["trade_id"], t["source"])
                 for t in btc] == [("coinbase", 97001.5, 0.25, "a1", "live"),

@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from core.config import DEFAULT_PAIRS
+from core.models import decode_ticks_payload, tick_objects
 from tables.window import apply_tick
 from tests.integration.conftest import (
     SAMPLE,
@@ -125,7 +126,7 @@ async def test_live_ingest_and_idle_close_with_exactly_once(stack: Stack) -> Non
 
     async def expected_bars() -> dict[str, dict[str, Any]]:
         ticks = [t for _, v in await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0)
-                 for t in (orjson.loads(v) if v.startswith(b"[") else [orjson.loads(v)])
+                 for t in tick_objects(decode_ticks_payload(v))
                  if "control" not in t]
         per_key: dict[str, dict[str, Any]] = {}
         for t in ticks:

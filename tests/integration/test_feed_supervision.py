@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError
@@ -17,6 +16,7 @@ from prometheus_client import REGISTRY
 import feeds.live.marketflow_tcp as marketflow_tcp
 from core.admin import ensure_topics
 from core.config import load_settings
+from core.models import decode_ticks_payload, tick_objects
 from feeds.live.manager import IngestManager
 from feeds.live.publisher import TickPublisher
 from stores.control import read_ingest_status
@@ -109,7 +109,7 @@ async def test_a_crashed_feed_and_a_failed_publish_restart_by_themselves(
     # no loss: every tick the feed handed to the publisher is on the topic, once
     published = feed_state.ticks
     records = await stack.read_topic(topic)
-    on_topic = [t for _, v in records for t in orjson.loads(v)]
+    on_topic = [t for _, v in records for t in tick_objects(decode_ticks_payload(v))]
     assert len(on_topic) == published, (len(on_topic), published)
     keys = [(t["symbol"], t["ts_ms"], t["price"]) for t in on_topic]
     assert len(set(keys)) == len(keys)

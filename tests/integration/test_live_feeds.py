@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from core.config import DEFAULT_PAIRS
+from core.models import decode_ticks_payload, tick_objects
 from tables.window import apply_tick
 from tests.integration.conftest import SAMPLE, Stack, until
 
@@ -28,7 +29,7 @@ async def _feeds(stack: Stack) -> dict[str, Any]:
 
 async def _ticks(stack: Stack) -> list[dict[str, Any]]:
     return [t for _, v in await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0)
-            for t in (orjson.loads(v) if v.startswith(b"[") else [orjson.loads(v)])
+            for t in tick_objects(decode_ticks_payload(v))
             if "control" not in t]
 
 

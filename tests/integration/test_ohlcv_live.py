@@ -7,9 +7,9 @@ import itertools
 import time
 from typing import Any
 
-import orjson
 import pytest
 
+from core.models import decode_ticks_payload, tick_objects
 from tests.integration.conftest import Stack, until
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,7 @@ async def test_live_bucket_joins_stored_bars(stack: Stack) -> None:
         """The ticks topic and both views once the views count every tick of the topic
         (the worker may still be applying the generator's last ticks)."""
         ticks = [t for _, v in await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0)
-                 for t in (orjson.loads(v) if v.startswith(b"[") else [orjson.loads(v)])
+                 for t in tick_objects(decode_ticks_payload(v))
                  if "control" not in t
                  and t["exchange"] == "exchange1" and t["symbol"] == "BTCUSDT"]
         _, one_min = await stack.http(q)

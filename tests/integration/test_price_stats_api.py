@@ -3,9 +3,9 @@ over the ingested ticks at the documented bounds."""
 
 from __future__ import annotations
 
-import orjson
 import pytest
 
+from core.models import decode_ticks_payload, tick_objects
 from tests.integration.conftest import SAMPLE, Stack
 
 pytestmark = pytest.mark.integration
@@ -20,7 +20,7 @@ async def test_period_statistics_match_brute_force(stack: Stack) -> None:
     await stack.replay_cli("--speed", "60", "--rebase-now", "--batch-span-ms", "200",
                            *map(str, files))
     ticks = [t for _, v in await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0)
-             for t in (orjson.loads(v) if v.startswith(b"[") else [orjson.loads(v)])
+             for t in tick_objects(decode_ticks_payload(v))
              if "control" not in t]
     assert len(ticks) > 40_000
     for path, exchange in [("/prices/{stat}/BTCUSDT", None),

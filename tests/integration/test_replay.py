@@ -8,9 +8,9 @@ import os
 import sys
 import time
 
-import orjson
 import pytest
 
+from core.models import decode_ticks_payload, tick_objects
 from feeds.replay.simulator import replay
 from tests.integration.conftest import REPO, SAMPLE, Stack
 
@@ -25,7 +25,7 @@ async def test_repeat_rebases_each_pass_onto_now(stack: Stack) -> None:
                          max_loops=2)
     assert (stats.ticks, stats.loops) == (2000, 2)
     msgs = await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0)
-    ticks = [t for _, v in msgs for t in orjson.loads(v)]
+    ticks = [t for _, v in msgs for t in tick_objects(decode_ticks_payload(v))]
     assert len(ticks) == 2000
     assert {k for k, _ in msgs} == {b"binance:BTCUSDT"}
     first, second = ticks[:1000], ticks[1000:]

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import orjson
 import pytest
 
+from core.models import decode_ticks_payload, tick_objects
 from stores.stats import SecondStatsStore
 from tests.integration.conftest import SAMPLE, Stack, until
 
@@ -41,7 +41,7 @@ async def test_statistics_count_a_redelivered_message_once(stack: Stack) -> None
     await first.wait_ready()
     await stack.replay_cli("--speed", "120", "--rebase-now", *map(str, FILES))
     ticks = [t for _, v in await stack.read_topic(stack.settings.topics.ticks, idle_s=1.0)
-             for t in (orjson.loads(v) if v.startswith(b"[") else [orjson.loads(v)])
+             for t in tick_objects(decode_ticks_payload(v))
              if "control" not in t]
     assert len(ticks) > 40_000
     want: dict[tuple[str, int], list[float]] = defaultdict(list)

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 
 from core.config import load_settings
 from core.errors import InvalidTick, PublishError
+from core.models import decode_ticks_payload, tick_objects
 from core.state import StateHolder
 from feeds.live.base import Backoff, normalise_ts_ms
 from feeds.live.generator import SyntheticTicks
@@ -108,7 +109,7 @@ async def test_publisher_batches_per_key_and_dead_letters() -> None:
     assert sent == []  # buffered until flush
     assert await pub.flush() == 100
     assert {k for k, _ in sent} == {b"e1:BTCUSDT", b"e1:ETHUSDT"}
-    got = [orjson.loads(v) for _, v in sent]
+    got = [tick_objects(decode_ticks_payload(v)) for _, v in sent]
     assert sum(len(b) for b in got) == 100
     assert all(len({t["symbol"] for t in b}) == 1 for b in got)
     await pub.dead_letter(b"not json", "invalid_json", "x")
@@ -133,7 +134,7 @@ async def test_publisher_backlog_goes_out_in_event_time_order() -> None:
     ticks = [g.next(NOW + i * 7) for i in range(2000)]  # 14 s of ticks, 4 keys
     await pub.publish(ticks)
     assert await pub.flush() == 2000
-    msgs = [(k, orjson.loads(v)) for k, v in sent]
+    msgs = [(k, tick_objects(decode_ticks_payload(v))) for k, v in sent]
     assert len(msgs) > 4
     newest = 0
     for _, batch in msgs:
@@ -219,7 +220,7 @@ async def test_publisher_keeps_what_the_broker_did_not_ack() -> None:
     assert await pub.flush() == len(eth) + len(later)
     got: dict[bytes | None, list[Any]] = {}
     for k, v in sent:  # a key's backlog may be cut into several messages (max_span_ms)
-        got.setdefault(k, []).extend(orjson.loads(v))
+        got.setdefault(k, []).extend(tick_objects(decode_ticks_payload(v)))
     eth_sent = [(t["ts_ms"], t["price"]) for t in got[b"e1:ETHUSDT"]]
     assert eth_sent == [(t.ts_ms, t.price) for t in eth + later if t.symbol == "ETHUSDT"]
     assert len(got[b"e1:BTCUSDT"]) == sum(t.symbol == "BTCUSDT" for t in later)
@@ -279,7 +280,7 @@ async def test_flusher_sends_at_once_when_idle_and_batches_under_load() -> None:
             await asyncio.sleep(0.05)
         assert loop.time() - t1 >= 1.9  # the pause was kept (it cannot end early)
         # the three ticks went out together, one message per key
-        batch = [orjson.loads(v) for v in flushes[1]]
+        batch = [tick_objects(decode_ticks_payload(v)) for v in flushes[1]]
         assert sum(len(m) for m in batch) == 3
         assert len(batch) == len({m[0]["symbol"] for m in batch})
         assert pub.pending == 0

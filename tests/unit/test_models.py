@@ -13,10 +13,13 @@ from core.errors import InvalidTick
 from core.models import (
     MAX_MESSAGE_BYTES,
     MIN_TS_MS,
+    control_message,
     dead_letter_message,
     decode_ticks_payload,
+    encode_ticks,
     parse_tick,
     parse_ticks,
+    tick_objects,
     tick_to_json,
 )
 
@@ -158,3 +161,147 @@ def test_parse_ticks_equals_parse_tick_per_item(objs: list[object]) -> None:
     assert repr(ticks) == repr(want_ticks)
     assert [(o, e.reason, e.detail) for o, e in bad] == want_bad
     assert all(o is w for (o, _), (w, _, _) in zip(bad, want_bad, strict=True))
+
+
+_CLEAN = {  # values parse_tick accepts as they are: the columnar fast path
+    "price": st.sampled_from([61837.63, 0.1, 2.5e-05, 123456.789]),
+    "qty": st.sampled_from([0.0, -0.0, 0.02, 1e-09, 7.0]),
+    "ts_ms": st.integers(MIN_TS_MS, NOW + 300_000),
+    "trade_id": st.one_of(st.none(), st.sampled_from(["1", "3735683259", "a-b"])),
+    "recv_ms": st.one_of(st.none(), st.integers(0, NOW)),
+}
+
+
+_EDGE = {  # just outside what each field accepts, or another type that passes as one
+    "exchange": st.sampled_from(["bin:ance", "", "BTC USDT", None]),
+    "symbol": st.sampled_from(["", "BTC USDT", None]),
+    "source": st.sampled_from(["prod", "", None]),
+    "price": st.sampled_from([0.0, -0.0, -0.5, math.nan, math.inf, 1, True]),
+    "qty": st.sampled_from([-0.5, -1e-300, -1.0, math.nan, math.inf, -math.inf, 1, True]),
+    "ts_ms": st.sampled_from([MIN_TS_MS - 1, NOW + 300_001, float(NOW), 1.5, True]),
+    "trade_id": st.sampled_from([7, True, 1.5]),
+    "recv_ms": st.sampled_from([True, 1.5, "1"]),
+}
+
+
+@st.composite
+def _columnar(draw: st.DrawFn) -> dict[str, object]:
+    """A columnar batch: clean columns, or columns with any value parse_tick may meet,
+    sometimes a column missing, of another type or of another length."""
+    n = draw(st.integers(0, 12))
+    mode = draw(st.sampled_from(["clean", "near", "wild"]))
+    clean = mode != "wild"
+    batch: dict[str, object] = {"layout": "columns"}
+    for name in ("exchange", "symbol", "source"):
+        value = draw(st.just(GOOD[name]) if clean else _FIELDS[name])
+        if value is not _ABSENT:
+            batch[name] = value
+    for name in ("price", "qty", "ts_ms", "trade_id", "recv_ms"):
+        if draw(st.integers(0, 9)) == 0 and not clean:
+            if draw(st.booleans()):
+                continue  # column absent
+            batch[name] = draw(st.one_of(_ODD, st.lists(_CLEAN[name], max_size=n + 1)))
+            continue
+        values = _CLEAN[name] if clean else st.one_of(_CLEAN[name], _FIELDS[name].filter(
+            lambda v: v is not _ABSENT))
+        batch[name] = [draw(values) for _ in range(n)]
+    if mode == "near":  # clean but for one value: the fast path must notice it
+        name = draw(st.sampled_from(sorted(_FIELDS)))
+        value = draw(st.one_of(_EDGE[name], _FIELDS[name].filter(lambda v: v is not _ABSENT)))
+        if name in ("exchange", "symbol", "source"):
+            batch[name] = value
+        elif n:
+            column = batch[name]
+            assert isinstance(column, list)
+            column[draw(st.integers(0, n - 1))] = value
+    return batch
+
+
+@settings(max_examples=400, deadline=None)
+@given(_columnar())
+def test_columnar_batch_means_the_tick_objects_it_expands_to(batch: dict[str, object]) -> None:
+    """A columnar batch gives what parse_tick gives for each object it stands for, or one
+    bad_columns rejection of the whole batch when it is malformed."""
+    try:
+        objs = tick_objects(batch)
+    except InvalidTick as exc:
+        assert exc.reason == "bad_columns"
+        ticks, bad = parse_ticks(batch, NOW, 300_000)
+        assert ticks == [] and [(o is batch, e.reason, e.detail) for o, e in bad] == [
+            (True, "bad_columns", exc.detail)]
+        return
+    want_ticks, want_bad = [], []
+    for obj in objs:
+        try:
+            want_ticks.append(parse_tick(obj, NOW, 300_000))
+        except InvalidTick as exc:
+            want_bad.append((obj, exc.reason, exc.detail))
+    ticks, bad = parse_ticks(batch, NOW, 300_000)
+    assert repr(ticks) == repr(want_ticks)
+    assert [(o, e.reason, e.detail) for o, e in bad] == want_bad
+
+
+def test_encode_ticks_columnar_per_key_array_otherwise() -> None:
+    ticks = [parse_tick({**GOOD, "trade_id": str(i), "ts_ms": GOOD["ts_ms"] + i}, NOW, 300_000)
+             for i in range(3)]
+    raw = encode_ticks(ticks)
+    payload = decode_ticks_payload(raw)
+    assert isinstance(payload, dict) and payload["layout"] == "columns"
+    assert payload["trade_id"] == ["0", "1", "2"] and "recv_ms" not in payload
+    assert len(raw) < len(orjson.dumps([tick_to_json(t) for t in ticks]))
+    assert parse_ticks(payload, NOW, 300_000) == (ticks, [])
+    mixed = [*ticks, ticks[0]._replace(symbol="ETHUSDT", recv_ms=NOW)]
+    payload = decode_ticks_payload(encode_ticks(mixed))
+    assert isinstance(payload, list) and parse_ticks(payload, NOW, 300_000) == (mixed, [])
+    assert tick_objects(decode_ticks_payload(control_message(NOW))) == []
+
+
+@pytest.mark.parametrize(("batch", "detail"), [
+    ({"ts_ms": [1]}, "without a price column"),
+    ({"price": [1.0]}, "without a ts_ms column"),
+    ({"price": 1.0, "ts_ms": [1]}, "column price must be an array"),
+    ({"price": [1.0, 2.0], "ts_ms": [1]}, "column ts_ms has 1 items, price has 2"),
+])
+def test_malformed_columnar_batch_is_rejected_whole(batch: dict[str, object],
+                                                    detail: str) -> None:
+    batch = {"layout": "columns", "exchange": "binance", "symbol": "BTCUSDT", **batch}
+    ticks, bad = parse_ticks(batch, NOW, 300_000)
+    assert ticks == [] and len(bad) == 1 and bad[0][0] is batch
+    assert bad[0][1].reason == "bad_columns" and detail in bad[0][1].detail
+
+
+_EDGES = [("exchange", v) for v in ["bin:ance", "", "BTC USDT", None, 5]] + [
+    ("symbol", v) for v in ["", "BTC USDT", None, 5]] + [
+    ("source", v) for v in ["prod", "", None, ["live"]]] + [
+    ("price", v) for v in [0.0, -0.0, -0.5, math.nan, math.inf, 1, True, "1"]] + [
+    ("qty", v) for v in [-0.5, -1e-300, -1.0, math.nan, math.inf, -math.inf, 1, True,
+                         None]] + [
+    ("ts_ms", v) for v in [MIN_TS_MS - 1, NOW + 300_001, float(NOW), 1.5, True]] + [
+    ("trade_id", v) for v in [7, True, 1.5]] + [
+    ("recv_ms", v) for v in [True, 1.5, "1"]]
+
+
+@pytest.mark.parametrize(("name", "value"), _EDGES)
+def test_columnar_batch_with_one_edge_value(name: str, value: object) -> None:
+    """A clean batch of three ticks with one value just outside what parse_tick accepts
+    (or of another type it converts): the same ticks and errors as item by item."""
+    batch: dict[str, object] = {
+        "layout": "columns", "exchange": "binance", "symbol": "BTCUSDT", "source": "replay",
+        "price": [61837.63, 61837.64, 61837.65], "qty": [0.02, 0.5, 1.0],
+        "ts_ms": [NOW - 2, NOW - 1, NOW], "trade_id": ["1", "2", "3"],
+        "recv_ms": [NOW, NOW, NOW]}
+    if name in ("exchange", "symbol", "source"):
+        batch[name] = value
+    else:
+        column = batch[name]
+        assert isinstance(column, list)
+        column[1] = value
+    want_ticks, want_bad = [], []
+    for obj in tick_objects(batch):
+        try:
+            want_ticks.append(parse_tick(obj, NOW, 300_000))
+        except InvalidTick as exc:
+            want_bad.append((obj, exc.reason, exc.detail))
+    ticks, bad = parse_ticks(batch, NOW, 300_000)
+    assert repr(ticks) == repr(want_ticks)
+    assert [(o, e.reason, e.detail) for o, e in bad] == want_bad
