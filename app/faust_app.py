@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import ssl
 import sys
@@ -97,6 +98,7 @@ def faust_options(s: Settings) -> dict[str, Any]:
         "web_port": s.web.port,
         "web_enabled": True,
         "table_standby_replicas": 0,
+        "Worker": _Worker,
     }
     if s.web.tls_cert_file is not None:
         opts["web_ssl_context"] = server_ssl_context(s.web)
@@ -111,6 +113,21 @@ def faust_options(s: Settings) -> dict[str, Any]:
         if value is not None:
             opts[key] = value
     return opts
+
+
+class _Worker(faust.Worker):
+    """Faust's worker with the root logger kept at the ``-l`` level.
+
+    At ``-l warn`` (Faust's default) Faust sets the root logger to DEBUG so that its
+    terminal spinner moves on every record; then every ``log.debug`` of aiokafka and Faust
+    (one per message sent) builds a record that no handler prints. Here the root logger
+    stays at the chosen level, and the spinner moves on the records that are printed.
+    """
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        super().on_setup_root_logger(logger, level)
+        if level:
+            logger.setLevel(level)
 
 
 class _ConsumerThread(faust_kafka.AIOKafkaConsumerThread):

@@ -117,6 +117,29 @@ def test_faust_options_follow_the_settings(monkeypatch: pytest.MonkeyPatch) -> N
     assert dev["processing_guarantee"] == "exactly_once"
 
 
+def test_worker_keeps_the_root_logger_at_the_chosen_level() -> None:
+    """Faust's worker lowers the root logger to DEBUG at ``-l warn`` (for its spinner),
+    so every debug call of aiokafka and Faust would build a record; ours keeps WARNING
+    and still adds the spinner's handler."""
+    import io
+    import logging
+
+    import faust
+    from faust.utils import terminal
+
+    from app.faust_app import _Worker, faust_options
+
+    assert faust_options(load_settings())["Worker"] is _Worker
+    for cls, want in ((faust.Worker, logging.DEBUG), (_Worker, logging.WARNING)):
+        worker = object.__new__(cls)
+        worker.spinner = terminal.Spinner(file=io.StringIO())
+        root = logging.Logger("root-under-test")
+        root.addHandler(logging.NullHandler())
+        worker.on_setup_root_logger(root, logging.WARNING)
+        assert root.level == want, cls
+        assert len(root.handlers) == 2  # the spinner's handler was added
+
+
 def test_heartbeat_must_fit_the_session(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MARKETFLOW_BROKER__SESSION_TIMEOUT_S", "6")
     monkeypatch.setenv("MARKETFLOW_BROKER__HEARTBEAT_INTERVAL_S", "3")
