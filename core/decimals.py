@@ -21,6 +21,8 @@ no trailing zeros (``"0.04201"``, ``"400.944"``, ``"0"``), the form PostgreSQL's
 from __future__ import annotations
 
 from decimal import Decimal
+from itertools import repeat
+from operator import mul, truediv
 
 from core.errors import InvalidTick
 
@@ -75,18 +77,15 @@ def scaled_all(xs: list[float], e: int) -> list[int] | None:
     Returns:
         ``[scaled(x, e) for x in xs]`` when none of them is None, else None.
     """
+    if not xs:
+        return []
     s = _FPOW10[e]
-    out: list[int] = []
-    append = out.append
-    for x in xs:
-        xs_ = x * s
-        if not xs_ < FAST_LIMIT:
-            return None
-        n = round(xs_)
-        if n / s != x:
-            return None
-        append(n)
-    return out
+    products = list(map(mul, xs, repeat(s)))
+    if not max(products) < FAST_LIMIT:  # also inf, for a huge x
+        return None
+    ns = list(map(round, products))
+    # the check of scaled(), n / 10**e == x, for every value at once
+    return ns if list(map(truediv, ns, repeat(s))) == xs else None
 
 
 def exact_places(x: float) -> tuple[int, int]:

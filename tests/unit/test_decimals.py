@@ -17,6 +17,7 @@ from core.decimals import (
     exact_places,
     format_scaled,
     scaled,
+    scaled_all,
     to_scaled,
     vwap_string,
 )
@@ -135,3 +136,13 @@ def test_huge_values_take_the_exact_slow_path() -> None:
     assert scaled(1.7e308, DEFAULT_SCALE) is None  # x * 10**8 overflows to inf
     assert exact_places(1e300) == (10**300, 0)
     assert to_scaled(1e300, DEFAULT_SCALE) == (10**308, DEFAULT_SCALE)
+
+
+@given(st.lists(st.one_of(decimal_strings(max_places=10).map(float),
+                          st.floats(0, 1e300), st.sampled_from([2.0**60, 1e-300, 0.0]))),
+       st.integers(0, 18))
+def test_scaled_all_is_scaled_of_each(xs: list[float], e: int) -> None:
+    """The column form gives scaled() of every value, or None when one of them is None."""
+    each = [scaled(x, e) for x in xs]
+    want = None if any(n is None for n in each) else each
+    assert scaled_all(xs, e) == want
