@@ -359,9 +359,13 @@ class BrokerProbe(TopicProbe):
         super().__init__(settings, settings.topics.ticks, min_ts, wait_ms)
 
     def sample(self, value: Any, now_ms: float) -> float | None:
-        if isinstance(value, list) and value and value[0].get("ts_ms", 0) >= self.min_ts:
-            return now_ms - value[0]["ts_ms"]
-        return None
+        if isinstance(value, dict) and value.get("layout") == "columns":  # encode_ticks
+            first = value["ts_ms"][0] if value["ts_ms"] else 0
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            first = value[0].get("ts_ms", 0)
+        else:
+            return None  # a control message
+        return now_ms - first if first >= self.min_ts else None
 
 
 class BarsProbe(TopicProbe):
