@@ -13,6 +13,7 @@ from core.errors import InvalidTick
 from core.models import (
     MAX_MESSAGE_BYTES,
     MIN_TS_MS,
+    Tick,
     control_message,
     dead_letter_message,
     decode_ticks_payload,
@@ -110,6 +111,17 @@ def test_dead_letter_keeps_payload_and_reason() -> None:
     assert msg["payload"] == {"price": -1}
 
 
+def _one_by_one(objs: list[object]) -> tuple[list[Tick], list[tuple[object, str, str]]]:
+    """The reference: parse_tick on each object, the errors as (object, reason, detail)."""
+    ticks, bad = [], []
+    for obj in objs:
+        try:
+            ticks.append(parse_tick(obj, NOW, 300_000))
+        except InvalidTick as exc:
+            bad.append((obj, exc.reason, exc.detail))
+    return ticks, bad
+
+
 _ABSENT = object()
 _FLOATS = st.floats(allow_nan=True, allow_infinity=True)
 _ODD = st.sampled_from([None, True, False, "1", [1], {"a": 1}, 1.5])
@@ -151,12 +163,7 @@ def _tick_objects(draw: st.DrawFn) -> object:
 def test_parse_ticks_equals_parse_tick_per_item(objs: list[object]) -> None:
     """The batch validator gives exactly what parse_tick gives item by item: the same
     ticks (compared by repr: 0.0 and -0.0, 1 and 1.0 differ) and the same errors."""
-    want_ticks, want_bad = [], []
-    for obj in objs:
-        try:
-            want_ticks.append(parse_tick(obj, NOW, 300_000))
-        except InvalidTick as exc:
-            want_bad.append((obj, exc.reason, exc.detail))
+    want_ticks, want_bad = _one_by_one(objs)
     ticks, bad = parse_ticks(objs, NOW, 300_000)
     assert repr(ticks) == repr(want_ticks)
     assert [(o, e.reason, e.detail) for o, e in bad] == want_bad
@@ -230,12 +237,7 @@ def test_columnar_batch_means_the_tick_objects_it_expands_to(batch: dict[str, ob
         assert ticks == [] and [(o is batch, e.reason, e.detail) for o, e in bad] == [
             (True, "bad_columns", exc.detail)]
         return
-    want_ticks, want_bad = [], []
-    for obj in objs:
-        try:
-            want_ticks.append(parse_tick(obj, NOW, 300_000))
-        except InvalidTick as exc:
-            want_bad.append((obj, exc.reason, exc.detail))
+    want_ticks, want_bad = _one_by_one(objs)
     ticks, bad = parse_ticks(batch, NOW, 300_000)
     assert repr(ticks) == repr(want_ticks)
     assert [(o, e.reason, e.detail) for o, e in bad] == want_bad
@@ -296,12 +298,7 @@ def test_columnar_batch_with_one_edge_value(name: str, value: object) -> None:
         column = batch[name]
         assert isinstance(column, list)
         column[1] = value
-    want_ticks, want_bad = [], []
-    for obj in tick_objects(batch):
-        try:
-            want_ticks.append(parse_tick(obj, NOW, 300_000))
-        except InvalidTick as exc:
-            want_bad.append((obj, exc.reason, exc.detail))
+    want_ticks, want_bad = _one_by_one(tick_objects(batch))
     ticks, bad = parse_ticks(batch, NOW, 300_000)
     assert repr(ticks) == repr(want_ticks)
     assert [(o, e.reason, e.detail) for o, e in bad] == want_bad
