@@ -309,11 +309,12 @@ class WindowAggregator:
                     continue
                 # else: still open in the state (the watermark passed it within this
                 # message and closes it below): applied like any other tick
-            elif runs and i < n_ticks and i >= no_run_before:
+            elif runs and i < n_ticks and i >= no_run_before and str(b) in st["bars"]:
                 # The ticks that follow with this key and window form a run, applied at
-                # once to the window's bar when it has one (apply_run). None of them is
-                # late: the watermark only moves within the window, at most to its end
-                # minus the grace.
+                # once to the window's bar (apply_run; a new bar is opened by its first
+                # tick below, and the run starts at the next one). None of them is late:
+                # the watermark only moves within the window, at most to its end minus
+                # the grace.
                 j = i
                 end = b + size
                 exchange = t.exchange
@@ -324,26 +325,22 @@ class WindowAggregator:
                         break
                     j += 1
                 if j > i:
-                    bar = st["bars"].get(str(b))
                     run = ticks[i - 1:j]
-                    if bar is None:
-                        pass  # the first tick opens the bar below; the rest is a run
-                    elif not apply_run(bar, run):
+                    newest = apply_run(st["bars"][str(b)], run)
+                    if newest is None:
                         no_run_before = j  # tick by tick up to the run's end (no rescans)
                     else:
                         i = j
                         res.applied += len(run)
                         res.applied_ticks += run
-                        tss = [u.ts_ms for u in run]
-                        top = max(tss)
+                        top = newest[1]
                         if top > mx:
                             mx = top
                         if top > st["max_ts"]:
                             st["max_ts"] = top
                         prev = res.latest.get(key)
                         if prev is None or top >= prev[1]:
-                            tss.reverse()  # the last of the newest, as per tick
-                            res.latest[key] = (run[len(run) - 1 - tss.index(top)].price, top)
+                            res.latest[key] = newest
                         continue
             try:
                 added = apply_tick(st["bars"], t.price, t.qty, ts, wall_ms, size, t.trade_id)

@@ -373,7 +373,7 @@ def apply_tick(
     return True
 
 
-def apply_run(bar: Bar, run: list[Tick]) -> bool:
+def apply_run(bar: Bar, run: list[Tick]) -> tuple[float, int] | None:
     """Add a run of ticks to the existing bar of their window at once: the same bar as
     :func:`apply_tick` for each tick in order, with C-level ``min``/``max``/``sum`` over
     the run instead of a call per tick.
@@ -385,7 +385,8 @@ def apply_run(bar: Bar, run: list[Tick]) -> bool:
             arrival order, none late.
 
     Returns:
-        bool: True when applied. False, with nothing changed, when the run needs the
+        ``(price, ts_ms)`` of the run's newest trade (the last of those with the highest
+        ``ts_ms``) when applied. None, with nothing changed, when the run needs the
         per-tick path: its trade ids are not all None and not the consecutive canonical
         ids right after the bar's newest id range (a gap, a repeat, a first id, another
         form), or a price or qty has more decimal places than the bar's scale.
@@ -396,23 +397,23 @@ def apply_run(bar: Bar, run: list[Tick]) -> bool:
     next_id = 0
     if first_id is None:
         if any(t.trade_id is not None for t in run):
-            return False
+            return None
     else:
         r = ids["r"] if ids is not None else None
         if not r:
-            return False
+            return None
         next_id = r[-1] + 1
         if next_id + m > 10**18 or [t.trade_id for t in run] != list(
                 map(str, range(next_id, next_id + m))):
-            return False
+            return None
     e = bar["e"]
     prices = [t.price for t in run]
     qns = scaled_all([t.qty for t in run], e)
     if qns is None:
-        return False
+        return None
     pns = scaled_all(prices, e)
     if pns is None:
-        return False
+        return None
     if first_id is not None:
         assert ids is not None
         ids["r"][-1] = next_id + m - 1
@@ -422,10 +423,10 @@ def apply_run(bar: Bar, run: list[Tick]) -> bool:
         bar["o"] = prices[tss.index(lo_ts)]  # the first of the earliest
         bar["o_ts"] = lo_ts
     hi_ts = max(tss)
+    tss.reverse()
+    newest = (prices[m - 1 - tss.index(hi_ts)], hi_ts)  # the last of the latest
     if hi_ts >= bar["c_ts"]:
-        tss.reverse()
-        bar["c"] = prices[m - 1 - tss.index(hi_ts)]  # the last of the latest
-        bar["c_ts"] = hi_ts
+        bar["c"], bar["c_ts"] = newest
     h = max(prices)
     if h > bar["h"]:
         bar["h"] = h
@@ -439,7 +440,7 @@ def apply_run(bar: Bar, run: list[Tick]) -> bool:
     bar["ps"] = ps
     bar["v"] += sum(qns)
     bar["pq"] += sum(map(mul, pns, qns))
-    return True
+    return newest
 
 
 def _bar_for_json(bar: Bar) -> Bar:

@@ -98,17 +98,17 @@ def test_apply_run_takes_the_next_consecutive_ids_and_leaves_others_alone() -> N
     first = _ticks(["7"])
     run = _ticks(["7", "8", "9", "10"])[1:]
     bar = _bar_of(first)
-    assert apply_run(bar, run)
+    assert apply_run(bar, run) == (103.0, T0 + 30)  # the newest trade of the run
     assert bar == _bar_of(first + run) and bar["ids"]["r"] == [7, 10]
     for ids in (["10", "11"], ["12"], ["11", "13"], ["011"], ["11", None]):
         bar = _bar_of(_ticks(["7", "8", "9", "10"]))
         before = copy.deepcopy(bar)
-        assert not apply_run(bar, _ticks(ids)), ids
+        assert apply_run(bar, _ticks(ids)) is None, ids
         assert bar == before
     bar = _bar_of(first)
-    assert apply_run(bar, _ticks([None, None]))  # no id: no dedupe, as apply_tick
+    assert apply_run(bar, _ticks([None, None])) is not None  # no id: no dedupe, as apply_tick
     assert bar == _bar_of(first + _ticks([None, None]))
     bar = _bar_of(_ticks([None]))
     before = copy.deepcopy(bar)
-    assert not apply_run(bar, _ticks([None], qty=1e-09))  # 9 places: a rescale, per tick
+    assert apply_run(bar, _ticks([None], qty=1e-09)) is None  # 9 places: a rescale, per tick
     assert bar == before
