@@ -24,10 +24,16 @@ all its sockets.
   numbered (``seq``) when they are sent, so the numbers have no gaps. While a socket has
   nothing pending, its frames of one loop turn skip the outbox and go out in one
   transport write (:class:`WriteBatcher`).
-* **Throttle.** Rounds of 1/``max_updates_per_s`` s (:meth:`StreamHub.round_no`): a price
-  item or bar feed sends at most once per round, at once if it has not sent in the
-  current round, else at the next round's start (:meth:`StreamHub.next_round`), when
-  every held-back item leaves in the same loop turn.
+* **Throttle.** Sockets are dealt in turn into :data:`PHASES` groups
+  (:attr:`Connection.phase`); group ``p``'s rounds of 1/``max_updates_per_s`` s start
+  ``p``/:data:`PHASES` of a round after the worker's (:meth:`StreamHub.round_no`). An
+  item (price item, or bucket of a bar series) goes to a group at most once per round
+  of the group (:class:`Audience`): at once when the group has not had it in the
+  current round, else at the group's next round start, with the newest state. So a
+  socket still gets each item at most ``max_updates_per_s`` times a second and a
+  change waits at most one round, but the held-back items leave in :data:`PHASES`
+  bursts spread over the round, one per group, instead of one burst for all sockets
+  that stalls the event loop (and the agent sharing it) and the clients alike.
 * **Snapshot then updates.** A feed (or price item) is registered before its snapshot is
   read, so a change published meanwhile is held; the snapshot is taken from the hub's
   state, and a subscription is sent a bar only when it differs from what it last got.
@@ -72,8 +78,8 @@ from stores.replay_control import STATE_INTERVAL_S, read_state, status_body
 from stores.stream_channel import StreamChange, decode_change
 from views.stream_protocol import PriceItem, Subscribe, error_frame
 
-__all__ = ["CLOSE_SLOW", "BarFeed", "BarUpdate", "Connection", "Outbox", "StreamHub",
-           "Subscription", "WriteBatcher", "close_stalled", "ws_text_frame"]
+__all__ = ["CLOSE_SLOW", "PHASES", "Audience", "BarFeed", "BarUpdate", "Connection", "Outbox",
+           "StreamHub", "Subscription", "WriteBatcher", "close_stalled", "ws_text_frame"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +93,8 @@ _SUB_MEMORY = 64
 _RETRY_S = 1.0
 #: sockets written per event-loop callback when the batched frames are flushed
 _FLUSH_SLICE = 100
+#: socket groups (phases) per throttle round (module docstring, "Throttle")
+PHASES = 10
 
 
 @dataclass(frozen=True)
@@ -208,11 +216,12 @@ class WriteBatcher:
     """Gathers the frames that sockets get during one turn of the event loop and writes
     each socket's frames with one transport write on the next turn.
 
-    One price or bar update goes to every socket that watches it, and the throttle lets
-    every item out at the same round boundary (:meth:`StreamHub.next_round`), so a socket
-    gets its prices and bars together: one write (one system call) for all of them
-    instead of one per frame. The flush writes :data:`_FLUSH_SLICE` sockets per callback,
-    so the agent sharing the loop runs in between.
+    One price or bar update goes to every socket of a phase group that watches it, and
+    the throttle lets a group's held-back items out at the same round boundary
+    (:meth:`StreamHub._ticker`), so a socket gets its prices and bars together: one write
+    (one system call) for all of them instead of one per frame. The flush writes
+    :data:`_FLUSH_SLICE` sockets per callback, so the agent sharing the loop runs in
+    between.
     """
 
     def __init__(self) -> None:
@@ -265,6 +274,8 @@ class Connection:
         self.transport = cast(asyncio.WriteTransport | None, transport)
         self.client_id = client_id
         self.conn_id = next(self._ids)
+        #: the socket's throttle group (module docstring, "Throttle")
+        self.phase = self.conn_id % PHASES
         #: unique across the cluster (the member of its client slots in Redis)
         self.socket_uid = uuid.uuid4().hex
         self.subs: dict[str, Subscription] = {}
@@ -453,6 +464,86 @@ def _frontier(bar: dict[str, Any]) -> int:
     return start + MINUTE_MS if bar.get("closed") else start
 
 
+class Audience:
+    """The subscriptions to one price item or bar series, by phase group
+    (:attr:`Connection.phase`), and the group throttle (module docstring, "Throttle").
+
+    :meth:`publish` hands an update of an item (a price item key, or a bucket start) to
+    each group that has not had one in its current round (:meth:`StreamHub.round_no` of
+    the group), and keeps it, coalesced per item, for the others until
+    :meth:`flush` at their next round start (:meth:`StreamHub._ticker`).
+
+    Args:
+        hub: the hub (rounds, and the groups due at each round start).
+        kind: the frame type of the updates (``price`` or ``bar``).
+    """
+
+    __slots__ = ("_pending", "_round", "groups", "hub", "kind")
+
+    def __init__(self, hub: StreamHub, kind: str) -> None:
+        self.hub = hub
+        self.kind = kind
+        #: phase -> subscriptions of that group
+        self.groups: dict[int, dict[Subscription, Connection]] = {}
+        #: phase -> the group's round in which it was last sent an update
+        self._round: dict[int, int] = {}
+        #: phase -> item -> the newest update held back for that group
+        self._pending: dict[int, dict[Hashable, Any]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    def add(self, sub: Subscription, conn: Connection) -> None:
+        """Add ``conn``'s subscription ``sub`` to its group."""
+        self.groups.setdefault(conn.phase, {})[sub] = conn
+
+    def remove(self, sub: Subscription, conn: Connection) -> None:
+        """Drop ``sub`` (a no-op when it is not here); an empty group is forgotten."""
+        group = self.groups.get(conn.phase)
+        if group is None:
+            return
+        group.pop(sub, None)
+        if not group:
+            del self.groups[conn.phase]
+            self._round.pop(conn.phase, None)
+            self._pending.pop(conn.phase, None)
+
+    def items(self) -> list[tuple[Subscription, Connection]]:
+        """Every (subscription, connection), all groups."""
+        return [pair for group in self.groups.values() for pair in group.items()]
+
+    def publish(self, item: Hashable, payload: Any) -> None:
+        """A newer state of ``item``: sent now to the groups that had no update in their
+        current round (with anything still held for them first), held for the others."""
+        hub = self.hub
+        for phase, subs in self.groups.items():
+            r = hub.round_no(phase)
+            if self._round.get(phase) != r:
+                self._round[phase] = r
+                pending = self._pending.pop(phase, None)
+                if pending:
+                    pending.pop(item, None)
+                    for held, data in pending.items():
+                        _fan_out(subs, self.kind, held, data)
+                _fan_out(subs, self.kind, item, payload)
+            else:
+                self._pending.setdefault(phase, {})[item] = payload
+                hub.due(phase, self)
+
+    def flush(self, phase: int) -> None:
+        """Group ``phase``'s round started: send what was held back for it."""
+        pending = self._pending.pop(phase, None)
+        subs = self.groups.get(phase)
+        if not pending or not subs:
+            return
+        self._round[phase] = self.hub.round_no(phase)
+        for item, data in pending.items():
+            _fan_out(subs, self.kind, item, data)
+
+
 class BarFeed:
     """The bars of one series for every subscription to it (module docstring).
 
@@ -470,7 +561,10 @@ class BarFeed:
         self.exchange = exchange
         self.interval = interval
         self.interval_ms = INTERVALS_MS[interval]
-        self.subs: dict[Subscription, Connection] = {}
+        self.subs = Audience(hub, "bar")
+        #: a 1-minute series of one exchange is computed from memory alone, at most once
+        #: per phase slot; other series query TimescaleDB, at most once per round
+        self.cheap = interval == "1m" and exchange is not None
         self.bars: dict[int, BarUpdate] = {}
         self.frontier_ms: int | None = None
         self.first_bucket_ms: int | None = None
@@ -568,7 +662,7 @@ class BarFeed:
             for bar in await self._compute(set(range(lo, hi, iv))):
                 self._store(bar)
         self.reload = False
-        for sub, conn in list(self.subs.items()):
+        for sub, conn in self.subs.items():
             self.send_snapshot(sub, conn)
 
     def _store(self, bar: Bar) -> BarUpdate | None:
@@ -605,13 +699,15 @@ class BarFeed:
              "interval": req.interval, "bars": bars}))
 
     async def run(self) -> None:
-        """The feed's loop: load, then compute dirty buckets and push what changed, at most
-        once per throttle round (:meth:`StreamHub.next_round`): at once when the feed has
-        not pushed in the current round, else at the next round's start; storage failures
-        are retried every second (logged once per outage)."""
+        """The feed's loop: load, then compute dirty buckets and publish what changed to the
+        subscriptions' groups (:class:`Audience`), at most once per phase slot for a
+        :attr:`cheap` series, else once per round (:meth:`StreamHub.next_round`): at once
+        when the feed has not computed in the current one, else at the next one's start;
+        storage failures are retried every second (logged once per outage)."""
         hub = self.hub
         failing = False
         pushed_round = -1
+        slots = PHASES if self.cheap else 1
         while True:
             if not self.wake.is_set():  # (no task hop when a change is already waiting)
                 try:
@@ -619,8 +715,8 @@ class BarFeed:
                         await self.wake.wait()
                 except TimeoutError:  # idle: open buckets whose minutes all closed close now
                     self.dirty.update(b for b, u in self.bars.items() if not u.closed)
-            if hub.round_no() == pushed_round:
-                await hub.next_round()
+            if hub.slot_no(slots) == pushed_round:
+                await hub.next_slot(slots)
             self.wake.clear()
             try:
                 if self.reload:
@@ -637,8 +733,8 @@ class BarFeed:
                 for bar in bars:
                     upd = self._store(bar)
                     if upd is not None:
-                        _fan_out(self.subs, "bar", upd.bucket_ms, upd)
-                        pushed_round = hub.round_no()
+                        self.subs.publish(upd.bucket_ms, upd)
+                        pushed_round = hub.slot_no(slots)
                 self._prune()
                 hub.prune_live(self.symbol)
                 failing = False
@@ -690,11 +786,10 @@ class StreamHub(Service):
         self.live: dict[str, dict[tuple[str, int], dict[str, Any]]] = {}
         self._feeds_of: dict[str, set[BarFeed]] = {}
         #: price item key -> subscriptions; newest price per watched item
-        self._price_subs: dict[str, dict[Subscription, Connection]] = {}
+        self._price_subs: dict[str, Audience] = {}
         self._price_last: dict[str, dict[str, Any]] = {}
-        self._price_dirty: set[str] = set()
-        #: price item key -> the throttle round it was last pushed in
-        self._price_round: dict[str, int] = {}
+        #: phase -> the audiences holding updates back for that group
+        self._due: list[set[Audience]] = [set() for _ in range(PHASES)]
         self._replay_subs: dict[Subscription, Connection] = {}
         self._replay_last: bytes | None = None
         self._replay_key: Any = None
@@ -851,18 +946,16 @@ class StreamHub(Service):
         conn.outbox.discard(sub_id)
         feed = sub.feed
         if feed is not None:
-            feed.subs.pop(sub, None)
+            feed.subs.remove(sub, conn)
             if not feed.subs:
                 self._drop_feed(feed)
         for item in sub.request.items:
             subs = self._price_subs.get(item.key)
             if subs is not None:
-                subs.pop(sub, None)
+                subs.remove(sub, conn)
                 if not subs:
                     del self._price_subs[item.key]
                     self._price_last.pop(item.key, None)
-                    self._price_round.pop(item.key, None)
-                    self._price_dirty.discard(item.key)
         self._replay_subs.pop(sub, None)
         if not self._replay_subs:
             self._replay_last = None
@@ -886,7 +979,7 @@ class StreamHub(Service):
             self._feeds_of.setdefault(req.symbol, set()).add(feed)
             self.live.setdefault(req.symbol, {})
             feed.task = asyncio.ensure_future(self._run_feed(feed))
-        feed.subs[sub] = conn
+        feed.subs.add(sub, conn)
         sub.feed = feed
         if not feed.reload:
             feed.send_snapshot(sub, conn)
@@ -942,7 +1035,10 @@ class StreamHub(Service):
     async def _subscribe_prices(self, conn: Connection, sub: Subscription) -> None:
         items: tuple[PriceItem, ...] = sub.request.items
         for item in items:  # watched before the read: changes meanwhile are kept
-            self._price_subs.setdefault(item.key, {})[sub] = conn
+            aud = self._price_subs.get(item.key)
+            if aud is None:
+                aud = self._price_subs[item.key] = Audience(self, "price")
+            aud.add(sub, conn)
         missing = [i for i in items if i.key not in self._price_last]
         async with self._snapshot_reads:
             got = [await self.latest.get(i.symbol, i.exchange) for i in missing]
@@ -964,10 +1060,6 @@ class StreamHub(Service):
                                  "price": price, "ts_ms": ts_ms}
         return True
 
-    def _push_price(self, key: str, round_no: int) -> None:
-        self._price_round[key] = round_no
-        _fan_out(self._price_subs.get(key, {}), "price", key,
-                 orjson.dumps(self._price_last[key]))
 
     # -- replay --------------------------------------------------------------------------
 
@@ -988,7 +1080,7 @@ class StreamHub(Service):
 
     def on_change(self, change: StreamChange) -> None:
         """Apply one channel message: newer live bars mark their feeds' buckets dirty;
-        newer prices of watched items are pushed (or left for the throttle)."""
+        newer prices of watched items go to their audiences (:class:`Audience`)."""
         self._messages += 1
         for bar in change.bars:
             if bar.get("symbol") in self.live and self.merge_live(bar):
@@ -997,29 +1089,41 @@ class StreamHub(Service):
                         feed.on_live_bar(bar)
         if not self._price_subs:
             return
-        round_no = self.round_no()
+        subs = self._price_subs
         for exchange, symbol, price, ts_ms in change.prices:
             for key in (f"{exchange}:{symbol}", symbol):
-                if key in self._price_subs and self._set_price(key, symbol, exchange, price,
-                                                               ts_ms):
-                    if self._price_round.get(key) != round_no:
-                        self._price_dirty.discard(key)
-                        self._push_price(key, round_no)
-                    else:
-                        self._price_dirty.add(key)
+                aud = subs.get(key)
+                if aud is not None and self._set_price(key, symbol, exchange, price, ts_ms):
+                    aud.publish(key, orjson.dumps(self._price_last[key]))
 
-    def round_no(self) -> int:
-        """The current throttle round: the loop clock in units of 1/``max_updates_per_s``
-        s. Each price item and bar feed sends at most one update per round."""
-        return int(asyncio.get_running_loop().time() // self.min_interval_s)
+    def round_no(self, phase: int = 0) -> int:
+        """The current throttle round of group ``phase`` (whose rounds start
+        ``phase``/:data:`PHASES` of a round after group 0's): the loop clock in units of
+        1/``max_updates_per_s`` s. A group gets each item at most once per round."""
+        t = asyncio.get_running_loop().time() - phase * self.min_interval_s / PHASES
+        return int(t // self.min_interval_s)
 
-    async def next_round(self) -> None:
-        """Sleep until the next round starts. Every waiter wakes in the same loop turn, so
-        a socket's held-back prices and bars leave in one write (:class:`WriteBatcher`)."""
+    def slot_no(self, per_round: int = PHASES) -> int:
+        """The loop clock in units of 1/(``per_round`` x ``max_updates_per_s``) s: with the
+        default, the phase slot (slot ``n`` starts a round of group ``n % PHASES``)."""
+        return int(asyncio.get_running_loop().time() * per_round // self.min_interval_s)
+
+    async def next_slot(self, per_round: int = PHASES) -> None:
+        """Sleep until the next :meth:`slot_no` of ``per_round`` starts."""
+        length_s = self.min_interval_s / per_round
         t = asyncio.get_running_loop().time()
         # + 2 ms: uvloop keeps timers and its clock in whole milliseconds, so a timer may
-        # fire up to a millisecond early, and round_no() must read the new round by then
-        await asyncio.sleep((self.round_no() + 1) * self.min_interval_s - t + 0.002)
+        # fire up to a millisecond early, and slot_no() must read the new slot by then
+        await asyncio.sleep((self.slot_no(per_round) + 1) * length_s - t + 0.002)
+
+    async def next_round(self) -> None:
+        """Sleep until group 0's next round starts."""
+        await self.next_slot(1)
+
+    def due(self, phase: int, audience: Audience) -> None:
+        """``audience`` holds updates back for group ``phase`` (:meth:`_ticker` flushes
+        them at the group's next round start)."""
+        self._due[phase].add(audience)
 
     def _resnapshot(self) -> None:
         """After the channel was lost: every feed reloads and re-sends its snapshot; price
@@ -1085,17 +1189,19 @@ class StreamHub(Service):
                     log.debug("stream: pubsub close: %s", exc)
 
     @Service.task
-    async def _price_throttle(self) -> None:
-        """At the start of each throttle round, push the prices held back in the last."""
+    async def _ticker(self) -> None:
+        """At each phase slot, the round of one group starts: send it what the audiences
+        held back for it (slots the loop was too busy to see are caught up, in order)."""
+        last = self.slot_no()
         while not self.should_stop:
-            await self.next_round()
-            if not self._price_dirty:
-                continue
-            round_no = self.round_no()
-            due, self._price_dirty = self._price_dirty, set()
-            for key in due:
-                if key in self._price_last:
-                    self._push_price(key, round_no)
+            await self.next_slot()
+            now = self.slot_no()
+            for slot in range(max(last + 1, now - PHASES + 1), now + 1):
+                phase = slot % PHASES
+                due, self._due[phase] = self._due[phase], set()
+                for audience in due:
+                    audience.flush(phase)
+            last = now
 
     @Service.task
     async def _replay_poll(self) -> None:

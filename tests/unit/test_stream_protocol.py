@@ -1,5 +1,6 @@
 """The stream's pure parts: client frame parsing, the coalescing outbox, frame numbering,
-closed-once/correction marking, and a slow client closed with its memory bounded
+closed-once/correction marking, the per-group throttle, and a slow client closed with its
+memory bounded
 (``views/stream_protocol.py``, ``views/stream_hub.py``)."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import pytest
 
 from views.stream_hub import (
     CLOSE_SLOW,
+    PHASES,
+    Audience,
     BarUpdate,
     Connection,
     Outbox,
@@ -251,3 +254,69 @@ async def test_frames_of_one_loop_turn_go_out_in_one_write() -> None:
         == [(None, None), (3, 3.0)]
     assert len(transport.writes) == 2
     writer.cancel()
+
+
+class _Rounds:
+    """A hub stand-in for :class:`Audience`: rounds set by the test, due groups noted."""
+
+    def __init__(self) -> None:
+        self.rounds: dict[int, int] = {}
+        self.due_calls: list[int] = []
+
+    def round_no(self, phase: int = 0) -> int:
+        return self.rounds.get(phase, 0)
+
+    def due(self, phase: int, audience: Audience) -> None:
+        self.due_calls.append(phase)
+
+
+class _Conn:
+    """A connection stand-in that records what it is handed."""
+
+    def __init__(self, phase: int) -> None:
+        self.phase = phase
+        self.got: list[tuple[str, Any, Any]] = []
+
+    def push(self, sub: Subscription, kind: str, item: Any, payload: Any) -> None:
+        self.got.append((kind, item, payload))
+
+
+def test_audience_throttles_each_group_in_its_own_rounds() -> None:
+    hub = _Rounds()
+    aud = Audience(hub, "price")  # type: ignore[arg-type]
+    c0, c1 = _Conn(0), _Conn(1)
+    s0 = Subscription(Subscribe("a", "prices", items=(PriceItem("BTCUSDT", None),)))
+    s1 = Subscription(Subscribe("b", "prices", items=(PriceItem("BTCUSDT", None),)))
+    s0.snapshotted = s1.snapshotted = True
+    aud.add(s0, c0)  # type: ignore[arg-type]
+    aud.add(s1, c1)  # type: ignore[arg-type]
+    assert len(aud) == 2 and aud
+    hub.rounds = {0: 5, 1: 7}
+    aud.publish("k", b"1")  # the first update of a round goes at once, to both groups
+    assert c0.got == c1.got == [("price", "k", b"1")]
+    aud.publish("k", b"2")  # both groups already had one this round: held
+    assert len(c0.got) == len(c1.got) == 1 and sorted(set(hub.due_calls)) == [0, 1]
+    hub.rounds[0] = 6  # group 0's round starts: only it gets the held state
+    aud.flush(0)
+    assert c0.got[-1] == ("price", "k", b"2") and len(c1.got) == 1
+    aud.publish("k", b"3")  # held for both again; group 1's held state is replaced
+    hub.rounds[1] = 8
+    aud.flush(1)
+    assert c1.got == [("price", "k", b"1"), ("price", "k", b"3")]
+    aud.flush(1)  # nothing held any more
+    assert len(c1.got) == 2
+    hub.rounds[0] = 7  # a publish in a new round sends what is still held first
+    aud.publish("j", b"x")
+    assert c0.got[-2:] == [("price", "k", b"3"), ("price", "j", b"x")]
+    aud.remove(s1, c1)  # type: ignore[arg-type]
+    assert len(aud) == 1 and 1 not in aud.groups
+    aud.flush(1)
+    aud.remove(s0, c0)  # type: ignore[arg-type]
+    assert not aud
+
+
+def test_connections_are_dealt_into_phase_groups() -> None:
+    phases = [Connection(FakeWs(), "t", 10, 1.0).phase  # type: ignore[arg-type]
+              for _ in range(3 * PHASES)]
+    assert sorted(set(phases)) == list(range(PHASES))
+    assert all(phases.count(p) == 3 for p in range(PHASES))
