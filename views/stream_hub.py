@@ -34,6 +34,8 @@ all its sockets.
   change waits at most one round, but the held-back items leave in :data:`PHASES`
   bursts spread over the round, one per group, instead of one burst for all sockets
   that stalls the event loop (and the agent sharing it) and the clients alike.
+  A rollup series, computed at most once per round, is sent to every group at once
+  (:meth:`Audience.send_now`).
 * **Snapshot then updates.** A feed (or price item) is registered before its snapshot is
   read, so a change published meanwhile is held; the snapshot is taken from the hub's
   state, and a subscription is sent a bar only when it differs from what it last got.
@@ -533,6 +535,16 @@ class Audience:
                 self._pending.setdefault(phase, {})[item] = payload
                 hub.due(phase, self)
 
+    def send_now(self, item: Hashable, payload: Any) -> None:
+        """Send ``item``'s newer state to every group at once, bypassing the group
+        throttle (for a series that is computed at most once per round anyway: held for a
+        group, each state would wait for that group's round start)."""
+        for phase, subs in self.groups.items():
+            pending = self._pending.get(phase)
+            if pending:
+                pending.pop(item, None)
+            _fan_out(subs, self.kind, item, payload)
+
     def flush(self, phase: int) -> None:
         """Group ``phase``'s round started: send what was held back for it."""
         pending = self._pending.pop(phase, None)
@@ -699,11 +711,13 @@ class BarFeed:
              "interval": req.interval, "bars": bars}))
 
     async def run(self) -> None:
-        """The feed's loop: load, then compute dirty buckets and publish what changed to the
-        subscriptions' groups (:class:`Audience`), at most once per phase slot for a
-        :attr:`cheap` series, else once per round (:meth:`StreamHub.next_round`): at once
-        when the feed has not computed in the current one, else at the next one's start;
-        storage failures are retried every second (logged once per outage)."""
+        """The feed's loop: load, then compute dirty buckets and push what changed: for a
+        :attr:`cheap` series at most once per phase slot, through the groups' throttle
+        (:meth:`Audience.publish`); for a rollup at most once per round
+        (:meth:`StreamHub.next_round`), to every group at once (:meth:`Audience.send_now`).
+        A feed computes at once when it has not in the current slot or round, else at the
+        next one's start; storage failures are retried every second (logged once per
+        outage)."""
         hub = self.hub
         failing = False
         pushed_round = -1
@@ -733,7 +747,10 @@ class BarFeed:
                 for bar in bars:
                     upd = self._store(bar)
                     if upd is not None:
-                        self.subs.publish(upd.bucket_ms, upd)
+                        if self.cheap:
+                            self.subs.publish(upd.bucket_ms, upd)
+                        else:
+                            self.subs.send_now(upd.bucket_ms, upd)
                         pushed_round = hub.slot_no(slots)
                 self._prune()
                 hub.prune_live(self.symbol)

@@ -320,3 +320,20 @@ def test_connections_are_dealt_into_phase_groups() -> None:
               for _ in range(3 * PHASES)]
     assert sorted(set(phases)) == list(range(PHASES))
     assert all(phases.count(p) == 3 for p in range(PHASES))
+
+
+def test_audience_send_now_bypasses_the_group_throttle() -> None:
+    hub = _Rounds()
+    aud = Audience(hub, "bar")  # type: ignore[arg-type]
+    c0, c1 = _Conn(0), _Conn(1)
+    for i, c in enumerate((c0, c1)):
+        s = Subscription(Subscribe(f"s{i}", "bars", symbol="BTCUSDT"))
+        s.snapshotted = True
+        aud.add(s, c)  # type: ignore[arg-type]
+    aud.publish(0, "a")
+    aud.publish(0, "b")  # held for both groups
+    aud.send_now(0, "c")  # at once to both, and the held state is dropped
+    assert c0.got == c1.got == [("bar", 0, "a"), ("bar", 0, "c")]
+    aud.flush(0)
+    aud.flush(1)
+    assert len(c0.got) == len(c1.got) == 2
