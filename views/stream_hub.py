@@ -714,7 +714,8 @@ class BarFeed:
         """The feed's loop: load, then compute dirty buckets and push what changed: for a
         :attr:`cheap` series at most once per phase slot, through the groups' throttle
         (:meth:`Audience.publish`); for a rollup at most once per round
-        (:meth:`StreamHub.next_round`), to every group at once (:meth:`Audience.send_now`).
+        (:meth:`StreamHub.next_slot` with one slot per round), to every group at once
+        (:meth:`Audience.send_now`).
         A feed computes at once when it has not in the current slot or round, else at the
         next one's start; storage failures are retried every second (logged once per
         outage)."""
@@ -1132,10 +1133,6 @@ class StreamHub(Service):
         # + 2 ms: uvloop keeps timers and its clock in whole milliseconds, so a timer may
         # fire up to a millisecond early, and slot_no() must read the new slot by then
         await asyncio.sleep((self.slot_no(per_round) + 1) * length_s - t + 0.002)
-
-    async def next_round(self) -> None:
-        """Sleep until group 0's next round starts."""
-        await self.next_slot(1)
 
     def due(self, phase: int, audience: Audience) -> None:
         """``audience`` holds updates back for group ``phase`` (:meth:`_ticker` flushes
