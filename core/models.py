@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from itertools import repeat
 from time import gmtime
 from typing import Any, NamedTuple
@@ -59,10 +60,12 @@ __all__ = [
     "MIN_TS_MS",
     "SOURCES",
     "Tick",
+    "TickColumns",
     "closed_bar",
     "control_message",
     "dead_letter_message",
     "decode_ticks_payload",
+    "encode_columns",
     "encode_ticks",
     "iso_ms",
     "ohlcv_bar",
@@ -388,33 +391,88 @@ def parse_ticks(
     return ticks, rejected
 
 
+@dataclass(slots=True)
+class TickColumns:
+    """Ticks of one key as parallel columns: a columnar batch (module docstring) in memory.
+
+    Attributes:
+        exchange, symbol, source: shared by every tick (see :class:`Tick`).
+        price: quote currency per base unit, one per tick.
+        qty: base units, one per tick.
+        ts_ms: exchange event times, UTC epoch ms, one per tick.
+        trade_id: exchange trade ids (items may be ``None``), or ``None`` for no column.
+        recv_ms: receive times, UTC epoch ms (items may be ``None``), or ``None``.
+    """
+
+    exchange: str
+    symbol: str
+    source: str
+    price: list[float]
+    qty: list[float]
+    ts_ms: list[int]
+    trade_id: list[str | None] | None = None
+    recv_ms: list[int | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ts_ms)
+
+    @property
+    def key(self) -> str:
+        """Partition key ``"<exchange>:<symbol>"``."""
+        return f"{self.exchange}:{self.symbol}"
+
+    def ticks(self) -> list[Tick]:
+        """The batch as :class:`Tick` values, in order."""
+        n = len(self.ts_ms)
+        ids = repeat(None, n) if self.trade_id is None else self.trade_id
+        recv = repeat(None, n) if self.recv_ms is None else self.recv_ms
+        rows = zip(repeat(self.exchange, n), repeat(self.symbol, n), self.price, self.qty,
+                   self.ts_ms, ids, repeat(self.source, n), recv, strict=True)
+        return list(map(_new_tuple, repeat(Tick, n), rows))
+
+
+def encode_columns(batch: TickColumns) -> bytes:
+    """A ``ticks`` message value holding ``batch`` as a columnar batch.
+
+    Args:
+        batch: at least one tick.
+
+    Returns:
+        UTF-8 JSON (module docstring); the ``trade_id`` and ``recv_ms`` columns only when
+        some item is not ``None``. Equal to :func:`encode_ticks` of ``batch.ticks()``.
+    """
+    value: dict[str, Any] = {
+        "layout": "columns", "exchange": batch.exchange, "symbol": batch.symbol,
+        "source": batch.source, "price": batch.price, "qty": batch.qty,
+        "ts_ms": batch.ts_ms,
+    }
+    ids = batch.trade_id
+    if ids is not None and any(i is not None for i in ids):
+        value["trade_id"] = ids
+    recv = batch.recv_ms
+    if recv is not None and any(r is not None for r in recv):
+        value["recv_ms"] = recv
+    return orjson.dumps(value)
+
+
 def encode_ticks(ticks: list[Tick]) -> bytes:
     """A ``ticks`` message value: a columnar batch when the ticks share exchange, symbol
-    and source (as a producer's per-key batch does), else a JSON array of tick objects.
+    and source (as a producer's per-key batch does, :func:`encode_columns`), else a JSON
+    array of tick objects.
 
     Args:
         ticks: at least one tick, in order.
 
     Returns:
-        UTF-8 JSON (module docstring); ``trade_id`` and ``recv_ms`` columns only when
-        some tick has one.
+        UTF-8 JSON (module docstring).
     """
     t0 = ticks[0]
     ex, sym, src = t0.exchange, t0.symbol, t0.source
     if not all(t.exchange == ex and t.symbol == sym and t.source == src for t in ticks):
         return orjson.dumps([tick_to_json(t) for t in ticks])
-    batch: dict[str, Any] = {
-        "layout": "columns", "exchange": ex, "symbol": sym, "source": src,
-        "price": [t.price for t in ticks], "qty": [t.qty for t in ticks],
-        "ts_ms": [t.ts_ms for t in ticks],
-    }
-    ids = [t.trade_id for t in ticks]
-    if any(i is not None for i in ids):
-        batch["trade_id"] = ids
-    recv = [t.recv_ms for t in ticks]
-    if any(r is not None for r in recv):
-        batch["recv_ms"] = recv
-    return orjson.dumps(batch)
+    return encode_columns(TickColumns(
+        ex, sym, src, [t.price for t in ticks], [t.qty for t in ticks],
+        [t.ts_ms for t in ticks], [t.trade_id for t in ticks], [t.recv_ms for t in ticks]))
 
 
 def tick_to_json(t: Tick) -> dict[str, Any]:

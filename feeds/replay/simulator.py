@@ -1,17 +1,20 @@
 """Market replay simulator: recorded trades or stored 1-minute bars into the ``ticks``
 topic, in event-time order, paced, controllable while it runs.
 
-**Sources.** Trade files (:func:`feeds.replay.trade_files.read_trades`) are merged by ``ts_ms``
-(ties keep file order, then row order); stored bars (:func:`load_bar_source`) become
-deterministic ticks (:mod:`feeds.replay.bar_ticks`) that rebuild the same bars.
+**Sources.** Trade files (:func:`feeds.replay.trade_files.read_columns`) are merged by
+``ts_ms`` in column batches (:func:`feeds.replay.sources.merge_columns`; ties keep file
+order, then row order); stored bars (:func:`load_bar_source`) become deterministic ticks
+(:mod:`feeds.replay.bar_ticks`) that rebuild the same bars.
 
 **Namespace.** With ``namespace`` ``"replay"`` (the default, ``replay.namespace``) every
 tick's exchange becomes ``replay.<exchange>`` and its ``source`` ``replay``, so replayed
 bars live under their own exchange names and never overwrite live or historical ones;
 ``""`` keeps the real names (loading history). ``rebase_now`` defaults to ``""``.
 
-**Batches.** One message per ``exchange:symbol`` holding a JSON array of its ticks. All
-buffers are flushed together whenever the oldest buffered tick is ``batch_span_ms`` older
+**Batches.** One message per ``exchange:symbol`` holding a columnar batch of its ticks
+(:func:`core.models.encode_columns`), cut from the column batches by bisection
+(:func:`batch_columns`), with no object per tick on the way. All buffers are flushed
+together whenever the oldest buffered tick is ``batch_span_ms`` older
 than the newest one, a buffer holds ``batch_max`` ticks, or the pacing clock makes the
 replay wait; so ticks of different keys never reach a partition more than
 ``batch_span_ms`` out of order, which must stay below the worker's grace period.
@@ -42,9 +45,10 @@ import contextlib
 import logging
 import signal
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +60,13 @@ from core.admin import ensure_topics
 from core.config import Settings
 from core.errors import ReplayError
 from core.kafka_security import client_security
-from core.models import Tick, encode_ticks
+from core.models import Tick, TickColumns, encode_columns
 from feeds.replay.controller import ReplayController
 from feeds.replay.sources import (
     FileSource,
     TickSource,
 )
+from feeds.replay.trade_files import TradeColumns, chunk_ticks
 from stores.keys import replay_control_key
 from stores.replay_control import (
     FINAL_TTL_MS,
@@ -72,8 +77,9 @@ from stores.replay_control import (
 )
 
 __all__ = [
-    "MAX_FLUSHES_IN_FLIGHT",
+    "MAX_TICKS_IN_FLIGHT",
     "ReplayStats",
+    "batch_columns",
     "batch_ticks",
     "format_replay_progress",
     "replay",
@@ -83,8 +89,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: flushes awaiting broker acks at once in a full-speed replay (paced replays: 1)
-MAX_FLUSHES_IN_FLIGHT = 8
+#: ticks awaiting broker acks at once in a full-speed replay (paced replays: one flush)
+MAX_TICKS_IN_FLIGHT = 100_000
 
 _NS_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
@@ -110,29 +116,80 @@ class ReplayStats:
     clock_ms: int = 0
 
 
+def batch_columns(
+    chunks: Iterable[TradeColumns], batch_max: int = 1000, batch_span_ms: int = 1000
+) -> Iterator[list[TickColumns]]:
+    """Group a time-ordered stream of column batches into flushes of per-key batches.
+
+    A flush starts at its oldest tick and ends before the first tick ``batch_span_ms`` or
+    more younger than it, or after ``batch_max`` ticks; its ticks are grouped per
+    ``exchange:symbol`` in order of first appearance, each group in stream order. The
+    cuts are found by bisection and slicing, so a flush of one key costs no per-tick
+    Python work.
+
+    Args:
+        chunks: time-ordered batches (:meth:`feeds.replay.sources.TickSource.chunks`).
+        batch_max: most ticks per flush (>= 1).
+        batch_span_ms: event-time span of one flush (ms, >= 1).
+
+    Yields:
+        list of :class:`core.models.TickColumns`: one flush; publish its batches in order
+        before the next.
+    """
+    carry: TradeColumns | None = None
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        c = chunk if carry is None else TradeColumns.concat([carry, chunk])
+        carry = None
+        ts = c.ts_ms
+        n = len(ts)
+        i = 0
+        while i < n:
+            end = bisect_left(ts, ts[i] + batch_span_ms, i + 1)
+            if end - i > batch_max:
+                end = i + batch_max
+            elif end == n:  # the flush may go on in the next chunk
+                carry = c.slice(i, n) if i else c
+                break
+            yield _by_key(c, i, end)
+            i = end
+    if carry is not None:
+        yield from _tail(carry, batch_max)
+
+
+def _tail(c: TradeColumns, batch_max: int) -> Iterator[list[TickColumns]]:
+    for i in range(0, len(c), batch_max):
+        yield _by_key(c, i, min(i + batch_max, len(c)))
+
+
+def _by_key(c: TradeColumns, i: int, j: int) -> list[TickColumns]:
+    """Rows ``[i, j)`` of ``c`` as one batch per key, keys in order of first row."""
+    ex, sym = c.exchange[i:j], c.symbol[i:j]
+    n = j - i
+    if ex.count(ex[0]) == n and sym.count(sym[0]) == n:
+        return [TickColumns(ex[0], sym[0], c.source, c.price[i:j], c.qty[i:j], c.ts_ms[i:j],
+                            c.trade_id[i:j])]
+    rows: dict[tuple[str, str], list[int]] = {}
+    for k, key in enumerate(zip(ex, sym, strict=True), i):
+        rows.setdefault(key, []).append(k)
+    price, qty, ts, ids = c.price, c.qty, c.ts_ms, c.trade_id
+    return [TickColumns(e, s, c.source, [price[k] for k in ks], [qty[k] for k in ks],
+                        [ts[k] for k in ks], [ids[k] for k in ks])
+            for (e, s), ks in rows.items()]
+
+
 def batch_ticks(
     ticks: Iterable[Tick], batch_max: int = 1000, batch_span_ms: int = 1000
 ) -> Iterator[list[tuple[str, list[Tick]]]]:
-    """Group a time-ordered tick stream into flushes of per-key batches.
+    """:func:`batch_columns` of a time-ordered tick stream, as ``(key, ticks)`` lists
+    (``recv_ms`` is not kept).
 
     Yields:
         list of ``(key, ticks)``: one flush; publish its batches in order before the next.
     """
-    buffers: dict[str, list[Tick]] = {}
-    oldest = None
-    count = 0
-    for t in ticks:
-        if oldest is not None and (t.ts_ms - oldest >= batch_span_ms or count >= batch_max):
-            yield list(buffers.items())
-            buffers = {}
-            oldest = None
-            count = 0
-        buffers.setdefault(f"{t.exchange}:{t.symbol}", []).append(t)
-        if oldest is None:
-            oldest = t.ts_ms
-        count += 1
-    if buffers:
-        yield list(buffers.items())
+    for flush in batch_columns(chunk_ticks(ticks), batch_max, batch_span_ms):
+        yield [(b.key, b.ticks()) for b in flush]
 
 
 def resolve_namespace(namespace: str | None, rebase_now: bool, default: str) -> str:
@@ -178,11 +235,12 @@ def format_replay_progress(state: dict[str, Any]) -> str:
 class _Publisher:
     """Publishes flushes (separated for the run loop's readability).
 
-    At full speed (``ctl.speed == 0``) up to :data:`MAX_FLUSHES_IN_FLIGHT` flushes wait for
-    their broker acks at once; paced replays wait for each flush's acks before the next.
-    Order is kept either way (one producer, idempotent: the broker keeps each partition's
-    order across in-flight requests). A flush counts as published (``position``,
-    ``published``, ``last_src_ms``) once acked; :meth:`drain` waits for them all.
+    At full speed (``ctl.speed == 0``) flushes are sent while fewer than
+    :data:`MAX_TICKS_IN_FLIGHT` ticks await their broker acks, so the producer fills
+    large requests; paced replays wait for each flush's acks before the next. Order is
+    kept either way (one producer, idempotent: the broker keeps each partition's order
+    across in-flight requests). A flush counts as published (``position``, ``published``,
+    ``last_src_ms``) once acked; :meth:`drain` waits for them all.
     """
 
     def __init__(self, producer: AIOKafkaProducer, topic: str, ctl: ReplayController,
@@ -192,25 +250,30 @@ class _Publisher:
         self.ctl = ctl
         self.stats = stats
         self._in_flight: deque[tuple[asyncio.Future[Any], int, int]] = deque()
+        self._in_flight_ticks = 0
 
-    async def publish(self, flush: list[tuple[str, list[Tick]]]) -> None:
+    async def publish(self, flush: list[TickColumns]) -> None:
         ctl = self.ctl
         futs = []
         n = 0
         last_src = ctl.last_src_ms
-        for key, batch in flush:
-            last_src = max(last_src, batch[-1].ts_ms)
+        send = self.producer.send
+        for batch in flush:
+            last_src = max(last_src, batch.ts_ms[-1])
+            key = batch.key.encode()
             if ctl.rebase_now:
-                batch = [t._replace(ts_ms=ctl.to_output_ms(t.ts_ms)) for t in batch]
-            ctl.last_out_ms = max(ctl.last_out_ms, batch[-1].ts_ms)
-            value = encode_ticks(batch)
-            futs.append(await self.producer.send(self.topic, value=value, key=key.encode()))
+                batch = replace(batch, ts_ms=list(map(ctl.to_output_ms, batch.ts_ms)))
+            ctl.last_out_ms = max(ctl.last_out_ms, batch.ts_ms[-1])
+            futs.append(await send(self.topic, value=encode_columns(batch), key=key))
             self.stats.messages += 1
             n += len(batch)
         self._in_flight.append((asyncio.gather(*futs), n, last_src))
-        limit = MAX_FLUSHES_IN_FLIGHT if ctl.speed == 0 else 1
-        while len(self._in_flight) >= limit:
-            await self._settle_oldest()
+        self._in_flight_ticks += n
+        if ctl.speed == 0:
+            while self._in_flight_ticks >= MAX_TICKS_IN_FLIGHT:
+                await self._settle_oldest()
+        else:
+            await self.drain()
 
     async def drain(self) -> None:
         """Wait for the acks of every flush sent."""
@@ -221,6 +284,7 @@ class _Publisher:
         fut, n, last_src = self._in_flight[0]
         await fut
         self._in_flight.popleft()
+        self._in_flight_ticks -= n
         ctl = self.ctl
         self.stats.ticks += n
         ctl.published += n
@@ -233,12 +297,12 @@ async def _run_passes(ctl: ReplayController, pub: _Publisher, loop: bool,
     source = ctl.source
     from_ms = source.first_ts_ms
     while True:
-        ctl.position, stream = source.ticks(from_ms)
+        ctl.position, stream = source.chunks(from_ms)
         ctl.last_src_ms = from_ms
         ctl.anchor(from_ms)
         restart: int | None = None
-        for flush in batch_ticks(stream, batch_max, batch_span_ms):
-            ctl.next_src_ms = flush[0][1][0].ts_ms
+        for flush in batch_columns(stream, batch_max, batch_span_ms):
+            ctl.next_src_ms = flush[0].ts_ms[0]
             while True:  # wait until this flush may go out, or a command changes course
                 if ctl.stop_requested or ctl.seek_to is not None:
                     break

@@ -6,9 +6,11 @@ are published.
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,11 +19,11 @@ from core.errors import ReplayError
 from core.models import Tick
 from core.timeutil import MINUTE_MS
 from feeds.replay.bar_ticks import bar_tick_count, bar_to_ticks
-from feeds.replay.trade_files import read_trades, scan
+from feeds.replay.trade_files import TradeColumns, chunk_ticks, read_columns, scan
 from sql.bars_1m import fetch_bars
 
 __all__ = ["BarSource", "FileSource", "TickSource", "load_bar_source", "merge_by_time",
-           "namespaced"]
+           "merge_columns", "namespaced"]
 
 _BARS_PAGE = 5_000
 
@@ -29,6 +31,61 @@ _BARS_PAGE = 5_000
 def merge_by_time(sources: Sequence[Iterable[Tick]]) -> Iterator[Tick]:
     """Merge per-file tick streams by ``ts_ms`` (stable: ties keep source order)."""
     return heapq.merge(*sources, key=lambda t: t.ts_ms)
+
+
+def merge_columns(sources: Sequence[Iterable[TradeColumns]]) -> Iterator[TradeColumns]:
+    """Merge per-file column batches by ``ts_ms``, like :func:`merge_by_time` merges ticks
+    (stable: ties keep source order, then row order); each source must be time-ordered.
+
+    Rows older than every source's buffered newest row are emitted, sorted by a stable
+    sort of their concatenation (C-level, near linear on sorted runs); a source is read on
+    when its buffer holds no row newer than that bound. One source passes through as is.
+
+    Yields:
+        TradeColumns: the merged rows in batches, each time-ordered, in order.
+    """
+    if len(sources) == 1:
+        yield from (c for c in sources[0] if len(c))
+        return
+    iters = [iter(s) for s in sources]
+    bufs: list[TradeColumns | None] = [None] * len(iters)
+    done = [False] * len(iters)
+
+    def refill(i: int) -> None:
+        for c in iters[i]:
+            if len(c):
+                old = bufs[i]
+                bufs[i] = c if old is None else TradeColumns.concat([old, c])
+                return
+        done[i] = True
+
+    for i in range(len(iters)):
+        refill(i)
+    while True:
+        for i, b in enumerate(bufs):  # no source may hold only rows at the bound
+            while not done[i] and (b is None or b.ts_ms[0] == b.ts_ms[-1]):
+                refill(i)
+                b = bufs[i]
+        live = [b for b in bufs if b is not None]
+        if not live:
+            return
+        open_ = [b.ts_ms[-1] for i, b in enumerate(bufs) if b is not None and not done[i]]
+        bound = min(open_) if open_ else None
+        parts: list[TradeColumns] = []
+        for i, b in enumerate(bufs):
+            if b is None:
+                continue
+            cut = len(b) if bound is None else bisect_left(b.ts_ms, bound)
+            if cut:
+                parts.append(b.slice(0, cut))
+                bufs[i] = b.slice(cut, len(b)) if cut < len(b) else None
+        if not parts:
+            continue
+        if len(parts) == 1:
+            yield parts[0]
+            continue
+        whole = TradeColumns.concat(parts)
+        yield whole.take(sorted(range(len(whole)), key=whole.ts_ms.__getitem__))
 
 
 def namespaced(exchange: str, namespace: str) -> str:
@@ -53,6 +110,10 @@ class TickSource(Protocol):
     def ticks(self, from_ts_ms: int) -> tuple[int, Iterator[Tick]]:
         """``(position, ticks)``: the ticks with ``ts_ms >= from_ts_ms`` in order, and how
         many ticks of the sequence come before them."""
+        ...
+
+    def chunks(self, from_ts_ms: int) -> tuple[int, Iterator[TradeColumns]]:
+        """:meth:`ticks` as column batches (what the replay publishes from)."""
         ...
 
 
@@ -87,28 +148,31 @@ class FileSource:
         self.total = sum(s.rows for s in scans)
         self.description: dict[str, Any] = {"files": [str(f) for f in self.files]}
 
-    def _stream(self) -> Iterator[Tick]:
-        merged = merge_by_time([read_trades(f, exchange=self.exchange, symbol=self.symbol)
-                                for f in self.files])
-        if not self.namespace:
-            return merged
-        ns = self.namespace
-        return (t._replace(exchange=f"{ns}.{t.exchange}") for t in merged)
-
-    def ticks(self, from_ts_ms: int) -> tuple[int, Iterator[Tick]]:
+    def chunks(self, from_ts_ms: int) -> tuple[int, Iterator[TradeColumns]]:
         """See :class:`TickSource` (skipping reads the files from the start)."""
-        stream = self._stream()
+        merged = merge_columns([read_columns(f, exchange=self.exchange, symbol=self.symbol)
+                                for f in self.files])
+        ns = self.namespace
         skipped = 0
-        for t in stream:
-            if t.ts_ms >= from_ts_ms:
-                return skipped, _chain_one(t, stream)
-            skipped += 1
+        for c in merged:
+            if c.ts_ms[-1] < from_ts_ms:
+                skipped += len(c)
+                continue
+            cut = bisect_left(c.ts_ms, from_ts_ms)
+            skipped += cut
+            rest = chain([c.slice(cut, len(c)) if cut else c], merged)
+            return skipped, (_renamed(x, ns) for x in rest) if ns else rest
         return skipped, iter(())
 
+    def ticks(self, from_ts_ms: int) -> tuple[int, Iterator[Tick]]:
+        """See :class:`TickSource`."""
+        pos, chunks = self.chunks(from_ts_ms)
+        return pos, chain.from_iterable(c.ticks() for c in chunks)
 
-def _chain_one(first: Tick, rest: Iterator[Tick]) -> Iterator[Tick]:
-    yield first
-    yield from rest
+
+def _renamed(c: TradeColumns, namespace: str) -> TradeColumns:
+    names = {e: namespaced(e, namespace) for e in set(c.exchange)}
+    return replace(c, exchange=list(map(names.__getitem__, c.exchange)))
 
 
 @dataclass
@@ -173,6 +237,11 @@ class BarSource:
             pos += len(head) - len(keep)
             head = keep
         return pos, self._iter(head, start + 1)
+
+    def chunks(self, from_ts_ms: int) -> tuple[int, Iterator[TradeColumns]]:
+        """See :class:`TickSource`."""
+        pos, ticks = self.ticks(from_ts_ms)
+        return pos, chunk_ticks(ticks)
 
     def _bar_ticks(self, b: _Bar) -> list[Tick]:
         return bar_to_ticks(namespaced(self.exchange, self.namespace), self.symbol,

@@ -34,8 +34,10 @@ doubles or decimal strings).
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from itertools import chain, repeat
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +49,8 @@ import pyarrow.parquet as pq
 from core.errors import ReplayError
 from core.models import Tick
 
-__all__ = ["FORMATS", "REQUIRED_COLUMNS", "TradeColumns", "detect_format", "read_columns",
-           "read_trades", "scan"]
+__all__ = ["FORMATS", "REQUIRED_COLUMNS", "TradeColumns", "chunk_ticks", "detect_format",
+           "read_columns", "read_trades", "scan"]
 
 #: the formats :func:`detect_format` recognises
 FORMATS = ("marketflow-csv", "binance-trades", "tardis-trades", "parquet")
@@ -71,6 +73,7 @@ class TradeColumns:
         ts_ms: exchange trade time, UTC epoch ms.
         price: quote currency per base unit.
         qty: base units (0.0 when the file has none).
+        source: the ticks' ``source`` field, shared by the batch.
     """
 
     exchange: list[str]
@@ -79,9 +82,56 @@ class TradeColumns:
     ts_ms: list[int]
     price: list[float]
     qty: list[float]
+    source: str = "replay"
 
     def __len__(self) -> int:
         return len(self.ts_ms)
+
+    def slice(self, start: int, stop: int) -> TradeColumns:
+        """Rows ``[start, stop)`` (list slices, like ``list[start:stop]``)."""
+        return TradeColumns(self.exchange[start:stop], self.symbol[start:stop],
+                            self.trade_id[start:stop], self.ts_ms[start:stop],
+                            self.price[start:stop], self.qty[start:stop], self.source)
+
+    def take(self, rows: list[int]) -> TradeColumns:
+        """The rows at the indices ``rows``, in that order."""
+        return TradeColumns([self.exchange[k] for k in rows], [self.symbol[k] for k in rows],
+                            [self.trade_id[k] for k in rows], [self.ts_ms[k] for k in rows],
+                            [self.price[k] for k in rows], [self.qty[k] for k in rows],
+                            self.source)
+
+    @staticmethod
+    def concat(parts: Sequence[TradeColumns]) -> TradeColumns:
+        """The rows of ``parts`` one after the other (the first part's ``source``)."""
+        def cat(get: Callable[[TradeColumns], list[Any]]) -> list[Any]:
+            return list(chain.from_iterable(map(get, parts)))
+        return TradeColumns(cat(attrgetter("exchange")), cat(attrgetter("symbol")),
+                            cat(attrgetter("trade_id")), cat(attrgetter("ts_ms")),
+                            cat(attrgetter("price")), cat(attrgetter("qty")), parts[0].source)
+
+    def ticks(self) -> Iterator[Tick]:
+        """The rows as :class:`core.models.Tick` values, in order."""
+        return map(Tick, self.exchange, self.symbol, self.price, self.qty, self.ts_ms,
+                   self.trade_id, repeat(self.source, len(self.ts_ms)))
+
+
+def chunk_ticks(ticks: Iterable[Tick], size: int = 8192) -> Iterator[TradeColumns]:
+    """Ticks as :class:`TradeColumns` of at most ``size`` rows, in order; a chunk ends
+    where the ``source`` changes (``recv_ms`` is not kept)."""
+    rows: list[Tick] = []
+    for t in ticks:
+        if rows and (len(rows) >= size or t.source != rows[0].source):
+            yield _from_ticks(rows)
+            rows = []
+        rows.append(t)
+    if rows:
+        yield _from_ticks(rows)
+
+
+def _from_ticks(rows: list[Tick]) -> TradeColumns:
+    return TradeColumns([t.exchange for t in rows], [t.symbol for t in rows],
+                        [t.trade_id for t in rows], [t.ts_ms for t in rows],
+                        [t.price for t in rows], [t.qty for t in rows], rows[0].source)
 
 
 def _head(path: Path) -> bytes:
@@ -153,15 +203,25 @@ def _ms(ts: pa.Array) -> pa.Array:
     return ts
 
 
-def _columns(batch: pa.RecordBatch, ex: str, sym: str, tid: str, ts: pa.Array,
-             price: str, qty: str, p: Path) -> TradeColumns:
+#: one record batch as read, with its column names: ``(batch, exchange, symbol, trade_id,
+#: ts_ms (array), price, qty, path)``
+_Raw = tuple[pa.RecordBatch, str, str, str, pa.Array, str, str, Path]
+
+
+def _check(batch: pa.RecordBatch, ex: str, sym: str, ts: pa.Array, price: str,
+           p: Path) -> None:
     for name in (ex, sym, price):
         if batch.column(name).null_count:
             raise ReplayError(f"{p}: a row without {name!r}")
     if ts.null_count:
         raise ReplayError(f"{p}: a row without its trade time")
+
+
+def _columns(batch: pa.RecordBatch, ex: str, sym: str, tid: str, ts: pa.Array,
+             price: str, qty: str, p: Path) -> TradeColumns:
+    _check(batch, ex, sym, ts, price, p)
     return TradeColumns(
-        exchange=batch.column(ex).to_pylist(), symbol=batch.column(sym).to_pylist(),
+        exchange=_names(batch.column(ex)), symbol=_names(batch.column(sym)),
         trade_id=batch.column(tid).to_pylist(), ts_ms=ts.to_pylist(),
         price=_doubles(batch.column(price), p).to_pylist(),
         qty=pc.fill_null(_doubles(batch.column(qty), p), 0.0).to_pylist())
@@ -177,7 +237,15 @@ def _doubles(col: pa.Array, p: Path) -> pa.Array:
 
 
 def _const(value: str, n: int) -> pa.Array:
-    return pa.array([value] * n, pa.string())
+    return pa.repeat(pa.scalar(value, pa.string()), n)
+
+
+def _names(col: pa.Array) -> list[str]:
+    """A name column as a list; one value repeated when the batch has one (the usual
+    case: a file per symbol), so its rows share one string."""
+    if len(col) and len(pc.unique(col)) == 1:
+        return [col[0].as_py()] * len(col)
+    return col.to_pylist()
 
 
 def read_columns(path: str | Path, *, exchange: str | None = None,
@@ -194,7 +262,11 @@ def read_columns(path: str | Path, *, exchange: str | None = None,
     Raises:
         ReplayError: unreadable file, missing columns, or a value that does not parse.
     """
-    p = Path(path)
+    for raw in _raw_batches(Path(path), exchange, symbol):
+        yield _columns(*raw)
+
+
+def _raw_batches(p: Path, exchange: str | None, symbol: str | None) -> Iterator[_Raw]:
     fmt = detect_format(p)
     if fmt == "parquet":
         yield from _parquet(p)
@@ -204,7 +276,7 @@ def read_columns(path: str | Path, *, exchange: str | None = None,
                  "ts_ms": pa.int64(), "price": pa.float64(), "qty": pa.float64()}
         with pa.input_stream(str(p), compression="detect") as s:
             for b in _csv_batches(s, None, types, list(REQUIRED_COLUMNS), p):
-                yield _columns(b, "exchange", "symbol", "trade_id", _ms(b.column("ts_ms")),
+                yield (b, "exchange", "symbol", "trade_id", _ms(b.column("ts_ms")),
                                "price", "qty", p)
         return
     if fmt == "tardis-trades":
@@ -212,7 +284,7 @@ def read_columns(path: str | Path, *, exchange: str | None = None,
                  "timestamp": pa.int64(), "price": pa.float64(), "amount": pa.float64()}
         with pa.input_stream(str(p), compression="detect") as s:
             for b in _csv_batches(s, None, types, list(_TARDIS_COLUMNS), p):
-                yield _columns(b, "exchange", "symbol", "id", _ms(b.column("timestamp")),
+                yield (b, "exchange", "symbol", "id", _ms(b.column("timestamp")),
                                "price", "amount", p)
         return
     ex = exchange or "binance"
@@ -229,11 +301,11 @@ def read_columns(path: str | Path, *, exchange: str | None = None,
             n = b.num_rows
             b = b.append_column("exchange", _const(ex, n)).append_column(
                 "symbol", _const(sym, n))
-            yield _columns(b, "exchange", "symbol", "id", _ms(b.column("time")), "price",
+            yield (b, "exchange", "symbol", "id", _ms(b.column("time")), "price",
                            "qty", p)
 
 
-def _parquet(p: Path) -> Iterator[TradeColumns]:
+def _parquet(p: Path) -> Iterator[_Raw]:
     try:
         f = pq.ParquetFile(p)
     except (OSError, pa.ArrowInvalid) as exc:
@@ -246,7 +318,7 @@ def _parquet(p: Path) -> Iterator[TradeColumns]:
         if not pa.types.is_string(tid.type):
             b = b.set_column(b.schema.get_field_index("trade_id"), "trade_id",
                              pc.cast(tid, pa.string()))
-        yield _columns(b, "exchange", "symbol", "trade_id",
+        yield (b, "exchange", "symbol", "trade_id",
                        _ms(pc.cast(b.column("ts_ms"), pa.int64())), "price", "qty", p)
 
 
@@ -263,8 +335,8 @@ def read_trades(path: str | Path, source: str = "replay", *, exchange: str | Non
         ReplayError: see :func:`read_columns`.
     """
     for c in read_columns(path, exchange=exchange, symbol=symbol):
-        yield from map(Tick, c.exchange, c.symbol, c.price, c.qty, c.ts_ms,
-                       c.trade_id, [source] * len(c))
+        c = replace(c, source=source)
+        yield from c.ticks()
 
 
 @dataclass(frozen=True)
@@ -289,11 +361,12 @@ def scan(path: str | Path, *, exchange: str | None = None,
         ReplayError: see :func:`read_columns`, or a file without trades.
     """
     rows, first, last = 0, None, None
-    for c in read_columns(path, exchange=exchange, symbol=symbol):
-        if len(c):
-            first = c.ts_ms[0] if first is None else first
-            last = c.ts_ms[-1]
-            rows += len(c)
+    for b, ex, sym, _tid, ts, price, _qty, p in _raw_batches(Path(path), exchange, symbol):
+        _check(b, ex, sym, ts, price, p)
+        if len(ts):
+            first = ts[0].as_py() if first is None else first
+            last = ts[-1].as_py()
+            rows += len(ts)
     if first is None or last is None:
         raise ReplayError(f"{path}: no trades")
     return Scan(rows, first, last)
