@@ -390,7 +390,8 @@ class BarsProbe(TopicProbe):
 
 async def publish_live(settings: Settings, sample: list[Tick], seconds: float, rate: int,
                        interval_ms: int) -> tuple[int, int, int, int, list[dict], float]:
-    """Paced live-stamped ticks. Returns (ticks, messages, first_ts, last_ts, every bar
+    """Paced live-stamped ticks (the sample's prices and sizes, now as their time, new
+    trade ids). Returns (ticks, messages, first_ts, last_ts, every bar
     the pure aggregator builds from the same ticks (open ones finalized), ticks/s)."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.broker.bootstrap_servers,
                                 linger_ms=0, acks="all", enable_idempotence=True,
@@ -401,6 +402,7 @@ async def publish_live(settings: Settings, sample: list[Tick], seconds: float, r
     topic = settings.topics.ticks
     per_batch = rate * interval_ms / 1000
     i = n = msgs = 0
+    next_id: dict[str, int] = {}
     acc = 0.0
     first_ts = last_ts = 0
     t0 = time.monotonic()
@@ -424,8 +426,13 @@ async def publish_live(settings: Settings, sample: list[Tick], seconds: float, r
             for _ in range(cnt):
                 t = sample[i % len(sample)]
                 i += 1
-                by_key.setdefault(f"{t.exchange}:{t.symbol}", []).append(
-                    t._replace(ts_ms=ts, source="live"))
+                key = f"{t.exchange}:{t.symbol}"
+                # a fresh trade id per tick (consecutive per key, like an exchange's): a
+                # re-sent sample id would be a duplicate trade in its window, skipped and
+                # not moving the watermark, once the sample has cycled within a minute
+                tid = next_id[key] = next_id.get(key, 0) + 1
+                by_key.setdefault(key, []).append(
+                    t._replace(ts_ms=ts, source="live", trade_id=str(tid)))
             futs = []
             for key, batch in by_key.items():
                 value = encode_ticks(batch)
