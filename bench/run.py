@@ -63,6 +63,14 @@ def load_sample() -> list[Tick]:
     return list(merge_by_time([read_trades(f) for f in files]))
 
 
+def compress_time(sample: list[Tick], factor: int) -> list[Tick]:
+    """The sample with its event times ``factor`` times closer together (from its first
+    minute's start): the same trades as a market ``factor`` times as busy, so a flush of
+    ``--batch-span-ms`` holds ``factor`` times as many ticks per message."""
+    t0 = sample[0].ts_ms - sample[0].ts_ms % MINUTE
+    return [t._replace(ts_ms=t0 + (t.ts_ms - t0) // factor) for t in sample]
+
+
 def make_ticks(sample: list[Tick], n: int) -> tuple[list[Tick], int, int]:
     """``n`` ticks cycling the sample, each cycle shifted later by the sample's span
     rounded up to whole minutes plus one minute. Returns (ticks, shift_ms, cycles)."""
@@ -583,7 +591,8 @@ async def run(args: argparse.Namespace) -> int:
     say(f"marketflow bench {name}: {args.ticks:,} ticks, {args.partitions} partitions, "
         f"processing guarantee {settings.app.processing_guarantee}, batch span "
         f"{args.batch_span_ms} ms / max {args.batch_max} ticks, grace {args.grace_ms} ms, "
-        f"idle timeout 1 s (check every 0.5 s)")
+        f"idle timeout 1 s (check every 0.5 s), sample event time compressed "
+        f"{args.time_compress}x")
     say(f"machine: {os.cpu_count()} CPUs, {platform.python_implementation()} "
         f"{platform.python_version()}, {platform.platform()}")
     say(bench.describe())
@@ -593,6 +602,8 @@ async def run(args: argparse.Namespace) -> int:
         # -------------------------------------------------------------- 1. input
         say("\n[1] pre-produce")
         sample = load_sample()
+        if args.time_compress > 1:
+            sample = compress_time(sample, args.time_compress)
         ticks, shift, cycles = make_ticks(sample, args.ticks)
         messages = [m for flush in batch_ticks(iter(ticks), args.batch_max, args.batch_span_ms)
                     for m in flush]
@@ -876,7 +887,7 @@ async def run(args: argparse.Namespace) -> int:
         ("partitions", str(args.partitions)),
         ("processing guarantee", settings.app.processing_guarantee),
         ("batching", f"batch_ticks span {args.batch_span_ms} ms, max {args.batch_max} ticks; "
-                     f"grace {args.grace_ms} ms"),
+                     f"grace {args.grace_ms} ms; event time compressed {args.time_compress}x"),
         ("worker /health 200 / ready after launch",
          f"{fig['health_s']:.2f} s / {fig['ready_s']:.2f} s"),
         ("sustained (ready -> last bar in DB)", f"{fig['sustained']:,.0f} ticks/s "
@@ -949,6 +960,9 @@ def main() -> int:
     ap.add_argument("--partitions", type=int, default=2)
     ap.add_argument("--batch-span-ms", type=int, default=5000)
     ap.add_argument("--batch-max", type=int, default=2000)
+    ap.add_argument("--time-compress", type=int, default=1, metavar="N",
+                    help="pre-produced sample's event times N times closer (a busier market: "
+                         "N times the ticks per message)")
     ap.add_argument("--grace-ms", type=int, default=10_000)
     ap.add_argument("--guarantee", default="at_least_once",
                     choices=["at_least_once", "exactly_once"],
