@@ -56,6 +56,7 @@ from core.metrics import (
 )
 from core.models import (
     CONTROL_IDLE_CHECK,
+    TickList,
     control_message,
     dead_letter_message,
     decode_ticks_payload,
@@ -64,7 +65,7 @@ from core.models import (
 )
 from core.timeutil import now_ms
 from core.topics import Topics
-from query.price_stats import per_second
+from query.price_stats import per_second, per_second_columns
 from stores.buffer import RedisWriteBuffer
 from tables.aggregator import BatchResult, WindowAggregator
 from tables.window import encode_state, finalize_bar
@@ -216,7 +217,11 @@ class BarAggregation:
                     t.key.encode(), tick_to_json(t), err.reason, err.detail, event, wall_ms))
             if res.latest:
                 self.redis_writes.update(res.latest)
-                self.redis_writes.update_seconds(per_second(res.applied_ticks), msg.offset)
+                if type(ticks) is TickList and res.applied == len(ticks):  # all of it
+                    seconds = per_second_columns(ticks[0].key, ticks.ts_ms, ticks.price)
+                else:
+                    seconds = per_second(res.applied_ticks)
+                self.redis_writes.update_seconds(seconds, msg.offset)
             WATERMARK_MS.labels(str(msg.partition)).set(self.aggregator.watermark(msg.partition))
             trigger = "watermark"
         live = [{**bar, "closed": True} for bar in (*res.closed, *res.corrected)]

@@ -75,10 +75,23 @@ def scaled_all(xs: list[float], e: int) -> list[int] | None:
         e: the scale, 0 .. :data:`MAX_SCALE`.
 
     Returns:
-        ``[scaled(x, e) for x in xs]`` when none of them is None, else None.
+        ``[scaled(x, e) for x in xs]`` when none of them is None, else None. Each
+        distinct value is scaled once when values repeat (as trade prices and sizes do).
     """
     if not xs:
         return []
+    distinct = set(xs)
+    if 2 * len(distinct) > len(xs):
+        return _scaled_each(xs, e)
+    # trades repeat prices and sizes: scale each distinct value once, then look them up
+    values = list(distinct)
+    ns = _scaled_each(values, e)
+    if ns is None:
+        return None
+    return list(map(dict(zip(values, ns, strict=True)).__getitem__, xs))
+
+
+def _scaled_each(xs: list[float], e: int) -> list[int] | None:
     s = _FPOW10[e]
     products = list(map(mul, xs, repeat(s)))
     if not max(products) < FAST_LIMIT:  # also inf, for a huge x

@@ -61,6 +61,7 @@ __all__ = [
     "SOURCES",
     "Tick",
     "TickColumns",
+    "TickList",
     "closed_bar",
     "control_message",
     "dead_letter_message",
@@ -236,6 +237,22 @@ _new_tuple = tuple.__new__
 _COLUMNS = ("price", "qty", "ts_ms", "trade_id", "recv_ms")
 _SHARED = ("exchange", "symbol", "source")
 _FLOAT = {float}
+class TickList(list[Tick]):
+    """The ticks of one valid columnar batch (one key), with the batch's columns kept
+    beside them, so that consumers can work on the columns (slices, C-level builtins)
+    instead of on each tick. ``price[i]``, ``qty[i]``, ``ts_ms[i]`` and ``trade_id[i]``
+    are the fields of ``self[i]``; ``trade_id`` is None when no tick has one. Built by
+    :func:`parse_ticks`; a plain ``list`` of ticks means the same without the columns.
+    """
+
+    __slots__ = ("price", "qty", "trade_id", "ts_ms")
+
+    price: list[float]
+    qty: list[float]
+    ts_ms: list[int]
+    trade_id: list[str | None] | None
+
+
 _INT = {int}
 _ID_TYPES = {str, type(None)}
 _RECV_TYPES = {int, type(None)}
@@ -318,11 +335,14 @@ def _parse_columns(batch: dict[str, Any], now_ms: int, max_future_ms: int
             and max(ts) <= now_ms + max_future_ms
             and (ids is None or set(map(type, ids)) <= _ID_TYPES)
             and (recv is None or set(map(type, recv)) <= _RECV_TYPES)):
-        rows = zip(repeat(exchange, n), repeat(symbol, n), price,
-                   repeat(0.0, n) if qty is None else qty, ts,
+        qtys = [0.0] * n if qty is None else qty
+        rows = zip(repeat(exchange, n), repeat(symbol, n), price, qtys, ts,
                    repeat(None, n) if ids is None else ids, repeat(source, n),
                    repeat(None, n) if recv is None else recv, strict=True)
-        return list(map(_new_tuple, repeat(Tick, n), rows)), []
+        out = TickList(map(_new_tuple, repeat(Tick, n), rows))
+        out.price, out.qty, out.ts_ms = price, qtys, ts
+        out.trade_id = None if ids is None or not any(i is not None for i in ids) else ids
+        return out, []
     return parse_ticks(tick_objects(batch), now_ms, max_future_ms)
 
 
@@ -348,7 +368,8 @@ def parse_ticks(
 
     Returns:
         ``(ticks, rejected)``: the valid ticks in message order, and ``(item, error)``
-        for each invalid item (or the whole batch), in message order.
+        for each invalid item (or the whole batch), in message order. ``ticks`` is a
+        :class:`TickList` (its columns kept) when a columnar batch was valid throughout.
     """
     if isinstance(payload, dict):
         return _parse_columns(payload, now_ms, max_future_ms)

@@ -44,18 +44,22 @@ reference built only from those helpers.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
+from operator import le
 from typing import Any
 
 from core.errors import ConfigError, InvalidTick
-from core.models import Tick
+from core.models import Tick, TickList
 from core.timeutil import MINUTE_MS
 from tables.window import (
     Bar,
     KeyState,
     apply_run,
+    apply_run_columns,
     apply_tick,
     bucket_start_ms,
     closable_by_idle,
@@ -250,6 +254,10 @@ class WindowAggregator:
         runs = self.runs
         n_ticks = len(ticks)
         no_run_before = 0
+        # a valid columnar batch (one key) keeps its columns: runs are cut by bisection
+        # when its times are in order, and applied from column slices
+        cols = ticks if runs and type(ticks) is TickList else None
+        in_order = cols is not None and all(map(le, cols.ts_ms, islice(cols.ts_ms, 1, None)))
         i = 0
         while i < n_ticks:
             t = ticks[i]
@@ -315,18 +323,29 @@ class WindowAggregator:
                 # tick below, and the run starts at the next one). None of them is late:
                 # the watermark only moves within the window, at most to its end minus
                 # the grace.
-                j = i
                 end = b + size
-                exchange = t.exchange
-                symbol = t.symbol
-                while j < n_ticks:
-                    u = ticks[j]
-                    if not b <= u.ts_ms < end or u.symbol != symbol or u.exchange != exchange:
-                        break
-                    j += 1
+                if in_order:
+                    assert cols is not None
+                    j = bisect_left(cols.ts_ms, end, i)  # one key; ts_ms >= b from i on
+                else:
+                    j = i
+                    exchange = t.exchange
+                    symbol = t.symbol
+                    while j < n_ticks:
+                        u = ticks[j]
+                        if (not b <= u.ts_ms < end or u.symbol != symbol
+                                or u.exchange != exchange):
+                            break
+                        j += 1
                 if j > i:
                     run = ticks[i - 1:j]
-                    newest = apply_run(st["bars"][str(b)], run)
+                    if cols is None:
+                        newest = apply_run(st["bars"][str(b)], run)
+                    else:
+                        ids = cols.trade_id
+                        newest = apply_run_columns(
+                            st["bars"][str(b)], cols.price[i - 1:j], cols.qty[i - 1:j],
+                            cols.ts_ms[i - 1:j], None if ids is None else ids[i - 1:j])
                     if newest is None:
                         no_run_before = j  # tick by tick up to the run's end (no rescans)
                     else:

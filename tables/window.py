@@ -89,6 +89,7 @@ from core.timeutil import MINUTE_MS
 __all__ = [
     "add_trade_id",
     "apply_run",
+    "apply_run_columns",
     "apply_tick",
     "bucket_start_ms",
     "closable_by_idle",
@@ -391,33 +392,52 @@ def apply_run(bar: Bar, run: list[Tick]) -> tuple[float, int] | None:
         ids right after the bar's newest id range (a gap, a repeat, a first id, another
         form), or a price or qty has more decimal places than the bar's scale.
     """
-    m = len(run)
-    first_id = run[0].trade_id
-    ids = bar.get("ids")
+    ids = [t.trade_id for t in run]
+    return apply_run_columns(bar, [t.price for t in run], [t.qty for t in run],
+                             [t.ts_ms for t in run],
+                             None if all(i is None for i in ids) else ids)
+
+
+def apply_run_columns(bar: Bar, prices: list[float], qtys: list[float], tss: list[int],
+                      ids: list[str | None] | None) -> tuple[float, int] | None:
+    """:func:`apply_run` of a run given as columns (``ids`` None: no tick has a trade
+    id); the same result and the same bar, without a tick object.
+
+    Args:
+        bar: see :func:`apply_run`.
+        prices, qtys, tss: the run's prices, sizes and ``ts_ms`` (UTC epoch ms), at least
+            one each, of equal length.
+        ids: the run's trade ids, or None.
+
+    Returns:
+        See :func:`apply_run`.
+    """
+    m = len(tss)
+    first_id = None if ids is None else ids[0]
+    bar_ids = bar.get("ids")
     next_id = 0
     if first_id is None:
-        if any(t.trade_id is not None for t in run):
+        if ids is not None and any(i is not None for i in ids):
             return None
     else:
-        r = ids["r"] if ids is not None else None
+        assert ids is not None
+        r = bar_ids["r"] if bar_ids is not None else None
         if not r:
             return None
         next_id = r[-1] + 1
-        if next_id + m > 10**18 or [t.trade_id for t in run] != list(
-                map(str, range(next_id, next_id + m))):
+        if next_id + m > 10**18 or ids != list(map(str, range(next_id, next_id + m))):
             return None
     e = bar["e"]
-    prices = [t.price for t in run]
-    qns = scaled_all([t.qty for t in run], e)
+    qns = scaled_all(qtys, e)
     if qns is None:
         return None
     pns = scaled_all(prices, e)
     if pns is None:
         return None
     if first_id is not None:
-        assert ids is not None
-        ids["r"][-1] = next_id + m - 1
-    tss = [t.ts_ms for t in run]
+        assert bar_ids is not None
+        bar_ids["r"][-1] = next_id + m - 1
+    tss = list(tss)
     lo_ts = min(tss)
     if lo_ts < bar["o_ts"]:
         bar["o"] = prices[tss.index(lo_ts)]  # the first of the earliest

@@ -21,6 +21,7 @@ from query.price_stats import (
     combine,
     parse_period_s,
     per_second,
+    per_second_columns,
     seconds_in_period,
     select,
     stats,
@@ -214,3 +215,18 @@ async def test_period_stats_follow_a_replay_clock(db: asyncpg.Connection) -> Non
     assert (got.first_s, got.last_s) == seconds_in_period(replay_ms, 60)
     got = await _queries(db, latest, redis).period_stats("BTCUSDT", "ex1", 60, NOW_MS)
     assert (got.first_s, got.last_s) == seconds_in_period(NOW_MS, 60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 0, 1, 250, 999, 1000, 3500, -700]),
+                          st.floats(0.001, 1e6, allow_nan=False, allow_infinity=False)),
+                min_size=1, max_size=300))
+def test_per_second_columns_equals_per_second(raw: list[tuple[int, float]]) -> None:
+    """Bit for bit (reprs), in order and out of order."""
+    ts = NOW_MS
+    ticks = []
+    for step, p in raw:
+        ts += step
+        ticks.append(Tick("ex", "BTCUSDT", p, 0.0, ts, None, "test"))
+    got = per_second_columns("ex:BTCUSDT", [t.ts_ms for t in ticks], [t.price for t in ticks])
+    assert repr(got) == repr(per_second(ticks))
