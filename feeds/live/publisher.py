@@ -1,7 +1,7 @@
 """Fan-in of every feed's output to the ``ticks`` topic (:class:`TickPublisher`).
 
 :class:`TickPublisher` batches the feeds' ticks per ``exchange:symbol`` and sends one
-JSON-array message per key (Faust's per-event cost caps an agent at ~11k events/s). Its
+message per key (a columnar batch, :func:`core.models.encode_ticks`) (Faust's per-event cost caps an agent at ~11k events/s). Its
 buffer is bounded: when the broker is slow, ``publish`` waits for the sends, which stops
 the feeds reading, so TCP/websocket back-pressure reaches the exchanges and memory stays
 bounded.
