@@ -19,7 +19,7 @@ import re
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from functools import reduce
-from itertools import islice
+from itertools import islice, repeat
 from operator import add, le
 
 from core.errors import QueryError
@@ -90,22 +90,11 @@ def per_second_columns(key: str, tss: list[int], prices: list[float]
     on CPython >= 3.12); else tick by tick.
     """
     n = len(tss)
-    if not all(map(le, tss, islice(tss, 1, None))):
-        out: dict[tuple[str, int], SecondAgg] = {}
-        for ts, p in zip(tss, prices, strict=True):
-            k = (key, ts // 1000)
-            a = out.get(k)
-            if a is None:
-                out[k] = [p, p, p, 1.0]
-            else:
-                if p < a[0]:
-                    a[0] = p
-                if p > a[1]:
-                    a[1] = p
-                a[2] += p
-                a[3] += 1.0
-        return out
-    out = {}
+    if not all(map(le, tss, islice(tss, 1, None))):  # rare: tick by tick
+        exchange, symbol = key.split(":", 1)
+        return per_second(map(Tick, repeat(exchange, n), repeat(symbol, n), prices,
+                              repeat(0.0, n), tss, repeat(None, n), repeat("live", n)))
+    out: dict[tuple[str, int], SecondAgg] = {}
     i = 0
     while i < n:
         sec = tss[i] // 1000

@@ -1,10 +1,10 @@
 """Fan-in of every feed's output to the ``ticks`` topic (:class:`TickPublisher`).
 
 :class:`TickPublisher` batches the feeds' ticks per ``exchange:symbol`` and sends one
-message per key (a columnar batch, :func:`core.models.encode_ticks`) (Faust's per-event cost caps an agent at ~11k events/s). Its
-buffer is bounded: when the broker is slow, ``publish`` waits for the sends, which stops
-the feeds reading, so TCP/websocket back-pressure reaches the exchanges and memory stays
-bounded.
+message per key, a columnar batch (:func:`core.models.encode_ticks`; Faust's per-event
+cost caps an agent at ~11k events/s). Its buffer is bounded: when the broker is slow,
+``publish`` waits for the sends, which stops the feeds reading, so TCP/websocket
+back-pressure reaches the exchanges and memory stays bounded.
 
 When to flush is adaptive (:func:`next_flush_s`, run by
 :meth:`feeds.live.manager.IngestManager`): a tick that finds the publisher idle goes out at
