@@ -154,13 +154,8 @@ def batch_columns(
                 break
             yield _by_key(c, i, end)
             i = end
-    if carry is not None:
-        yield from _tail(carry, batch_max)
-
-
-def _tail(c: TradeColumns, batch_max: int) -> Iterator[list[TickColumns]]:
-    for i in range(0, len(c), batch_max):
-        yield _by_key(c, i, min(i + batch_max, len(c)))
+    if carry is not None:  # at most batch_max rows
+        yield _by_key(carry, 0, len(carry))
 
 
 def _by_key(c: TradeColumns, i: int, j: int) -> list[TickColumns]:

@@ -66,8 +66,7 @@ def merge_columns(sources: Sequence[Iterable[TradeColumns]]) -> Iterator[TradeCo
             while not done[i] and (b is None or b.ts_ms[0] == b.ts_ms[-1]):
                 refill(i)
                 b = bufs[i]
-        live = [b for b in bufs if b is not None]
-        if not live:
+        if all(b is None for b in bufs):
             return
         open_ = [b.ts_ms[-1] for i, b in enumerate(bufs) if b is not None and not done[i]]
         bound = min(open_) if open_ else None
